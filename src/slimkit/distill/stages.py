@@ -1,0 +1,1 @@
+"""Recipe stages of this package (registered with slimkit.stages.register_stage)."""

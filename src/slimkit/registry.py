@@ -1,0 +1,91 @@
+"""Named registries: every name a recipe may use comes from one of these.
+
+A registry maps a lowercase name to an object (a builder, a config class, a function),
+lists itself (optionally by glob), and answers an unknown name with the close matches.
+
+>>> from slimkit.registry import Registry
+>>> colors = Registry("color")
+>>> @colors.register("red")
+... def red():
+...     return "#f00"
+>>> colors.get("red")()
+'#f00'
+>>> colors.get("rde")
+Traceback (most recent call last):
+...
+slimkit.exceptions.UnknownNameError: unknown color 'rde'; did you mean 'red'? (known: red)
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from slimkit.exceptions import ConfigError, UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object table with close-match suggestions.
+
+    ``lazy_modules`` are imported the first time the registry is read, so that modules
+    which register entries (``@REGISTRY.register(...)``) need not be imported eagerly.
+    """
+
+    def __init__(self, kind: str, lazy_modules: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._lazy_modules = lazy_modules
+        self._loaded = not lazy_modules
+
+    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; used bare as a decorator when ``obj`` is None."""
+        key = name.lower()
+
+        def add(entry: T) -> T:
+            if key in self._entries and self._entries[key] is not entry:
+                raise ConfigError(f"{self.kind} {key!r} is registered twice")
+            self._entries[key] = entry
+            return entry
+
+        return add if obj is None else add(obj)
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._lazy_modules:
+                importlib.import_module(module)
+
+    def get(self, name: str) -> T:
+        """The entry registered as ``name`` (case-insensitive), or UnknownNameError."""
+        self._load()
+        key = str(name).lower()
+        if key in self._entries:
+            return self._entries[key]
+        raise UnknownNameError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        known = sorted(self._entries)
+        close = difflib.get_close_matches(str(name).lower(), known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(known)})"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a glob pattern, sorted."""
+        self._load()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern.lower()))
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return str(name).lower() in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        self._load()
+        return len(self._entries)

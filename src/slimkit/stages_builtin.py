@@ -1,0 +1,18 @@
+"""Stages that need no technique: ``finetune`` trains the model as it is."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from slimkit.config import Config
+from slimkit.stages import StageContext, StageOutput, register_stage
+
+
+class NoSettings(Config):
+    """A stage without settings."""
+
+
+@register_stage("finetune", NoSettings)
+def finetune_stage(model: nn.Module, config: NoSettings, ctx: StageContext) -> StageOutput:
+    """Leave the model unchanged; the stage's ``finetune:`` section trains it."""
+    return StageOutput(model=model, details={})

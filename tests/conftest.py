@@ -1,0 +1,14 @@
+"""Shared test set-up: one torch thread per test worker (the suite runs 2 workers on 2 cores)."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
