@@ -29,8 +29,8 @@ TEST_FRACTION = 0.2
 
 
 @lru_cache(maxsize=8)
-def _digits_tensors(seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
-    """(x_train [N,1,S,S], y_train [N], x_test, y_test, mean, std), normalized; cached."""
+def _digits_tensors(seed: int, size: int) -> tuple[torch.Tensor, ...]:
+    """(x_train [N,1,S,S], y_train [N], x_test, y_test, mean [], std []), normalized; cached."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -39,12 +39,10 @@ def _digits_tensors(seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, t
     images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     labels = torch.from_numpy(digits.target).long()
     index = torch.arange(len(labels)).numpy()
-    train_idx, test_idx = train_test_split(
-        index, test_size=TEST_FRACTION, stratify=labels.numpy(), random_state=seed
-    )
+    train_idx, test_idx = train_test_split(index, test_size=TEST_FRACTION, stratify=labels.numpy(), random_state=seed)
     x_train, x_test = images[train_idx], images[test_idx]
-    mean = float(x_train.mean())
-    std = float(x_train.std())
+    mean = x_train.mean()
+    std = x_train.std()
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
     return x_train, labels[train_idx], x_test, labels[test_idx], mean, std
@@ -64,6 +62,6 @@ def load_digits_bundle(request: LoadRequest) -> DataBundle:
         in_channels=1,
         input_shape=(1, size, size),
         classes=[str(d) for d in range(10)],
-        mean=(mean,),
-        std=(std,),
+        mean=(float(mean),),
+        std=(float(std),),
     )

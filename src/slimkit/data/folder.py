@@ -25,9 +25,7 @@ def _split(root: Path, names: tuple[str, ...]) -> Path:
         if (root / name).is_dir():
             return root / name
     wanted = " or ".join(f"{os.path.abspath(root / n)}" for n in names)
-    raise DataNotFoundError(
-        f"imagefolder: no directory {wanted}; create it with one sub-folder of images per class"
-    )
+    raise DataNotFoundError(f"imagefolder: no directory {wanted}; create it with one sub-folder of images per class")
 
 
 def _folder(path: Path, transform):
@@ -49,7 +47,9 @@ def load_image_folder(request: LoadRequest) -> DataBundle:
     from torchvision import transforms as T
 
     if not request.arg:
-        raise ConfigError("imagefolder needs a path: use 'imagefolder:<path>' with <path>/train and <path>/test (or val)")
+        raise ConfigError(
+            "imagefolder needs a path: use 'imagefolder:<path>' with <path>/train and <path>/test (or val)"
+        )
     root = Path(request.arg).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(
