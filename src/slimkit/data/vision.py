@@ -57,7 +57,7 @@ def _gunzip_mnist(folder: Path, files: list[str]) -> None:
     for name in files:
         target, packed = folder / name, folder / f"{name}.gz"
         if not target.exists() and packed.is_file():
-            tmp = folder / f".{name}.tmp"
+            tmp = folder / f".{name}.{os.getpid()}.tmp"  # per process: DDP ranks may unpack at once
             with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(tmp, target)  # atomic: an interrupted run leaves no half file under the real name
