@@ -1,0 +1,40 @@
+"""Measurement: parameters, non-zeros, MACs/FLOPs, stored bytes, latency (median and p99), throughput.
+
+>>> import torch
+>>> from slimkit.measure import profile
+>>> from slimkit.models import create_model
+>>> p = profile(create_model("lenet-300-100", in_channels=1), torch.zeros(1, 1, 28, 28), runs=3)
+>>> p.params, p.macs, p.flops
+(266610, 266200, 532400)
+>>> p.latency_ms > 0 and p.latency_p99_ms >= p.latency_ms
+True
+
+Submodules: :mod:`~slimkit.measure.macs` (hook-based MAC counting and what it counts),
+:mod:`~slimkit.measure.size` (params, non-zeros, bytes), :mod:`~slimkit.measure.latency`
+(timing), :mod:`~slimkit.measure.table` (text tables for the CLI and reports).
+"""
+
+from slimkit.measure.latency import LatencyStats, measure_latency
+from slimkit.measure.macs import LayerProfile, count_macs, layer_profiles, register_mac_rule
+from slimkit.measure.profiler import Profile, profile
+from slimkit.measure.size import count_nonzeros, count_params, state_dict_bytes
+from slimkit.measure.table import format_comparison, format_layer_table, format_summary, human, human_bytes
+
+__all__ = [
+    "LatencyStats",
+    "LayerProfile",
+    "Profile",
+    "count_macs",
+    "count_nonzeros",
+    "count_params",
+    "format_comparison",
+    "format_layer_table",
+    "format_summary",
+    "human",
+    "human_bytes",
+    "layer_profiles",
+    "measure_latency",
+    "profile",
+    "register_mac_rule",
+    "state_dict_bytes",
+]

@@ -1,0 +1,178 @@
+"""Multiply-accumulates (MACs) of one forward pass, counted by forward hooks, per layer.
+
+What is counted (the convention of torchvision's ``_ops`` figures, fvcore and ptflops):
+
+- ``Conv1d/2d/3d`` (grouped and depthwise included): ``output elements * in_channels/groups *
+  kernel volume``; ``ConvTranspose*``: ``input elements * out_channels/groups * kernel volume``;
+- ``Linear``: ``output elements * in_features``; ``Bilinear``: ``output elements * in1 * in2``;
+- bias additions, BatchNorm, activations, pooling, element-wise additions (residuals),
+  softmax and every other layer count **0** — they are memory-bound and small next to the
+  convolutions, and excluding them is what makes the figures comparable with published ones;
+- functional matrix products outside modules (``torch.matmul`` in attention,
+  ``nn.MultiheadAttention``'s fused projections) are **not counted**: out of scope for CNNs.
+
+The count is for the whole batch of ``example_inputs`` (pass a batch of 1 for the usual
+per-image figure) and for dense arithmetic: zeros in masked weights are still multiplied.
+Modules of other classes can declare their cost with :func:`register_mac_rule`; a module
+with a rule is measured as one unit (its children are not hooked separately).
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+>>> count_macs(model, torch.zeros(1, 3, 4, 4))  # 8*4*4 * 3*3*3 + 10*128
+4736
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.measure._inputs import as_args, eval_mode, run_forward
+
+#: rule(module, inputs, output) -> MACs of one call.
+MacRule = Callable[[nn.Module, tuple[Any, ...], Any], int]
+
+#: class -> rule; looked up along the module's MRO, so subclasses (masked convs) inherit it.
+MAC_RULES: dict[type[nn.Module], MacRule] = {}
+
+
+def register_mac_rule(cls: type[nn.Module], rule: MacRule) -> None:
+    """Declare the MACs of one call of a module class: ``rule(module, inputs, output) -> int``.
+
+    Use it for a layer type of your own (a binary conv, a packed sparse linear) whose
+    cost is not the dense conv/linear formula, or which computes through children that
+    should not be counted separately.
+    """
+    MAC_RULES[cls] = rule
+
+
+def _conv(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def _conv_transpose(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    return inputs[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+
+
+def _linear(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    return out.numel() * m.in_features
+
+
+def _bilinear(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    return out.numel() * m.in1_features * m.in2_features
+
+
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_mac_rule(_cls, _conv)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_mac_rule(_cls, _conv_transpose)
+register_mac_rule(nn.Linear, _linear)
+register_mac_rule(nn.Bilinear, _bilinear)
+
+
+def rule_for(module: nn.Module) -> MacRule | None:
+    """The MAC rule of ``module``'s class or of its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in MAC_RULES:
+            return MAC_RULES[cls]
+    return None
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One measured layer: qualified name, class name, output shape of its first call, params, MACs, MAC share.
+
+    ``share`` is this layer's fraction of the model's MACs, in [0, 1]. A layer called
+    several times (a shared ReLU) sums the MACs of all its calls.
+    """
+
+    name: str
+    type: str
+    output_shape: tuple[int, ...] | None
+    params: int
+    macs: int
+    share: float
+
+
+def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Leaf modules and modules with a MAC rule (not descending into those), in ``named_modules`` order."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        children = list(module.named_children())
+        if prefix and (rule_for(module) is not None or not children):
+            found.append((prefix, module))
+            return
+        if not prefix and not children:  # the model itself is a single layer
+            found.append((type(module).__name__, module))
+            return
+        for name, child in children:
+            visit(f"{prefix}.{name}" if prefix else name, child)
+
+    visit("", model)
+    return found
+
+
+def _first_shape(output: Any) -> tuple[int, ...] | None:
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return tuple(output[0].shape)
+    return None
+
+
+def layer_profiles(model: nn.Module, example_inputs: Any) -> tuple[LayerProfile, ...]:
+    """Per-layer params and MACs of one forward of ``example_inputs``, in call order.
+
+    Runs the model once in eval mode under ``torch.no_grad`` (so BatchNorm statistics are
+    not touched) and restores every module's mode afterwards. Hooks are removed even
+    when the forward fails. Layers that never ran are left out.
+    Raises ConfigError when ``example_inputs`` do not fit the model.
+    """
+    args = as_args(example_inputs)
+    units = _units(model)
+    calls: dict[str, dict[str, Any]] = {}  # name -> {"module", "macs", "shape"}, insertion = call order
+    handles = []
+
+    def make_hook(name: str, module: nn.Module) -> Callable[..., None]:
+        rule = rule_for(module)
+
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            entry = calls.setdefault(name, {"module": mod, "macs": 0, "shape": _first_shape(output)})
+            if rule is not None:
+                entry["macs"] += int(rule(mod, inputs, output))
+
+        return hook
+
+    try:
+        for name, module in units:
+            handles.append(module.register_forward_hook(make_hook(name, module)))
+        with eval_mode(model), torch.no_grad():
+            run_forward(model, args)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    total = sum(entry["macs"] for entry in calls.values())
+    return tuple(
+        LayerProfile(
+            name=name,
+            type=type(entry["module"]).__name__,
+            output_shape=entry["shape"],
+            params=sum(p.numel() for p in entry["module"].parameters()),
+            macs=entry["macs"],
+            share=entry["macs"] / total if total else 0.0,
+        )
+        for name, entry in calls.items()
+    )
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Total MACs of one forward of ``example_inputs`` (whole batch); see the module docstring for what counts."""
+    return sum(layer.macs for layer in layer_profiles(model, example_inputs))
