@@ -8,7 +8,7 @@ measures it. Adding a technique = one module that calls :func:`register_stage`, 
 once in :data:`STAGE_MODULES`.
 
 >>> from slimkit.stages import STAGES
->>> "finetune" in STAGES
+>>> "train" in STAGES
 True
 """
 
@@ -107,6 +107,9 @@ class StageOutput:
     latency_ms: float | None = None
     phase: Literal["simulated", "materialized"] = "materialized"
     artifacts: dict[str, str] = field(default_factory=dict)
+    #: Run after the stage's fine-tune, on the fine-tuned model; its StageOutput replaces
+    #: this one (e.g. export and evaluate the integer model once QAT has trained it).
+    finalize: Callable[[nn.Module], StageOutput] | None = field(default=None, repr=False)
 
 
 class DistillSpec(Config):

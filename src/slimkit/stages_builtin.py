@@ -1,4 +1,4 @@
-"""Stages that need no technique: ``finetune`` trains the model as it is."""
+"""Stages that need no technique: ``train`` leaves the model as it is for its fine-tune to train."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class NoSettings(Config):
     """A stage without settings."""
 
 
-@register_stage("finetune", NoSettings)
+@register_stage("train", NoSettings)
 def finetune_stage(model: nn.Module, config: NoSettings, ctx: StageContext) -> StageOutput:
     """Leave the model unchanged; the stage's ``finetune:`` section trains it."""
     return StageOutput(model=model, details={})

@@ -135,7 +135,11 @@ def _epoch_loader(dataset: Dataset, cfg: TrainConfig, epoch: int) -> DataLoader:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+    import sys
+
+    # On a terminal: a live bar with ETA; in a log file: a line every 10 s at most.
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=interval,
                 disable=not (enabled and dist.is_main()))
 
 

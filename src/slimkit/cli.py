@@ -1,0 +1,205 @@
+"""The ``slimkit`` command line: compress, train, eval, profile, recipes, report, decode.
+
+Every deliberate error (bad recipe, unknown name, missing data, corrupt file) is printed
+as one line on stderr with exit code 2; an interrupted run says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from slimkit.exceptions import ConfigError, SlimkitError
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--input-shape {text!r}: must be comma-separated integers such as 1,3,224,224") from None
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise ConfigError(f"--input-shape {text!r}: needs at least 2 positive sizes (batch,channels[,height,width])")
+    return shape
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="zoo model name (overrides the recipe)")
+    parser.add_argument("--data", help="dataset name: digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH")
+    parser.add_argument("--data-dir", help="where dataset files live (default ./data)")
+    parser.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
+    parser.add_argument("--image-size", type=int, help="resize images to this size (e.g. 224)")
+    parser.add_argument("--epochs", type=int, help="baseline training epochs (overrides the recipe)")
+    parser.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimkit", description="Make CNNs small and fast, and measure it.")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("compress", help="run a compression recipe (default: deep-compression on digits)")
+    p.add_argument("--recipe", help="built-in recipe name or path to a YAML file")
+    _add_run_flags(p)
+
+    p = sub.add_parser("train", help="train a zoo model and save it")
+    _add_run_flags(p)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
+    p.add_argument("--batch-size", type=int)
+
+    p = sub.add_parser("eval", help="accuracy of a saved model (model.pt) on a dataset")
+    p.add_argument("model_path")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--data-dir", default="data")
+
+    p = sub.add_parser("profile", help="params, MACs, bytes and latency of a model")
+    p.add_argument("--model", required=True, help="zoo model name or a saved model file")
+    p.add_argument("--input-shape", default="1,3,224,224", help="comma-separated, e.g. 1,3,224,224")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--layers", action="store_true", help="per-layer table")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--threads", type=int)
+
+    sub.add_parser("recipes", help="list built-in recipes")
+    sub.add_parser("models", help="list zoo models")
+
+    p = sub.add_parser("report", help="print the stage table of a run directory")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("decode", help="decode a .slim container into a model file")
+    p.add_argument("slim_file")
+    p.add_argument("-o", "--output", required=True)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {"model": args.model, "data": args.data, "data_dir": args.data_dir, "download": args.download,
+            "image_size": args.image_size, "epochs": args.epochs}
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from slimkit import distributed
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import load_recipe
+    from slimkit.report import format_stage_table
+
+    recipe = load_recipe(args.recipe, overrides=_overrides(args))
+    out = Path(args.out or f"runs/{recipe.name}")
+    distributed.init_from_env()
+    report = run_recipe(recipe, out, resume=args.resume, progress=not args.no_progress)
+    if distributed.is_main():
+        print(format_stage_table(report["stages"]))
+        print(f"\nrun directory: {out}  (report.md, report.json, accuracy_vs_size.png, model.pt)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slimkit import distributed
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+
+    train = {k: v for k, v in {"lr": args.lr, "optimizer": args.optimizer, "batch_size": args.batch_size}.items()
+             if v is not None}
+    recipe = parse_recipe({"name": "train", "description": "train only", "train": train}, "cli",
+                          overrides=_overrides(args))
+    out = Path(args.out or f"runs/train-{recipe.model}")
+    distributed.init_from_env()
+    report = run_recipe(recipe, out, resume=args.resume, progress=not args.no_progress)
+    if distributed.is_main():
+        row = report["stages"][0]
+        print(f"{recipe.model} on {recipe.data}: {row['accuracy']:.2f}% test accuracy; saved {out / 'model.pt'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimkit.data import load_data
+    from slimkit.manifest import load_model
+    from slimkit.train import evaluate
+
+    model = load_model(args.model_path)
+    data = load_data(args.data, data_dir=args.data_dir)
+    print(f"{args.model_path}: {evaluate(model, data.test):.2f}% on {args.data} test ({len(data.test)} images)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimkit.measure import format_layer_table, format_summary, profile
+
+    shape = _input_shape(args.input_shape)
+    if Path(args.model).is_file():
+        from slimkit.manifest import load_model
+
+        model = load_model(args.model)
+    else:
+        from slimkit.models import create_model
+
+        model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[1])
+    result = profile(model, torch.zeros(shape), latency=not args.no_latency, threads=args.threads)
+    if args.layers:
+        print(format_layer_table(result))
+        print()
+    print(format_summary(result))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from slimkit.recipe import list_recipes
+
+    for name, description in list_recipes():
+        print(f"{name:28s} {description}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from slimkit.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slimkit.report import format_stage_table, read_report, write_report
+
+    report = read_report(args.run_dir)
+    write_report(args.run_dir, report)
+    print(format_stage_table(report["stages"]))
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from slimkit.encode import load
+    from slimkit.manifest import save_model
+
+    model = load(args.slim_file)
+    save_model(model, args.output)
+    print(f"decoded {args.slim_file} -> {args.output}")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "train": cmd_train, "eval": cmd_eval, "profile": cmd_profile,
+            "recipes": cmd_recipes, "models": cmd_models, "report": cmd_report, "decode": cmd_decode}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command or "compress"
+    if args.command is None:
+        args = parser.parse_args(["compress", *(argv or [])])
+    try:
+        return COMMANDS[command](args)
+    except SlimkitError as err:
+        print(f"slimkit {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slimkit {command}: interrupted; run it again with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

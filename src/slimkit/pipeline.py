@@ -1,0 +1,226 @@
+"""Run a recipe: train (or load) the baseline, apply each stage, fine-tune, measure.
+
+Everything a run produces goes under its run directory (``runs/<name>/``):
+
+- ``report.json`` / ``report.md`` / ``accuracy_vs_size.png``: rewritten after every stage;
+- ``models/NN-<stage>.pt``: each stage's model (:func:`slimkit.manifest.save_model`);
+- ``model.pt``: the final model; stage artifacts (``model.slim``, ``model.int8.onnx``);
+- ``checkpoints/``: per-epoch training checkpoints.
+
+With ``resume=True`` finished stages are loaded from ``models/`` and an interrupted
+training phase continues from its last checkpoint, so the run ends where an
+uninterrupted one would. Only rank 0 writes; every rank computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit import distributed as dist
+from slimkit.manifest import load_model, save_model
+from slimkit.recipe import Recipe, Stage
+from slimkit.stages import DISTILL_METHODS, STAGES, StageContext, StageOutput
+from slimkit.train import TrainConfig, TrainHooks, evaluate, fit, seed_everything
+
+Log = Callable[[str], None]
+
+
+def mask_keeper(model: nn.Module) -> TrainHooks | None:
+    """Hooks that keep masked weights at exactly zero, for every module with ``weight_mask``.
+
+    Runs after backward (zero the masked gradients) and after each optimizer step (zero
+    what momentum or weight decay moved), so any fine-tune after a pruning stage keeps
+    its sparsity, including fine-tunes of later stages.
+    """
+    masked = [m for m in model.modules() if isinstance(getattr(m, "weight_mask", None), torch.Tensor)]
+    if not masked:
+        return None
+
+    def zero_grads(_model: nn.Module) -> None:
+        for module in masked:
+            if module.weight.grad is not None:
+                module.weight.grad.mul_(module.weight_mask)
+
+    def reapply(_model: nn.Module, _info) -> None:
+        with torch.no_grad():
+            for module in masked:
+                module.weight.mul_(module.weight_mask)
+
+    return TrainHooks(grad_hooks=(zero_grads,), after_step=(reapply,))
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    def stage_model(self, index: int, name: str) -> Path:
+        return self.root / "models" / f"{index:02d}-{name}.pt"
+
+    def checkpoint(self, label: str) -> Path:
+        return self.root / "checkpoints" / f"{label}.pt"
+
+
+def _measure(model: nn.Module, example_inputs: torch.Tensor, runs: int) -> Any:
+    from slimkit.measure import profile
+
+    return profile(model, example_inputs, latency=True, runs=runs)
+
+
+def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput | None, baseline_bytes: int) -> dict:
+    stored = output.stored_bytes if output and output.stored_bytes is not None else prof.bytes
+    latency = output.latency_ms if output and output.latency_ms is not None else prof.latency_ms
+    return {
+        "name": name,
+        "kind": kind,
+        "accuracy": round(float(accuracy), 4),
+        "params": int(prof.params),
+        "nonzeros": int(prof.nonzeros),
+        "macs": int(prof.macs),
+        "bytes": int(stored),
+        "bytes_counted": "stored artifact" if output and output.stored_bytes is not None else "fp32 state dict",
+        "latency_ms": round(float(latency), 4),
+        "latency_p99_ms": round(float(prof.latency_p99_ms), 4),
+        "engine": (output.engine if output and output.engine else "pytorch-eager"),
+        "phase": output.phase if output else "materialized",
+        "ratio": round(baseline_bytes / max(int(stored), 1), 3),
+        "details": output.details if output else {},
+        "artifacts": output.artifacts if output else {},
+    }
+
+
+def _distill_hooks(stage: Stage, student: nn.Module, ctx: StageContext) -> TrainHooks | None:
+    spec = stage.finetune.distill if stage.finetune else None
+    if spec is None:
+        return None
+    teacher = ctx.baseline if spec.teacher == "baseline" else load_model(spec.teacher)
+    return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+               log: Log = print) -> dict[str, Any]:
+    """Run every stage of ``recipe`` into ``out_dir``; returns the report (also written there)."""
+    from slimkit.data import load_data
+    from slimkit.models import create_model
+    from slimkit.report import write_report
+
+    paths = RunPaths(Path(out_dir))
+    say = log if dist.is_main() else (lambda _msg: None)
+    seed_everything(recipe.train.seed)
+    data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
+                     image_size=recipe.image_size, augment=recipe.augment)
+    example_inputs = torch.zeros(1, *data.input_shape)
+    report: dict[str, Any] = {
+        "recipe": recipe.to_dict(),
+        "source": recipe.source,
+        "model": recipe.model,
+        "data": recipe.data,
+        "example_input_shape": list(example_inputs.shape),
+        "threads": torch.get_num_threads(),
+        "world_size": dist.world_size(),
+        "stages": [],
+    }
+    previous = _previous_rows(paths) if resume else []
+
+    started = time.perf_counter()
+    baseline_path = paths.stage_model(0, "baseline")
+    if resume and baseline_path.is_file() and previous:
+        model = load_model(baseline_path)
+        say(f"[0] baseline: loaded from {baseline_path}")
+    elif recipe.baseline:
+        model = load_model(recipe.baseline)
+    else:
+        model = create_model(recipe.model, num_classes=data.num_classes, in_channels=data.in_channels)
+        say(f"[0] baseline: training {recipe.model} on {recipe.data} for {recipe.train.epochs} epochs")
+        fit(model, data.train, recipe.train, checkpoint=paths.checkpoint("baseline"), resume=resume,
+            progress=progress, desc="baseline")
+    model.eval()
+    baseline = copy.deepcopy(model)
+    if dist.is_main():
+        save_model(model, baseline_path)
+    baseline_prof = _measure(model, example_inputs, recipe.latency_runs)
+    baseline_row = _row("baseline", "train", evaluate(model, data.test), baseline_prof, None, baseline_prof.bytes)
+    report["baseline_bytes"] = baseline_prof.bytes
+    report["stages"].append(baseline_row)
+    _publish(paths, report, write_report)
+
+    for index, stage in enumerate(recipe.stages, start=1):
+        stage_path = paths.stage_model(index, stage.name)
+        if resume and stage_path.is_file() and len(previous) > index:
+            model = load_model(stage_path)
+            report["stages"].append(previous[index])
+            say(f"[{index}] {stage.name}: done in an earlier run, loaded")
+            continue
+        say(f"[{index}] {stage.name}: {stage.kind}")
+        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume)
+        output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
+        model = output.model
+        if stage.finetune is not None and (stage.finetune.epochs or recipe.train.epochs):
+            hooks = TrainHooks().merge(mask_keeper(model)).merge(output.hooks)
+            hooks = hooks.merge(_distill_hooks(stage, model, ctx))
+            fit(model, data.train, stage.finetune.train_config(recipe.train), hooks,
+                checkpoint=paths.checkpoint(f"stage-{index:02d}"), resume=resume, progress=progress,
+                desc=f"{stage.name} fine-tune")
+        if output.finalize is not None:
+            output = output.finalize(model)
+            model = output.model
+        model.eval()
+        accuracy = output.accuracy if output.accuracy is not None else evaluate(model, data.test)
+        prof = _measure(model, example_inputs, recipe.latency_runs)
+        report["stages"].append(_row(stage.name, stage.kind, accuracy, prof, output, baseline_prof.bytes))
+        if dist.is_main():
+            save_model(model, stage_path)
+        _publish(paths, report, write_report)
+
+    if dist.is_main():
+        save_model(model, paths.root / "model.pt")
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    report["final_model"] = str(paths.root / "model.pt")
+    _publish(paths, report, write_report)
+    return report
+
+
+def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: RunPaths, baseline: nn.Module,
+             index: int, stage: Stage, progress: bool, resume: bool) -> StageContext:
+    base_cfg: TrainConfig = stage.finetune.train_config(recipe.train) if stage.finetune else recipe.train
+    rounds = {"n": 0}
+
+    def finetune(model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None) -> nn.Module:
+        """Train inside a stage (e.g. between pruning rounds); masks are kept."""
+        rounds["n"] += 1
+        cfg = base_cfg if epochs is None else base_cfg.model_copy(update={"epochs": epochs})
+        all_hooks = TrainHooks().merge(mask_keeper(model)).merge(hooks)
+        label = f"stage-{index:02d}-round-{rounds['n']:02d}"
+        return fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
+                   progress=progress, desc=f"{stage.name} round {rounds['n']}")
+
+    return StageContext(
+        example_inputs=example_inputs, data=data, train_config=base_cfg, run_dir=paths.root, baseline=baseline,
+        stage_index=index, finetune=finetune, evaluate=lambda m: evaluate(m, data.test),
+    )
+
+
+def _previous_rows(paths: RunPaths) -> list[dict[str, Any]]:
+    if not paths.report_json.is_file():
+        return []
+    try:
+        return list(json.loads(paths.report_json.read_text()).get("stages", []))
+    except (json.JSONDecodeError, OSError):
+        return []
+
+
+def _publish(paths: RunPaths, report: dict[str, Any], write_report: Callable[..., None]) -> None:
+    if dist.is_main():
+        write_report(paths.root, report)

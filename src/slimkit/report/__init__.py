@@ -1,0 +1,139 @@
+"""Reports of a run: ``report.json`` (every figure), ``report.md`` (the table), a plot.
+
+>>> rows = [{"name": "baseline", "accuracy": 98.6, "params": 431080, "nonzeros": 431080, "macs": 2293000,
+...          "bytes": 1724320, "latency_ms": 0.21, "ratio": 1.0}]
+>>> print(format_stage_table(rows))
+| stage    | accuracy % | params  | non-zeros | MACs  | bytes | latency ms | ratio |
+|----------|-----------:|--------:|----------:|------:|------:|-----------:|------:|
+| baseline |      98.60 | 431,080 |   431,080 | 2.29M | 1.72M |      0.210 | 1.0x  |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("stage", "accuracy %", "params", "non-zeros", "MACs", "bytes", "latency ms", "ratio")
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:g}"
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [
+        str(row["name"]),
+        f"{row['accuracy']:.2f}",
+        f"{row['params']:,}",
+        f"{row['nonzeros']:,}",
+        _si(row["macs"]),
+        _si(row["bytes"]),
+        f"{row['latency_ms']:.3f}",
+        f"{row['ratio']:.1f}x",
+    ]
+
+
+def format_stage_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table, one line per stage, aligned for the terminal too."""
+    body = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(COLUMNS)]
+    right = [False, True, True, True, True, True, True, False]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
+    return "\n".join([line(list(COLUMNS)), rule, *(line(b) for b in body)])
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    rows = report["stages"]
+    lines = [
+        f"# slimkit run: {report['recipe'].get('name', '')}",
+        "",
+        f"Model `{report['model']}` on `{report['data']}`; input {report['example_input_shape']}, "
+        f"{report['threads']} torch thread(s); latency is the median of repeated batch-1 runs.",
+        "`bytes` is the stored size of each stage's model: the fp32 state dict unless the stage stores an "
+        "artifact (e.g. the .slim container); `ratio` = baseline bytes / bytes.",
+        "",
+        format_stage_table(rows),
+        "",
+        "| stage | phase | engine | bytes counted |",
+        "|---|---|---|---|",
+        *(f"| {r['name']} | {r.get('phase', '')} | {r.get('engine', '')} | {r.get('bytes_counted', '')} |"
+          for r in rows),
+        "",
+        "![accuracy vs size](accuracy_vs_size.png)",
+    ]
+    for row in rows:
+        layers = row.get("details", {}).get("layers")
+        if isinstance(layers, list) and layers and isinstance(layers[0], dict):
+            keys = list(layers[0])
+            lines += ["", f"## {row['name']}: per layer", "", "| " + " | ".join(keys) + " |",
+                      "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(layer.get(k, "")) for k in keys) + " |" for layer in layers]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
+    """Accuracy against stored bytes (log scale), one labelled point per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["stages"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    xs = [max(r["bytes"], 1) / 1024 for r in rows]
+    ys = [r["accuracy"] for r in rows]
+    ax.plot(xs, ys, "-o", color="tab:blue")
+    for x, y, r in zip(xs, ys, rows):
+        ax.annotate(f"{r['name']} ({r['ratio']:.1f}x)", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored size (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{report['model']} on {report['data']}: accuracy vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any]) -> None:
+    """Write report.json, report.md and accuracy_vs_size.png into ``run_dir`` atomically."""
+    run_dir = Path(run_dir)
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
+    _write_atomic(run_dir / "report.md", render_markdown(report).encode())
+    plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
+
+
+def read_report(run_dir: str | Path) -> dict[str, Any]:
+    """The report.json of a run directory; ConfigError when missing, CorruptFileError when damaged."""
+    from slimkit.exceptions import ConfigError, CorruptFileError
+
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no report.json here; give the directory a `slimkit compress` run wrote")
+    try:
+        report = json.loads(path.read_text())
+        report["stages"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CorruptFileError(f"{path}: not a slimkit report ({type(err).__name__}: {err})") from None
+    return report
