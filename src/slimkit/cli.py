@@ -26,7 +26,7 @@ def _input_shape(text: str) -> tuple[int, ...]:
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="zoo model name (overrides the recipe)")
-    parser.add_argument("--data", help="dataset name: digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH")
+    parser.add_argument("--data", help="dataset: digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH")
     parser.add_argument("--data-dir", help="where dataset files live (default ./data)")
     parser.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
     parser.add_argument("--image-size", type=int, help="resize images to this size (e.g. 224)")

@@ -133,9 +133,9 @@ def _epoch_loader(dataset: Dataset, cfg: TrainConfig, epoch: int) -> DataLoader:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     import sys
+
+    from tqdm.auto import tqdm
 
     # On a terminal: a live bar with ETA; in a log file: a line every 10 s at most.
     interval = 0.1 if sys.stderr.isatty() else 10.0
