@@ -37,7 +37,10 @@ def shape_str(args: tuple[torch.Tensor, ...]) -> str:
 
 
 def expected_input(model: nn.Module) -> str | None:
-    """What the first Conv/Linear layer of ``model`` expects, as text (``[N, 1, H, W]``), or None."""
+    """What ``model`` expects, as text (``[N, 1, H, W]``): from its zoo arch, else its first Conv/Linear; or None."""
+    arch = getattr(model, "slimkit_arch", None)  # set by slimkit.models.create_model
+    if isinstance(arch, dict) and "in_channels" in arch:
+        return f"[N, {arch['in_channels']}, H, W] (zoo model {arch.get('name')!r})"
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv1d):
             return f"[N, {module.in_channels}, L] (first layer {name!r})"

@@ -1,0 +1,250 @@
+"""Measurement: params, non-zeros, MACs (exact by hand and against torchvision's figures), bytes, latency, tables."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from slimkit.exceptions import ConfigError
+from slimkit.measure import (
+    count_macs,
+    count_nonzeros,
+    count_params,
+    format_comparison,
+    format_layer_table,
+    format_summary,
+    layer_profiles,
+    measure_latency,
+    profile,
+    register_mac_rule,
+    state_dict_bytes,
+)
+from slimkit.models import create_model
+
+SMALL_ZOO = ("lenet-300-100", "lenet5", "resnet20-cifar", "vgg11-cifar", "mobilenet-v1", "squeezenet1_1",
+             "shufflenet_v2_x0_5", "mobilenet_v3_small")
+
+
+def _bn_buffers(model):
+    """(float running-stat elements, number of int64 num_batches_tracked) of the model's BatchNorms."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return sum(2 * m.num_features for m in bns), len(bns)
+
+
+@pytest.mark.parametrize("name", SMALL_ZOO)
+def test_profile_counts_of_zoo_models(name):
+    model = create_model(name, num_classes=10, in_channels=1)
+    p = profile(model, torch.zeros(1, 1, 28, 28), latency=False)
+    params = sum(t.numel() for t in model.parameters())
+    assert p.params == params
+    assert p.nonzeros == sum(int((t != 0).sum()) for t in model.parameters())
+    float_buffers, counters = _bn_buffers(model)
+    assert p.bytes == 4 * (params + float_buffers) + 8 * counters
+    assert p.macs > 0 and p.flops == 2 * p.macs
+    assert sum(layer.params for layer in p.layers) == params  # every parameter lives in a profiled leaf
+    assert sum(layer.macs for layer in p.layers) == p.macs
+    assert sum(layer.share for layer in p.layers) == pytest.approx(1.0)
+    assert (p.latency_ms, p.latency_p99_ms, p.throughput, p.batch_size) == (None, None, None, 1)
+    json.dumps(p.to_dict(layers=True))
+
+
+@pytest.mark.parametrize(("layer", "shape", "macs"), [
+    (nn.Conv2d(3, 8, 3, padding=1), (1, 3, 4, 4), 8 * 4 * 4 * 3 * 9),
+    (nn.Conv2d(8, 16, 3, groups=4), (1, 8, 10, 10), 16 * 8 * 8 * 2 * 9),  # grouped: in/groups = 2
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), (1, 8, 10, 10), 8 * 10 * 10 * 1 * 9),  # depthwise
+    (nn.Conv2d(4, 6, (3, 1), stride=2), (2, 4, 9, 9), 2 * 6 * 4 * 5 * 4 * 3),  # batch 2, stride, 3x1
+    (nn.Conv1d(4, 6, 5), (1, 4, 20), 6 * 16 * 4 * 5),
+    (nn.ConvTranspose2d(4, 6, 2, stride=2), (1, 4, 5, 5), 4 * 5 * 5 * 6 * 4),
+    (nn.Linear(7, 5), (3, 7), 3 * 5 * 7),
+    (nn.Linear(7, 5), (2, 4, 7), 2 * 4 * 5 * 7),
+])
+def test_macs_of_single_layers_are_exact(layer, shape, macs):
+    assert count_macs(layer, torch.zeros(shape)) == macs
+
+
+def test_macs_of_conv_plus_linear_and_batch_scaling():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 10))
+    # conv: 4*6*6 outputs * 1*9; BN, ReLU, pool, flatten: 0; linear: 10 * 36
+    assert count_macs(model, torch.zeros(1, 1, 8, 8)) == 4 * 36 * 9 + 10 * 36
+    assert count_macs(model, torch.zeros(4, 1, 8, 8)) == 4 * (4 * 36 * 9 + 10 * 36)
+    layers = layer_profiles(model, torch.zeros(1, 1, 8, 8))
+    assert [(la.name, la.type, la.output_shape) for la in layers] == [
+        ("0", "Conv2d", (1, 4, 6, 6)), ("1", "BatchNorm2d", (1, 4, 6, 6)), ("2", "ReLU", (1, 4, 6, 6)),
+        ("3", "MaxPool2d", (1, 4, 3, 3)), ("4", "Flatten", (1, 36)), ("5", "Linear", (1, 10)),
+    ]
+    assert layers[0].share == pytest.approx(1296 / 1656)
+
+
+def test_lenet5_macs_by_hand():
+    p = profile(create_model("lenet5", in_channels=1), torch.zeros(1, 1, 28, 28), latency=False)
+    by_name = {layer.name: layer.macs for layer in p.layers}
+    assert by_name["conv1"] == 20 * 24 * 24 * 25
+    assert by_name["conv2"] == 50 * 8 * 8 * 20 * 25
+    assert by_name["fc1"] == 800 * 500
+    assert by_name["fc2"] == 500 * 10
+    assert p.macs == 2_293_000
+
+
+# torchvision's published figures (weights meta: num_params and "_ops", GMACs at 224x224, batch 1)
+@pytest.mark.parametrize(("name", "gmacs", "params"), [
+    ("resnet18", 1.814, 11_689_512),
+    ("mobilenet_v2", 0.301, 3_504_872),
+    ("mobilenet_v3_large", 0.217, 5_483_032),
+    ("shufflenet_v2_x1_0", 0.145, 2_278_604),
+])
+def test_torchvision_figures_at_224(name, gmacs, params):
+    model = create_model(name, num_classes=1000, in_channels=3)
+    p = profile(model, torch.zeros(1, 3, 224, 224), latency=False)
+    assert p.params == params
+    assert p.macs / 1e9 == pytest.approx(gmacs, rel=0.01)
+
+
+def test_nonzeros_after_zeroing_half_a_weight():
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for t in model.parameters():
+            t.fill_(1.0)
+        model[0].weight[:4].zero_()  # half of the 80 entries
+    assert count_params(model) == 88 + 18
+    assert count_nonzeros(model) == 88 + 18 - 40
+    assert profile(model, torch.zeros(1, 10), latency=False).nonzeros == 66
+
+
+def test_nonzeros_respect_weight_mask_buffers():
+    model = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 2))
+    with torch.no_grad():
+        for t in model.parameters():
+            t.fill_(1.0)
+    mask = torch.ones(8, 10)
+    mask[:, :5] = 0
+    model[0].register_buffer("weight_mask", mask)  # slimkit's convention: weight kept dense, mask beside it
+    assert count_nonzeros(model) == 106 - 40
+    torch_prune.l1_unstructured(model[1], "weight", amount=4)  # torch's convention: weight_orig + weight_mask
+    assert count_nonzeros(model) == 106 - 40 - 4
+    assert count_params(model) == 106
+
+
+def test_bytes_exact_for_a_small_model():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model[0].register_buffer("weight_mask", torch.ones(3, 4))  # excluded: a simulation artefact
+    model[1].register_buffer("codes", torch.zeros(5, dtype=torch.int8))  # integer buffer at its itemsize
+    # linear 15 floats, BN weight+bias+mean+var 12 floats, num_batches_tracked int64, codes 5 x int8
+    assert state_dict_bytes(model) == 4 * 15 + 4 * 12 + 8 + 5
+    model.half()  # fp16 still counts as the fp32 state dict
+    assert state_dict_bytes(model) == 4 * 15 + 4 * 12 + 8 + 5
+
+
+def test_shared_weights_count_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert count_params(model) == 20 and state_dict_bytes(model) == 80
+    p = profile(model, torch.zeros(1, 4), latency=False)
+    assert p.macs == 2 * 16  # called twice, counted twice
+    assert [layer.name for layer in p.layers] == ["0", "1"]
+
+
+def test_latency_fields_and_restored_state():
+    model = create_model("lenet5", in_channels=1)
+    model.train()
+    model.conv2.eval()  # a mixed state must come back exactly
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    p = profile(model, torch.zeros(4, 1, 28, 28), warmup=2, runs=7, threads=1)
+    assert p.latency_ms > 0 and p.latency_p99_ms >= p.latency_ms
+    assert p.throughput == pytest.approx(4 / (p.latency_ms / 1e3))
+    assert p.batch_size == 4 and p.threads == 1
+    assert [m.training for m in model.modules()] == [True, True, True, False, True, True, True, True, True, True]
+    assert torch.get_num_threads() == threads
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_threads_are_restored():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats = measure_latency(nn.Linear(4, 4), torch.zeros(1, 4), warmup=0, runs=3, threads=1)
+        assert stats.threads == 1 and torch.get_num_threads() == 2
+        assert stats.min_ms <= stats.median_ms <= stats.p99_ms <= stats.max_ms
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_batchnorm_statistics_untouched_in_train_mode():
+    model = create_model("resnet20-cifar", num_classes=10, in_channels=3).train()
+    mean = model.bn1.running_mean.clone()
+    profile(model, torch.randn(2, 3, 32, 32), latency=False)
+    assert torch.equal(model.bn1.running_mean, mean) and int(model.bn1.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize(("name", "bad", "expected"), [
+    ("lenet5", torch.zeros(2, 3, 28, 28), r"\[N, 1, H, W\]"),
+    ("resnet20-cifar", torch.zeros(2, 1, 32, 32), r"\[N, 3, H, W\]"),
+    ("lenet-300-100", torch.zeros(2, 784), r"\[N, 1, H, W\] \(zoo model 'lenet-300-100'\)"),
+])
+def test_bad_example_inputs_raise_one_line_config_error(name, bad, expected):
+    model = create_model(name, num_classes=10, in_channels=1 if name.startswith("lenet") else 3)
+    with pytest.raises(ConfigError, match=expected) as info:
+        profile(model, bad)
+    assert "\n" not in str(info.value) and str(list(bad.shape)) in str(info.value)
+    assert all(not m._forward_hooks for m in model.modules())  # hooks removed even on error
+
+
+def test_bad_input_of_a_plain_model_names_its_first_layer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    with pytest.raises(ConfigError, match=r"expects \[N, 3, H, W\] \(first layer '0'\)"):
+        count_macs(model, torch.zeros(1, 2, 8, 8))
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "x", ()])
+def test_example_inputs_must_be_tensors(bad):
+    with pytest.raises(ConfigError, match="example_inputs must be a Tensor"):
+        profile(nn.Linear(2, 2), bad)
+
+
+@pytest.mark.parametrize("kwargs", [{"runs": 0}, {"warmup": -1}, {"threads": 0}])
+def test_bad_latency_settings(kwargs):
+    with pytest.raises(ConfigError):
+        profile(nn.Linear(2, 2), torch.zeros(1, 2), **kwargs)
+
+
+class _TwoPath(nn.Module):
+    """A custom unit: two linears inside, declared as one layer of cost 7."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_registered_rule_measures_a_module_as_one_unit():
+    register_mac_rule(_TwoPath, lambda module, inputs, output: 7)
+    model = nn.Sequential(_TwoPath(), nn.Linear(3, 1))
+    p = profile(model, torch.zeros(1, 3), latency=False)
+    assert p.macs == 7 + 3
+    assert [(la.name, la.type, la.params) for la in p.layers] == [("0", "_TwoPath", 24), ("1", "Linear", 4)]
+
+
+def test_tables():
+    model = create_model("lenet5", in_channels=1)
+    p = profile(model, torch.zeros(1, 1, 28, 28), runs=3)
+    table = format_layer_table(p)
+    lines = table.splitlines()
+    assert lines[0].split() == ["name", "type", "output", "shape", "params", "MACs", "share", "%"]
+    assert len({len(line) for line in lines[:2]}) == 1  # header and rule aligned
+    assert "1,600,000" in table and "431,080" in lines[-1] and "2,293,000" in lines[-1]
+    assert len(lines) == 2 + len(p.layers) + 2
+    short = format_layer_table(p, hide_empty=True)
+    assert "MaxPool2d" not in short and "conv2" in short
+    summary = format_summary(p)
+    assert "431,080" in summary and "2,293,000" in summary and "p99" in summary and "samples/s" in summary
+    assert "not measured" in format_summary(profile(model, torch.zeros(1, 1, 28, 28), latency=False))
+    small = create_model("lenet5", in_channels=1)
+    with torch.no_grad():
+        small.fc1.weight[:250].zero_()
+    comparison = format_comparison({"dense": p, "pruned": profile(small, torch.zeros(1, 1, 28, 28), runs=3)})
+    assert comparison.splitlines()[2].split()[0] == "dense" and "1.00x" in comparison
