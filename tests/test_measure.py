@@ -227,6 +227,7 @@ def test_registered_rule_measures_a_module_as_one_unit():
     p = profile(model, torch.zeros(1, 3), latency=False)
     assert p.macs == 7 + 3
     assert [(la.name, la.type, la.params) for la in p.layers] == [("0", "_TwoPath", 24), ("1", "Linear", 4)]
+    assert count_macs(_TwoPath(), torch.zeros(1, 3)) == 7  # also when the unit is the whole model
 
 
 def test_tables():

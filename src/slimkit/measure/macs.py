@@ -14,7 +14,9 @@ What is counted (the convention of torchvision's ``_ops`` figures, fvcore and pt
 The count is for the whole batch of ``example_inputs`` (pass a batch of 1 for the usual
 per-image figure) and for dense arithmetic: zeros in masked weights are still multiplied.
 Modules of other classes can declare their cost with :func:`register_mac_rule`; a module
-with a rule is measured as one unit (its children are not hooked separately).
+with a rule is measured as one unit (its children are not hooked separately). Only modules
+that are *called* count: a wrapper that uses a child's weight functionally
+(``F.conv2d(x, self.conv.weight)``) needs a rule of its own, or it counts 0.
 
 >>> import torch
 >>> from torch import nn
@@ -106,11 +108,8 @@ def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     def visit(prefix: str, module: nn.Module) -> None:
         children = list(module.named_children())
-        if prefix and (rule_for(module) is not None or not children):
-            found.append((prefix, module))
-            return
-        if not prefix and not children:  # the model itself is a single layer
-            found.append((type(module).__name__, module))
+        if rule_for(module) is not None or not children:
+            found.append((prefix or type(module).__name__, module))  # the root itself may be one layer
             return
         for name, child in children:
             visit(f"{prefix}.{name}" if prefix else name, child)
