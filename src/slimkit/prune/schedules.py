@@ -1,0 +1,153 @@
+"""Pruning schedules: iterative (Han 2015), gradual AGP (Zhu & Gupta 2017), DNS (Guo 2016).
+
+- :func:`iterative_prune_`: ``rounds`` of prune -> fine-tune; round ``r`` (1-based) keeps
+  ``(1 - s) ** (r / rounds)`` of the weights, so the kept fraction shrinks geometrically
+  and the last round reaches the target ``s`` exactly.
+- :class:`AGPHook`: an ``after_step`` hook; at training progress ``p`` (fraction of
+  ``agp_end`` x total steps) the sparsity is ``s * (1 - (1 - p) ** 3)``, updated every
+  ``frequency`` steps and exactly ``s`` from ``agp_end`` on.
+- :class:`DNSHook`: an ``after_step`` hook keeping a dense shadow copy of each pruned
+  weight. The optimizer updates the masked weight; the hook adds that update to the
+  shadow (pruned weights keep learning), then every ``frequency`` steps re-evaluates the
+  mask with hysteresis: shadow magnitudes below ``(1 - margin) * t`` are pruned, above
+  ``(1 + margin) * t`` spliced back, where ``t`` is the magnitude at the target sparsity.
+  On the last step the mask is set to the exact target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets
+from slimkit.prune.masks import _FREE_ATTR, MASK, mask_hooks, set_mask
+from slimkit.train import StepInfo, TrainHooks
+
+
+def agp_fraction(progress: float) -> float:
+    """Fraction of the final sparsity at ``progress`` in [0, 1] (cubic, Zhu & Gupta 2017).
+
+    >>> agp_fraction(0.0), agp_fraction(0.5), agp_fraction(1.0)
+    (0.0, 0.875, 1.0)
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - progress) ** 3
+
+
+class AGPHook:
+    """``after_step`` hook that raises sparsity along the cubic AGP curve; masks kept in between."""
+
+    def __init__(self, config: MagnitudeConfig) -> None:
+        self.config = config
+        self.last_scale = -1.0
+
+    def __call__(self, model: nn.Module, info: StepInfo) -> None:
+        end = max(1, round(self.config.agp_end * info.total_steps))
+        if info.step % self.config.frequency and info.step < end and info.step != info.total_steps:
+            return
+        scale = agp_fraction(info.step / end)
+        if scale != self.last_scale:
+            apply_computed_masks(model, compute_masks(model, self.config, scale))
+            self.last_scale = scale
+
+
+class DNSHook:
+    """``after_step`` hook of dynamic network surgery (prune + splice), see the module docstring."""
+
+    def __init__(self, model: nn.Module, config: MagnitudeConfig) -> None:
+        self.config = config
+        modules = dict(model.named_modules())
+        self.names = list(layer_targets(model, config))
+        self.targets = layer_targets(model, config)
+        # Shadow weights: the dense values the masked ones came from; last: what we last wrote.
+        self.dense = {n: modules[n].weight.detach().clone() for n in self.names}
+        self.last = {n: modules[n].weight.detach().clone() for n in self.names}
+        for n in self.names:
+            setattr(modules[n], _FREE_ATTR, True)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, info: StepInfo) -> None:
+        modules = dict(model.named_modules())
+        for n in self.names:
+            w = modules[n].weight
+            self.dense[n] += w - self.last[n]  # the optimizer's update, applied to the shadow
+        final = info.step == info.total_steps
+        if final:
+            masks = compute_masks(model, self.config, 1.0, scores={n: self.dense[n].abs() for n in self.names})
+        elif info.step % self.config.frequency == 0:
+            masks = {n: self._surgery(n, modules[n]._buffers[MASK]) for n in self.names}
+        else:
+            masks = {n: modules[n]._buffers[MASK] for n in self.names}
+        for n in self.names:
+            module = modules[n]
+            module._buffers[MASK] = masks[n].to(module.weight.dtype)
+            module.weight.copy_(self.dense[n] * module._buffers[MASK])
+            self.last[n] = module.weight.detach().clone()
+            if final:
+                setattr(module, _FREE_ATTR, False)
+
+    def _surgery(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        score = self.dense[name].abs()
+        if self.config.scope == "global":
+            flat = torch.cat([self.dense[n].abs().flatten() for n in self.names])
+            target = self.config.sparsity
+        else:
+            flat, target = score.flatten(), self.targets[name]
+        k = round(target * flat.numel())
+        if k == 0:
+            return torch.ones_like(mask)
+        t = flat.kthvalue(k).values
+        low, high = (1 - self.config.dns_margin) * t, (1 + self.config.dns_margin) * t
+        mask = mask.clone()
+        mask[score < low] = 0
+        mask[score > high] = 1
+        return mask
+
+
+def iterative_prune_(
+    model: nn.Module, config: MagnitudeConfig, finetune: Callable[..., nn.Module], epochs: int | None = None
+) -> tuple[nn.Module, list[dict]]:
+    """``config.rounds`` rounds of prune -> fine-tune (no fine-tune after the last round).
+
+    ``finetune(model, hooks=..., epochs=...)`` trains with the mask hooks. Returns the
+    model and one report per round.
+    """
+    reports = []
+    targets = layer_targets(model, config)
+    for r in range(1, config.rounds + 1):
+        kept = {n: (1 - s) ** (r / config.rounds) for n, s in targets.items()}
+        if config.scope == "global":
+            scale = (1 - (1 - config.sparsity) ** (r / config.rounds)) / config.sparsity if config.sparsity else 1.0
+        else:
+            scale = None
+        if scale is not None:
+            masks = compute_masks(model, config, scale)
+        else:
+            round_cfg = config.model_copy(update={"per_layer": {n: 1 - k for n, k in kept.items()},
+                                                  "layers": tuple(kept), "sparsity": None})
+            masks = compute_masks(model, round_cfg)
+        report = apply_computed_masks(model, masks)
+        reports.append({"round": r, "sparsity": report["sparsity"]})
+        if r < config.rounds and (epochs is None or epochs > 0):
+            model = finetune(model, hooks=mask_hooks(), epochs=epochs) or model
+    return model, reports
+
+
+def scheduled_hooks(model: nn.Module, config: MagnitudeConfig) -> TrainHooks:
+    """Training hooks that run the ``agp`` or ``dns`` schedule of ``config`` during a fit."""
+    if config.schedule == "agp":
+        return mask_hooks().merge(TrainHooks(after_step=(AGPHook(config),)))
+    if config.schedule == "dns":
+        masks = compute_masks(model, config, 1.0)
+        modules = dict(model.named_modules())
+        for name, mask in masks.items():  # register masks without touching the weights yet
+            if MASK not in modules[name]._buffers:
+                modules[name].register_buffer(MASK, torch.ones_like(mask))
+        hook = DNSHook(model, config)
+        for name, mask in masks.items():
+            set_mask(modules[name], mask)
+            hook.last[name] = modules[name].weight.detach().clone()
+        return mask_hooks().merge(TrainHooks(after_step=(hook,)))
+    raise ValueError(f"schedule {config.schedule!r} has no training hooks; use 'agp' or 'dns'")
