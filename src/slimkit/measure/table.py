@@ -104,7 +104,9 @@ def format_comparison(profiles: Mapping[str, Profile]) -> str:
     base = next(iter(profiles.values()))
 
     def ratio(a: float | None, b: float | None) -> str:
-        return f"{a / b:.2f}x" if a and b else "-"
+        if not (a and b):
+            return "-"
+        return f"{a / b:.2f}x" if a / b >= 0.1 else f"{a / b:.2g}x"
 
     header = ("model", "params", "non-zeros", "MACs", "bytes", "latency ms", "p99 ms",
               "size ratio", "MAC ratio", "speed-up")
