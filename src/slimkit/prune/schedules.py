@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets
-from slimkit.prune.masks import _FREE_ATTR, MASK, mask_hooks, set_mask
+from slimkit.prune.masks import _FREE_ATTR, mask_hooks, set_mask
 from slimkit.train import StepInfo, TrainHooks
 
 
@@ -54,38 +54,43 @@ class AGPHook:
 
 
 class DNSHook:
-    """``after_step`` hook of dynamic network surgery (prune + splice), see the module docstring."""
+    """``after_step`` hook of dynamic network surgery (prune + splice), see the module docstring.
+
+    While training, the surgery masks live in the hook (not as ``weight_mask`` buffers, so
+    that generic mask keepers do not freeze the pruned weights); the final masks are set as
+    ``weight_mask`` buffers on the last step.
+    """
 
     def __init__(self, model: nn.Module, config: MagnitudeConfig) -> None:
         self.config = config
         modules = dict(model.named_modules())
-        self.names = list(layer_targets(model, config))
         self.targets = layer_targets(model, config)
-        # Shadow weights: the dense values the masked ones came from; last: what we last wrote.
+        self.names = list(self.targets)
+        # Shadow weights: the dense values; last: the masked weights we last wrote.
         self.dense = {n: modules[n].weight.detach().clone() for n in self.names}
+        self.masks = compute_masks(model, config, 1.0)
+        with torch.no_grad():
+            for n in self.names:
+                modules[n].weight.mul_(self.masks[n])
+                setattr(modules[n], _FREE_ATTR, True)
         self.last = {n: modules[n].weight.detach().clone() for n in self.names}
-        for n in self.names:
-            setattr(modules[n], _FREE_ATTR, True)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, info: StepInfo) -> None:
         modules = dict(model.named_modules())
         for n in self.names:
-            w = modules[n].weight
-            self.dense[n] += w - self.last[n]  # the optimizer's update, applied to the shadow
+            self.dense[n] += modules[n].weight - self.last[n]  # the optimizer's update, applied to the shadow
         final = info.step == info.total_steps
         if final:
-            masks = compute_masks(model, self.config, 1.0, scores={n: self.dense[n].abs() for n in self.names})
+            self.masks = compute_masks(model, self.config, 1.0, scores={n: self.dense[n].abs() for n in self.names})
         elif info.step % self.config.frequency == 0:
-            masks = {n: self._surgery(n, modules[n]._buffers[MASK]) for n in self.names}
-        else:
-            masks = {n: modules[n]._buffers[MASK] for n in self.names}
+            self.masks = {n: self._surgery(n, self.masks[n]) for n in self.names}
         for n in self.names:
             module = modules[n]
-            module._buffers[MASK] = masks[n].to(module.weight.dtype)
-            module.weight.copy_(self.dense[n] * module._buffers[MASK])
+            module.weight.copy_(self.dense[n] * self.masks[n])
             self.last[n] = module.weight.detach().clone()
             if final:
+                set_mask(module, self.masks[n])
                 setattr(module, _FREE_ATTR, False)
 
     def _surgery(self, name: str, mask: torch.Tensor) -> torch.Tensor:
@@ -140,14 +145,5 @@ def scheduled_hooks(model: nn.Module, config: MagnitudeConfig) -> TrainHooks:
     if config.schedule == "agp":
         return mask_hooks().merge(TrainHooks(after_step=(AGPHook(config),)))
     if config.schedule == "dns":
-        masks = compute_masks(model, config, 1.0)
-        modules = dict(model.named_modules())
-        for name, mask in masks.items():  # register masks without touching the weights yet
-            if MASK not in modules[name]._buffers:
-                modules[name].register_buffer(MASK, torch.ones_like(mask))
-        hook = DNSHook(model, config)
-        for name, mask in masks.items():
-            set_mask(modules[name], mask)
-            hook.last[name] = modules[name].weight.detach().clone()
-        return mask_hooks().merge(TrainHooks(after_step=(hook,)))
+        return mask_hooks().merge(TrainHooks(after_step=(DNSHook(model, config),)))
     raise ValueError(f"schedule {config.schedule!r} has no training hooks; use 'agp' or 'dns'")
