@@ -1,0 +1,225 @@
+"""``structured_``: prune whole channels and physically remove them.
+
+The verb builds the channel dependency graph (:mod:`slimkit.prune.graph`), scores every
+prunable unit with a criterion (:mod:`slimkit.prune.criteria`), selects the units to
+remove (per layer or with one global threshold, with a cap per layer and optional rounding
+of the channel counts), and cuts them out (:mod:`slimkit.prune.surgery`). The result is a
+plain, smaller, dense model with the same inputs and outputs.
+
+``ratio`` is a fraction of *channel units*: one unit is one coupled channel (a residual
+stream channel counts once, however many layers share it). With ``target: macs`` or
+``target: params`` the ratio is the reduction of MACs or parameters to reach instead
+(found by bisection over the channel ratio).
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+>>> report = structured_(net, torch.randn(1, 3, 16, 16), {"ratio": 0.5, "criterion": "l1"})
+>>> net[0].out_channels, net[3].in_channels, net[3].out_channels, net[7].in_features
+(8, 8, 8, 8)
+>>> net(torch.randn(2, 3, 16, 16)).shape
+torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from slimkit.config import Config
+from slimkit.exceptions import ConfigError
+from slimkit.prune.criteria import CRITERIA, ScoreContext
+from slimkit.prune.graph import ChannelGraph, Group, build_graph
+from slimkit.prune.surgery import prune_units_
+from slimkit.selection import classifier_name, matches
+
+
+class StructuredConfig(Config):
+    """Settings of :func:`structured_` (and of the recipe stage ``structured``)."""
+
+    ratio: float = Field(0.3, ge=0, lt=1, description="fraction of channel units (or of MACs/params) to remove")
+    target: Literal["channels", "macs", "params"] = "channels"
+    criterion: str = "l1"
+    scope: Literal["local", "global"] = "local"
+    layers: tuple[str, ...] = Field(("*",), description="a group is pruned when one of its producers matches")
+    ignore: tuple[str, ...] | None = Field(None, description="default: the classifier")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="no layer loses more than this fraction")
+    round_to: int = Field(1, ge=1, description="kept channel counts rounded up to a multiple of this")
+    normalize: Literal["none", "mean", "max"] = Field("none", description="per-group score scaling (global)")
+    on_unsupported: Literal["error", "skip"] = "error"
+    seed: int = 0
+
+
+@dataclass
+class StructuredReport:
+    """What :func:`structured_` did: per-group channel counts, edited layers, skips."""
+
+    criterion: str
+    scope: str
+    ratio: float
+    target: str
+    units_before: int
+    units_pruned: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy for reports."""
+        return asdict(self)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _macs(model: nn.Module, x: torch.Tensor) -> int:
+    from slimkit.measure import count_macs
+
+    return int(count_macs(model, x))
+
+
+def _candidates(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Module, scores: dict[int, float],
+                skipped: dict[str, str]) -> list[Group]:
+    ignore = cfg.ignore if cfg.ignore is not None else (classifier_name(model),)
+    chosen = []
+    for group in graph.groups:
+        if not any(matches(p, cfg.layers) for p in group.producers):
+            for p in group.producers:
+                skipped.setdefault(p, "not selected by layers")
+            continue
+        if any(matches(p, ignore) for p in group.producers):
+            for p in group.producers:
+                skipped.setdefault(p, "ignored")
+            continue
+        if any(math.isnan(scores[u]) for u in group.units):
+            for p in group.producers:
+                skipped.setdefault(p, f"criterion {cfg.criterion} cannot score it (no BatchNorm?)")
+            continue
+        chosen.append(group)
+    for name, reason in graph.fixed_reasons.items():
+        skipped.setdefault(name, f"channels kept: {reason}")
+    return chosen
+
+
+def _min_keep(n: int, cfg: StructuredConfig) -> int:
+    return max(1, math.ceil(n * (1 - cfg.max_layer_ratio) - 1e-9))
+
+
+def _round_keep(keep: int, n: int, round_to: int) -> int:
+    return min(n, int(math.ceil(keep / round_to) * round_to)) if round_to > 1 else keep
+
+
+def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cfg: StructuredConfig) -> list[int]:
+    """Units to prune: the lowest-scored ``ratio`` of the candidates, per group or globally."""
+    pruned: list[int] = []
+    if cfg.scope == "local":
+        for g in groups:
+            n = len(g.units)
+            keep = max(n - int(math.floor(ratio * n + 1e-9)), _min_keep(n, cfg))
+            keep = _round_keep(keep, n, cfg.round_to)
+            order = sorted(g.units, key=lambda u: (scores[u], u))
+            pruned += order[: n - keep]
+        return pruned
+    scale = {}
+    for g in groups:
+        vals = np.array([scores[u] for u in g.units])
+        denom = {"none": 1.0, "mean": vals.mean(), "max": vals.max()}[cfg.normalize]
+        scale[g.name] = 1.0 / denom if denom > 0 else 1.0
+    entries = sorted((scores[u] * scale[g.name], u, g.name) for g in groups for u in g.units)
+    budget = int(math.floor(ratio * len(entries) + 1e-9))
+    limit = {g.name: len(g.units) - _min_keep(len(g.units), cfg) for g in groups}
+    taken: dict[str, list[int]] = {g.name: [] for g in groups}
+    for _, uid, name in entries:
+        if budget <= 0:
+            break
+        if len(taken[name]) < limit[name]:
+            taken[name].append(uid)
+            budget -= 1
+    for g in groups:
+        n = len(g.units)
+        keep = _round_keep(n - len(taken[g.name]), n, cfg.round_to)
+        pruned += taken[g.name][: n - keep]  # taken is ascending: give back the best
+    return pruned
+
+
+def structured_(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    config: StructuredConfig | dict | None = None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> StructuredReport:
+    """Prune channels of ``model`` in place and return a :class:`StructuredReport`.
+
+    ``example_inputs``: one input batch (shape ``[N, C, H, W]``) used to trace the model.
+    ``batches``: (inputs, targets) for the ``taylor`` criterion. Raises
+    UnsupportedModelError naming an operation the dependency graph cannot prune through
+    (unless ``on_unsupported: skip``), ConfigError for bad settings.
+    """
+    cfg = StructuredConfig.coerce(config, where="structured")
+    criterion = CRITERIA.get(cfg.criterion)
+    graph = build_graph(model, example_inputs, on_unsupported=cfg.on_unsupported)
+    scores = criterion(model, graph, ScoreContext(example_inputs, batches, cfg.seed))
+    skipped: dict[str, str] = {}
+    groups = _candidates(graph, cfg, model, scores, skipped)
+    if not groups and cfg.ratio > 0:
+        raise ConfigError(
+            f"structured: no prunable channel group among layers={list(cfg.layers)} minus "
+            f"ignore={list(cfg.ignore or [classifier_name(model)])}; skipped: {dict(list(skipped.items())[:5])}"
+        )
+    params_before = _params(model)
+    macs_before = _macs(model, example_inputs)
+    ratio = cfg.ratio
+    if cfg.target != "channels" and cfg.ratio > 0:
+        ratio = _solve_ratio(model, example_inputs, graph, groups, scores, cfg, params_before, macs_before)
+    unit_ids = select_units(groups, scores, ratio, cfg)
+    changes = prune_units_(model, graph, unit_ids)
+    chosen = set(unit_ids)
+    group_rows = [
+        {"group": g.name, "before": len(g.units), "after": len([u for u in g.units if u not in chosen])}
+        for g in groups
+    ]
+    return StructuredReport(
+        criterion=cfg.criterion, scope=cfg.scope, ratio=float(ratio), target=cfg.target,
+        units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
+        params_before=params_before, params_after=_params(model),
+        macs_before=macs_before, macs_after=_macs(model, example_inputs),
+        groups=group_rows, layers=changes, skipped=skipped, warnings=list(graph.warnings),
+    )
+
+
+def _solve_ratio(model, x, graph: ChannelGraph, groups, scores, cfg: StructuredConfig, params0: int,
+                 macs0: int) -> float:
+    """Smallest channel ratio whose pruned copy reaches the MAC/param reduction ``cfg.ratio``."""
+    measure = (lambda m: _macs(m, x)) if cfg.target == "macs" else _params
+    base = macs0 if cfg.target == "macs" else params0
+
+    def reduction(r: float) -> float:
+        trial = copy.deepcopy(model)
+        prune_units_(trial, graph, select_units(groups, scores, r, cfg))
+        return 1 - measure(trial) / base
+
+    lo, hi = 0.0, 0.99
+    if reduction(hi) < cfg.ratio:
+        return hi  # as far as the per-layer cap allows
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        if reduction(mid) >= cfg.ratio:
+            hi = mid
+        else:
+            lo = mid
+    return hi
