@@ -395,7 +395,6 @@ class _Builder:
                 next(src)
             else:
                 expand_shape.append(1)
-        assert arr.size == int(np.prod(expand_shape)), (in_shape, out_shape, x.dims, x.slots.shape, d_in, node.name)
         arr = arr.reshape(expand_shape)
         arr = np.broadcast_to(arr, [in_shape[d] for d in d_in]).reshape([out_shape[d] for d in d_out])
         ann = _Ann(tuple(d_out), np.ascontiguousarray(arr))
@@ -436,7 +435,7 @@ class _Builder:
         out_dims = sorted({d + ndim - len(o[2]) for o in tracked for d in o[1].dims})
         target_shape = [shape[d] for d in out_dims]
         arrays = []
-        for arg, ann, meta in operands:
+        for _arg, ann, meta in operands:
             if isinstance(ann, _Ann):
                 offset = ndim - len(meta)
                 dims = [d + offset for d in ann.dims]
@@ -582,7 +581,8 @@ class _Builder:
     def visit_function(self, node, fn, x, anns, env, shape) -> Any:
         if fn is operator.getitem:
             return self._getitem(node, env, shape)
-        if not anns:
+        if not anns or fn in (getattr, len, torch._assert):  # shape queries and checks
+            return None
             return None
         if fn in _PASS_FUNCTIONS or getattr(fn, "__name__", "") in _PASS_FUNCTION_NAMES:
             return x

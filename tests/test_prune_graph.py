@@ -1,0 +1,211 @@
+"""Channel dependency graph and surgery: coupled groups, and pruning zero channels changes nothing."""
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from slimkit.exceptions import UnsupportedModelError
+from slimkit.models import create_model
+from slimkit.prune.graph import build_graph
+from slimkit.prune.surgery import prune_units_, removals_for
+
+
+def _groups(model, x):
+    g = build_graph(model, x)
+    return g, {grp.name: len(grp.units) for grp in g.groups}
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + torch.relu(self.bn(self.a(y)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(y), 4), 1))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+class SE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.out(y * s)
+
+
+class Chunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        p, q = self.a(x).chunk(2, dim=1)
+        y = torch.cat([p, self.b(q)], 1)
+        n, c, h, w = y.shape
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(y)
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.b(torch.cumsum(self.a(x), 2)))
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def test_chain_and_flatten_linear():
+    g, groups = _groups(Residual(), X)
+    # stem and the residual branch's conv a share one channel stream
+    assert groups == {"a,stem": 8, "b": 6}
+    unit = g.units[g.groups[1].units[0]]
+    # one channel of b maps onto 4*4 flattened inputs of fc
+    assert len(unit.members[("fc", "in")]) == 16
+
+
+def test_concat_offsets():
+    g, groups = _groups(Concat(), X)
+    assert groups == {"a": 4, "b": 6}
+    offsets = sorted(int(g.units[u].members[("head", "in")][0]) for grp in g.groups for u in grp.units)
+    assert offsets == list(range(10))
+
+
+def test_se_multiply_couples_main_path():
+    g, groups = _groups(SE(), X)
+    assert groups == {"conv,fc2": 8, "fc1": 4}
+
+
+def test_chunk_and_shuffle_keep_stream_but_prune_inside():
+    g, groups = _groups(Chunk(), X)
+    assert groups == {}  # split halves and the shuffle fix every stream channel
+    assert "a" in g.fixed_reasons and "b" in g.fixed_reasons
+
+
+def test_depthwise_grouped_groupnorm_prelu():
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(8, 8), nn.PReLU(8), nn.Conv2d(8, 8, 3, groups=8),
+                        nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
+    g, groups = _groups(net, X)
+    assert groups == {"0": 8}  # GroupNorm(2 groups) and grouped conv keep the rest
+    assert set(g.units[g.groups[0].units[0]].members) == {("0", "out"), ("1", "out"), ("2", "out"),
+                                                          ("3", "out"), ("4", "in")}
+    prune_units_(net, g, g.groups[0].units[:3])
+    assert net[3].groups == net[3].in_channels == 5 and net(X).shape == (1, 4, 4, 4)
+
+
+def test_unknown_op_errors_or_skips():
+    with pytest.raises(UnsupportedModelError, match="cumsum"):
+        build_graph(Unknown(), X)
+    with pytest.warns(UserWarning, match="cumsum"):
+        g = build_graph(Unknown(), X, on_unsupported="skip")
+    assert {grp.name for grp in g.groups} == {"b"}
+
+
+def test_model_with_shape_control_flow_is_traced():
+    g = build_graph(create_model("lenet5", in_channels=1), torch.zeros(1, 1, 28, 28))
+    assert {grp.name for grp in g.groups} == {"conv1", "conv2", "fc1"}
+
+
+def zero_units(model, graph, uids):
+    """Zero every parameter the units own (filters, BN scale/shift, per-channel params)."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for (name, role), drop in removals_for(graph, uids).items():
+            if role == "in":
+                continue
+            m, idx = modules[name], torch.as_tensor(drop)
+            if role.startswith("param:"):
+                _, pname, axis = role.split(":")
+                getattr(m, pname).index_fill_(int(axis), idx, 0)
+                continue
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if p is not None:
+                    p.index_fill_(0, idx, 0)
+
+
+def _randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+
+
+def _tv(name):
+    kw = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    return lambda: torchvision.models.get_model(name, num_classes=10, **kw)
+
+
+def _zoo(name, channels=3):
+    return lambda: create_model(name, num_classes=10, in_channels=channels)
+
+
+EQUIV = {
+    "lenet5": (_zoo("lenet5", 1), 28), "lenet-300-100": (_zoo("lenet-300-100", 1), 28),
+    "resnet20-cifar": (_zoo("resnet20-cifar"), 32), "vgg11-cifar": (_zoo("vgg11-cifar"), 32),
+    "mobilenet-v1": (_zoo("mobilenet-v1"), 32), "mobilenet_v3_small": (_zoo("mobilenet_v3_small"), 32),
+    "shufflenet_v2_x0_5": (_zoo("shufflenet_v2_x0_5"), 32), "squeezenet1_1": (_zoo("squeezenet1_1"), 48),
+    "resnet18": (_tv("resnet18"), 32), "mobilenet_v2": (_tv("mobilenet_v2"), 32),
+    "mnasnet0_5": (_tv("mnasnet0_5"), 32), "efficientnet_b0": (_tv("efficientnet_b0"), 32),
+    "regnet_x_400mf": (_tv("regnet_x_400mf"), 32), "googlenet": (_tv("googlenet"), 32),
+    "densenet121": (_tv("densenet121"), 32), "convnext_tiny": (_tv("convnext_tiny"), 32),
+}
+
+
+@pytest.mark.parametrize("name", list(EQUIV))
+def test_pruning_zero_channels_preserves_outputs(name):
+    build, size = EQUIV[name]
+    model = build().eval()
+    channels = 1 if name.startswith("lenet") else 3
+    x = torch.randn(2, channels, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g = build_graph(model, x[:1])
+    uids = [u for grp in g.groups for u in grp.units[: len(grp.units) // 2]]
+    assert uids, "nothing prunable"
+    _randomize_bn(model)
+    zero_units(model, g, uids)
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        before = model(x)
+    prune_units_(model, g, uids)
+    with torch.no_grad():
+        after = model(x)
+    assert before.abs().max() > 0
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) < params
