@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.config import Config
@@ -57,6 +57,12 @@ class StructuredConfig(Config):
     normalize: Literal["none", "mean", "max"] = Field("none", description="per-group score scaling (global)")
     on_unsupported: Literal["error", "skip"] = "error"
     seed: int = 0
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        CRITERIA.get(value)  # UnknownNameError (a ValueError) with the close matches
+        return value
 
 
 @dataclass

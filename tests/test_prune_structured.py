@@ -1,0 +1,190 @@
+"""structured_: config, criteria, selection, save/load, ONNX, stages and model coverage."""
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from slimkit.exceptions import ConfigError
+from slimkit.manifest import load_model, save_model
+from slimkit.measure import count_macs
+from slimkit.models import create_model
+from slimkit.prune import StructuredConfig, structured_
+from slimkit.prune.criteria import CRITERIA, ScoreContext, filter_sparsity
+from slimkit.prune.graph import build_graph
+from slimkit.prune.sparse_training import BNL1Penalty, GroupLassoPenalty
+from slimkit.stages import STAGES, StageContext
+from slimkit.train import TrainConfig
+
+
+def small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10),
+    ).eval()
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_config_dict_equals_object_and_rejects_bad_values():
+    a, b = small_net(), small_net()
+    b.load_state_dict(a.state_dict())
+    ra = structured_(a, X, {"ratio": 0.5, "criterion": "l2"})
+    rb = structured_(b, X, StructuredConfig(ratio=0.5, criterion="l2"))
+    assert ra.to_dict() == rb.to_dict()
+    with pytest.raises(ConfigError, match="ratio"):
+        StructuredConfig.coerce({"ratio": 1.0})
+    with pytest.raises(ConfigError, match="unknown key"):
+        StructuredConfig.coerce({"ratoi": 0.5})
+    with pytest.raises(ConfigError, match="criterion: unknown pruning criterion 'l3'; did you mean"):
+        structured_(small_net(), X, {"criterion": "l3"})
+    with pytest.raises(ConfigError, match="no prunable channel group"):
+        structured_(small_net(), X, {"layers": ["nothing*"]})
+
+
+def test_zero_ratio_is_identity():
+    net = small_net()
+    ref = copy.deepcopy(net)
+    report = structured_(net, X, {"ratio": 0.0})
+    assert report.units_pruned == 0
+    torch.testing.assert_close(net(X), ref(X))
+
+
+def test_l1_removes_smallest_filters():
+    net = small_net()
+    with torch.no_grad():
+        net[0].weight.mul_(10)
+        net[0].weight[[1, 5, 7]] *= 0.001
+    structured_(net, X, {"ratio": 3 / 16, "criterion": "l1", "layers": ["0"]})
+    assert net[0].out_channels == 13 and net[1].num_features == 13 and net[3].in_channels == 13
+
+
+def test_bn_gamma_and_sparsity_gamma():
+    net = small_net()
+    with torch.no_grad():
+        net[1].weight.fill_(1.0)
+        net[1].weight[[2, 3]] = 0.01
+    keep = net[0].weight[[0, 1, 4]].detach().clone()
+    structured_(net, X, {"ratio": 2 / 16, "criterion": "bn_gamma", "layers": ["0"]})
+    assert net[0].out_channels == 14
+    torch.testing.assert_close(net[0].weight[[0, 1, 2]], keep)  # channels 2, 3 went
+    # S_l(n): fraction of coefficients >= mean |w| of the layer
+    net2 = nn.Sequential(nn.Conv2d(1, 2, (1, 4), bias=False), nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1)).eval()
+    with torch.no_grad():
+        net2[0].weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]]).view(2, 1, 1, 4))
+        net2[1].weight.copy_(torch.tensor([0.5, 2.0]))
+    g = build_graph(net2, torch.zeros(1, 1, 1, 4))
+    s = sorted(filter_sparsity(net2, g).values())
+    assert s == [0.25, 1.0]  # mean |w| = 1.0: filter 0 has 4/4 >= 1, filter 1 has 1/4
+    sg = sorted(CRITERIA.get("sparsity_gamma")(net2, g, ScoreContext()).values())
+    assert sg == [0.5, 0.5]
+
+
+def test_random_is_seeded_and_taylor_runs():
+    g = build_graph(small_net(), X)
+    r1 = CRITERIA.get("random")(small_net(), g, ScoreContext(seed=3))
+    r2 = CRITERIA.get("random")(small_net(), g, ScoreContext(seed=3))
+    assert r1 == r2
+    net = small_net()
+    report = structured_(net, X, {"ratio": 0.25, "criterion": "taylor"},
+                         batches=[(X, torch.tensor([1, 2]))])
+    assert report.params_after < report.params_before
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_global_scope_cap_and_rounding():
+    net = small_net()
+    with torch.no_grad():
+        net[1].weight.fill_(0.001)  # layer 0 is much less important
+    structured_(net, X, {"ratio": 0.5, "criterion": "bn_gamma", "scope": "global", "max_layer_ratio": 0.75})
+    assert net[0].out_channels == 4  # capped at 75% removed
+    assert net[3].out_channels == 32 - (24 - 12)
+    net = small_net()
+    structured_(net, X, {"ratio": 0.3, "round_to": 8})
+    assert net[0].out_channels % 8 == 0 and net[3].out_channels % 8 == 0
+
+
+@pytest.mark.parametrize("target", ["macs", "params"])
+def test_targets_in_macs_and_params(target):
+    net = create_model("resnet20-cifar")
+    x = torch.randn(1, 3, 32, 32)
+    report = structured_(net, x, {"ratio": 0.4, "target": target})
+    before, after = ((report.macs_before, report.macs_after) if target == "macs"
+                     else (report.params_before, report.params_after))
+    assert 0.38 <= 1 - after / before <= 0.5
+
+
+def test_save_load_and_onnx(tmp_path: Path):
+    model = create_model("mobilenet_v3_small").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        structured_(model, x, {"ratio": 0.5})
+    path = save_model(model, tmp_path / "m.pt")
+    loaded = load_model(path)
+    torch.testing.assert_close(loaded(x), model(x))
+    onnx_path = tmp_path / "m.onnx"
+    kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
+    try:
+        torch.onnx.export(model, (x,), str(onnx_path), input_names=["x"], **kwargs)
+    except Exception:
+        torch.onnx.export(model, (x,), str(onnx_path), input_names=["x"])
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_stages_structured_and_sparse_train(tmp_path: Path):
+    net = small_net()
+    ctx = StageContext(example_inputs=X[:1], data=None, train_config=TrainConfig(epochs=1), run_dir=tmp_path,
+                       baseline=copy.deepcopy(net), finetune=lambda m, hooks=None, epochs=None: m)
+    spec = STAGES.get("structured")
+    out = spec.apply(net, spec.config_cls.coerce({"ratio": 0.5, "rounds": 2}, where="stages[0].structured"), ctx)
+    assert out.phase == "materialized" and out.model[0].out_channels in (8, 9)  # per-round floors
+    assert len(out.details["rounds"]) == 2
+    spec = STAGES.get("sparse-train")
+    out = spec.apply(net, spec.config_cls.coerce({"lam": 0.1}), ctx)
+    penalty = out.hooks.penalties[0](net)
+    expected = 0.1 * (net[1].weight.abs().sum() + net[4].weight.abs().sum())
+    torch.testing.assert_close(penalty, expected)
+    gl = GroupLassoPenalty(1.0, layers=["0"])(net)
+    torch.testing.assert_close(gl, net[0].weight.flatten(1).norm(dim=1).sum())
+    assert float(BNL1Penalty(1.0, layers=["nothing"])(net)) == 0.0
+
+
+# -- coverage over torchvision classification models at 64x64 --------------------------
+
+HEAVY = {"resnext50_32x4d", "wide_resnet50_2", "densenet121", "convnext_tiny", "efficientnet_b0", "vgg11_bn",
+         "regnet_x_400mf", "googlenet", "resnet50"}
+COVERAGE = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "mobilenet_v2",
+            "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5", "squeezenet1_1",
+            "densenet121", "googlenet", "efficientnet_b0", "regnet_x_400mf", "convnext_tiny"]
+
+
+def build_torchvision(name: str) -> nn.Module:
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(name, num_classes=10, **kw).eval()
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in COVERAGE])
+def test_coverage_torchvision(name, ratio):
+    model = build_torchvision(name)
+    x = torch.randn(1, 3, 64, 64)
+    macs, params = count_macs(model, x), sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = structured_(model, x, {"ratio": ratio})
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 10)
+    assert report.macs_after < macs and report.params_after < params
+    assert count_macs(model, x) == report.macs_after
