@@ -1,0 +1,208 @@
+"""Huffman coding, sparse layouts and the .slim container: exact round trips and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slimkit.encode import decode, huffman, load, save
+from slimkit.encode.sparse import FORMATS, build_layout, choose_layout, decode_layout, gap_decode, gap_encode
+from slimkit.exceptions import ConfigError, CorruptFileError
+from slimkit.prune.magnitude import magnitude_prune_
+from slimkit.quantize.sharing import share_weights_
+
+RNG = np.random.default_rng(0)
+STREAMS = {
+    "uniform": RNG.integers(0, 256, 5000),
+    "skewed": RNG.geometric(0.2, 5000) - 1,
+    "one_symbol": np.full(100, 7),
+    "all_distinct": RNG.permutation(300),
+    "two_symbols": np.array([0, 1] * 50),
+    "empty": np.zeros(0, dtype=np.int64),
+    "single": np.array([3]),
+    "fibonacci": np.repeat(np.arange(20), [int(((1 + 5**0.5) / 2) ** i) for i in range(20)]),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_huffman_round_trip_and_entropy_bound(name):
+    x = STREAMS[name]
+    alphabet = int(x.max(initial=0)) + 1
+    lengths = huffman.code_lengths(np.bincount(x, minlength=alphabet))
+    data = huffman.encode(x, lengths)
+    np.testing.assert_array_equal(huffman.decode(data, lengths, x.size), x)
+    if x.size:
+        p = np.bincount(x) / x.size
+        p = p[p > 0]
+        entropy = float(-(p * np.log2(p)).sum())
+        mean = huffman.encoded_bits(x, lengths) / x.size
+        assert entropy - 1e-9 <= mean <= entropy + 1 + 1e-9  # H + 1 reached only by a lone symbol (1 bit)
+        assert len(data) == (huffman.encoded_bits(x, lengths) + 7) // 8
+
+
+def test_huffman_is_canonical_and_prefix_free():
+    lengths = huffman.code_lengths(np.array([5, 9, 12, 13, 16, 45]))
+    codes = huffman.canonical_codes(lengths)
+    words = [format(int(codes[s]), f"0{int(lengths[s])}b") for s in range(6)]
+    assert all(not b.startswith(a) for a in words for b in words if a != b)
+    assert sum(2.0 ** -int(n) for n in lengths) == 1.0  # a complete code
+
+
+def test_huffman_rejects_truncated_and_unknown_symbols():
+    x = STREAMS["skewed"]
+    lengths = huffman.code_lengths(np.bincount(x))
+    data = huffman.encode(x, lengths)
+    with pytest.raises(CorruptFileError):
+        huffman.decode(data[: len(data) // 2], lengths, x.size)
+    with pytest.raises(ValueError):
+        huffman.encode(np.array([0, 1]), np.array([1, 0], dtype=np.uint8))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+def test_gap_indices_with_fillers_round_trip(bits):
+    positions = np.sort(RNG.choice(10000, 300, replace=False))
+    gaps, is_filler = gap_encode(positions, bits)
+    assert gaps.max() < 2**bits
+    decoded = gap_decode(gaps)
+    np.testing.assert_array_equal(decoded[~is_filler], positions)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+def test_every_layout_round_trips(fmt, density):
+    shape = (20, 6, 3, 3)
+    symbols = np.where(RNG.random(shape) < density, RNG.integers(1, 17, shape), 0).ravel()
+    for bits in ([0] if fmt in ("dense", "bitmask") else [1, 4]):
+        layout = build_layout(symbols, shape, 17, fmt, bits)
+        np.testing.assert_array_equal(decode_layout(layout, shape), symbols)
+
+
+def test_smallest_layout_is_chosen():
+    shape = (100, 400)
+    sparse = np.where(RNG.random(shape) < 0.04, RNG.integers(1, 33, shape), 0).ravel()
+    dense = RNG.integers(1, 33, shape).ravel()
+    assert choose_layout(sparse, shape, 33).format in ("csr", "csc")
+    assert choose_layout(dense, shape, 33).format == "dense"
+    chosen = choose_layout(sparse, shape, 33)
+    for fmt in FORMATS:
+        assert chosen.nbytes() <= choose_layout(sparse, shape, 33, (fmt,)).nbytes()
+
+
+def compressed(name: str) -> nn.Module:
+    from slimkit.models import create_model
+
+    model = create_model(name, num_classes=10, in_channels=1)
+    magnitude_prune_(model, {"sparsity": 0.9})
+    share_weights_(model, {"conv_bits": 8, "linear_bits": 5})
+    return model.eval()
+
+
+def custom() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    model[1].running_mean.uniform_()
+    magnitude_prune_(model, {"sparsity": 0.8, "layers": ("4",)})
+    share_weights_(model, {"linear_bits": 4, "layers": ("4",)})
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet-300-100"])
+def test_zoo_container_round_trip_is_exact(tmp_path, name):
+    model = compressed(name)
+    infos = save(model, tmp_path / "m.slim")
+    loaded = load(tmp_path / "m.slim")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert sum(i.bytes for i in infos) < (tmp_path / "m.slim").stat().st_size  # + header and meta
+    assert (tmp_path / "m.slim").stat().st_size * 20 < 4 * sum(p.numel() for p in model.parameters())
+
+
+def test_custom_model_needs_skeleton_and_round_trips(tmp_path):
+    model = custom()
+    save(model, tmp_path / "c.slim")
+    with pytest.raises(ConfigError, match="not from the zoo"):
+        load(tmp_path / "c.slim")
+    skeleton = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 26 * 26, 10))
+    loaded = load(tmp_path / "c.slim", model=skeleton)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(loaded[4].weight_index, model[4].weight_index)
+
+
+def test_decode_writes_a_manifest_model(tmp_path):
+    from slimkit.manifest import load_model
+
+    model = compressed("lenet5")
+    save(model, tmp_path / "m.slim")
+    decode(tmp_path / "m.slim", tmp_path / "model.pt")
+    restored = load_model(tmp_path / "model.pt")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), restored(x))
+
+
+def record_offsets(data: bytes) -> list[tuple[int, int]]:
+    """(start, length incl. framing) of every record."""
+    import struct
+
+    pos, out = 14, []
+    while pos < len(data):
+        (n,) = struct.unpack("<I", data[pos : pos + 4])
+        out.append((pos, n + 8))
+        pos += n + 8
+    return out
+
+
+def test_corrupted_and_truncated_files_name_the_record(tmp_path):
+    model = compressed("lenet5")
+    path = tmp_path / "m.slim"
+    save(model, path)
+    data = path.read_bytes()
+    records = record_offsets(data)
+    bad = tmp_path / "bad.slim"
+    # A flipped bit inside fc1.weight's payload (record 5: meta, conv1 w/b, conv2 w/b, fc1 w).
+    start, length = records[5]
+    flipped = bytearray(data)
+    flipped[start + length // 2] ^= 0x10
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptFileError, match=r"record 5 \('fc1.weight'\) is corrupted"):
+        load(bad)
+    bad.write_bytes(data[: start + length // 2])
+    with pytest.raises(CorruptFileError, match=r"record 5 \('fc1.weight'\) is truncated"):
+        load(bad)
+    bad.write_bytes(data[: records[3][0]])
+    with pytest.raises(CorruptFileError, match="truncated at record 3"):
+        load(bad)
+    bad.write_bytes(data[:10])
+    with pytest.raises(CorruptFileError, match="truncated header"):
+        load(bad)
+    bad.write_bytes(b"PK" + data[2:])
+    with pytest.raises(CorruptFileError, match="not a .slim file"):
+        load(bad)
+    bad.write_bytes(data + b"\x00")
+    with pytest.raises(CorruptFileError, match="unexpected bytes"):
+        load(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "missing.slim")
+
+
+def test_encode_stage_reports_real_bytes(tmp_path):
+    import copy
+
+    from slimkit.stages import STAGES, StageContext
+
+    model = compressed("lenet5")
+    baseline = copy.deepcopy(model)
+    ctx = StageContext(example_inputs=torch.zeros(1, 1, 28, 28), data=None, train_config=None, run_dir=tmp_path,
+                       baseline=baseline)
+    spec = STAGES.get("encode")
+    out = spec.apply(model, spec.config_cls.coerce({}), ctx)
+    size = (tmp_path / "model.slim").stat().st_size
+    assert out.stored_bytes == size and out.details["file_bytes"] == size
+    assert out.details["ratio"] == pytest.approx(4 * 431080 / size, rel=1e-3)
+    rows = {r["tensor"]: r for r in out.details["layers"]}
+    assert rows["fc1.weight"]["nonzeros"] == 40000 and rows["fc1.weight"]["format"] in FORMATS
+    assert rows["fc1.bias"]["format"] == "raw" and out.details["verified"]
+    assert sum(r["bytes"] for r in rows.values()) < size
