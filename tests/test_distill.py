@@ -349,3 +349,56 @@ def test_plain_cnn_bad_names(name):
     with pytest.raises(ConfigError) as err:
         parse_plain_name(name)
     assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ through the recipe runner
+
+
+def _conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.slow
+def test_runner_distills_pruned_model_from_pre_pruning_baseline(tmp_path, monkeypatch):
+    """``distill:`` in a structured-pruning stage's fine-tune gets the dense model as teacher."""
+    from slimkit.distill.methods import build_kd
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+
+    seen = {}
+
+    def spy(spec, student, teacher, ctx):
+        seen["student"], seen["teacher"] = _conv_widths(student), _conv_widths(teacher)
+        return build_kd(spec, student, teacher, ctx)
+
+    DISTILL_METHODS.get("kd")  # load the lazy modules before patching
+    monkeypatch.setitem(DISTILL_METHODS._entries, "kd", spy)
+    recipe = parse_recipe({
+        "name": "prune-kd", "model": "plaincnn-2", "data": "digits", "image_size": 8, "latency_runs": 1,
+        "train": {"epochs": 1, "batch_size": 256},
+        "stages": [{"structured": {"ratio": 0.5}, "finetune": {"epochs": 1, "distill": {"method": "kd"}}}],
+    })
+    report = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda _m: None)
+    assert seen["teacher"] == [16, 16]
+    assert seen["student"] == [8, 8]
+    assert len(report["stages"]) == 2
+
+
+@pytest.mark.slow
+def test_takd_recipe_runs_end_to_end(tmp_path):
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import load_recipe
+
+    recipe = load_recipe("takd")
+    data = recipe.to_dict()
+    data["train"]["epochs"] = 1
+    for stage in data["stages"]:
+        stage["distill"]["epochs"] = 1
+    from slimkit.recipe import parse_recipe
+
+    small = parse_recipe({**data, "model": "plaincnn-4", "image_size": 8, "latency_runs": 1})
+    report = run_recipe(small, tmp_path / "run", progress=False, log=lambda _m: None)
+    names = [row["name"] for row in report["stages"]]
+    assert names == ["baseline", "assistant", "student"]
+    params = [row["params"] for row in report["stages"]]
+    assert params[0] > params[1] > params[2]
