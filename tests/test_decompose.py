@@ -20,7 +20,8 @@ ZOO = {"lenet5": (1, 28), "lenet-300-100": (1, 28), "resnet20-cifar": (3, 32), "
 
 FULL_RANK_CASES = [
     ("svd", "lenet-300-100"), ("svd", "mobilenet_v2"), ("svd", "squeezenet1_1"),
-    ("tucker", "lenet5"), ("tucker", "resnet20-cifar"), ("tucker", "vgg11-cifar"), ("tucker", "squeezenet1_1"),
+    ("tucker", "lenet5"), ("tucker", "resnet20-cifar"), ("tucker", "squeezenet1_1"),
+    pytest.param("tucker", "vgg11-cifar", marks=pytest.mark.slow),
     ("channel", "lenet5"), ("channel", "resnet20-cifar"), ("channel", "squeezenet1_1"),
     ("separable", "lenet5"), ("separable", "resnet20-cifar"), ("separable", "mobilenet_v2"),
     ("depthwise-separable", "lenet5"), ("depthwise-separable", "resnet20-cifar"),
