@@ -254,8 +254,8 @@ def _hint_pretrain(spec: DistillSpec, student: nn.Module, teacher: nn.Module, pa
 
     if ctx is None or getattr(ctx, "data", None) is None or getattr(ctx, "train_config", None) is None:
         raise ConfigError("hint option two_stage needs a stage context with data and train_config")
-    epochs = opts_epochs = spec.options.get("hint_epochs")
-    if opts_epochs is None:
+    epochs = spec.options.get("hint_epochs")
+    if epochs is None:
         epochs = max(1, ctx.train_config.epochs // 2)
     if not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"distill option 'hint_epochs' must be a non-negative integer, got {epochs!r}")

@@ -74,6 +74,13 @@ class TakdConfig(_StudentTraining):
     num_assistants: int = Field(1, ge=1, le=4)
 
 
+def _no_pretraining(spec: DistillSpec) -> DistillSpec:
+    """The spec for the stage's later fine-tune: the hint pre-training already ran once."""
+    if not spec.options.get("two_stage"):
+        return spec
+    return spec.model_copy(update={"method": "kd", "options": {}})
+
+
 def _teacher_row(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
     from slimkit.distill.takd import _macs, count_params
     from slimkit.models import arch_of
@@ -115,7 +122,7 @@ def distill_stage(model: nn.Module, config: DistillStageConfig, ctx: StageContex
         "epochs": cfg.epochs,
     }
     # A later `finetune:` of this stage keeps distilling from the same teacher.
-    return StageOutput(model=student, details=details, hooks=build_hooks(spec, student, teacher, ctx))
+    return StageOutput(model=student, details=details, hooks=build_hooks(_no_pretraining(spec), student, teacher, ctx))
 
 
 @register_stage("takd", TakdConfig)
@@ -137,4 +144,5 @@ def takd_stage(model: nn.Module, config: TakdConfig, ctx: StageContext) -> Stage
     student = chain[-1].model
     details = {"chain": [m.row() for m in chain], "method": config.method, "temperature": config.temperature,
                "alpha": config.alpha, "epochs": cfg.epochs}
-    return StageOutput(model=student, details=details, hooks=build_hooks(config.spec(), student, chain[-2].model, ctx))
+    hooks = build_hooks(_no_pretraining(config.spec()), student, chain[-2].model, ctx)
+    return StageOutput(model=student, details=details, hooks=hooks)

@@ -155,8 +155,6 @@ def takd_chain(teacher: nn.Module, names: list[str], data: Any, train_config: Tr
         raise ConfigError("a TAKD chain needs at least the student's name")
     cfg = TrainConfig.coerce(train_config, where="train")
     spec = DistillSpec.coerce(spec or {}, where="distill")
-    if spec.method not in ("kd", "rkd") and spec.options.get("pairs") is not None and len(names) > 1:
-        pass  # feature pairs must exist on every member; FeatureTap will say which one lacks them
     chain = [ChainMember("teacher", teacher_name, teacher, evaluate(teacher, data.test), count_params(teacher),
                          _macs(teacher, example_inputs))]
     for i, name in enumerate(names):
