@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+# Scripts run as subprocesses (torchrun workers), not test modules to import.
+collect_ignore = ["_ddp_worker.py"]
+
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
