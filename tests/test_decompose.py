@@ -270,3 +270,12 @@ def test_stage(tmp_path):
     json.dumps(out.details)
     with pytest.raises(ConfigError, match=r"^stages\[0\]\.decompose\.rank"):
         spec.config_cls.coerce({"rank": 0}, where="stages[0].decompose")
+
+
+def test_min_rank_floors_vbmf():
+    model, x = _model("resnet20-cifar")  # untrained: VBMF sees noise and keeps rank 1
+    report = decompose_(model, x, {"method": "tucker", "rank": "vbmf", "layers": ["layer1.*"]})
+    assert {row.ranks for row in report.layers} == {(1, 1)}
+    model, x = _model("resnet20-cifar")
+    report = decompose_(model, x, {"method": "tucker", "rank": "vbmf", "min_rank": 0.5, "layers": ["layer1.*"]})
+    assert {row.ranks for row in report.layers} == {(8, 8)}

@@ -40,7 +40,9 @@ class DecomposeConfig(Config):
     in (0, 1] = that fraction of each axis' full rank; ``"vbmf"``; ``"full"``), ``energy``
     (keep the singular values holding this share of sum(s^2) per axis), or ``target``
     (whole-model reduction factor of ``target_metric``, met by choosing per-layer ranks from
-    the layers' error-vs-cost curves). None of them means ``rank: vbmf``.
+    the layers' error-vs-cost curves). None of them means ``rank: vbmf``. ``min_rank``
+    floors the ranks that ``vbmf`` and ``energy`` choose (a fraction of each axis' full
+    rank): VBMF reads barely trained weights as noise and may keep rank 1.
     ``only_if_smaller``: leave a layer as it is when its decomposition would cost more
     MACs or parameters than the layer (reported as skipped).
     """
@@ -52,6 +54,7 @@ class DecomposeConfig(Config):
     target_metric: Literal["macs", "params"] = "macs"
     layers: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
+    min_rank: float = Field(0.0, ge=0, le=1, description="floor on vbmf/energy ranks, a fraction of full rank")
     only_if_smaller: bool = True
     tucker_iters: int = Field(2, ge=0, le=50)
     cp_max_iter: int = Field(300, ge=1)
@@ -213,12 +216,13 @@ def _axis_singular_values(method: Method, module: nn.Module) -> list[list[torch.
 def _choose_ranks(name: str, method: Method, module: nn.Module, cfg: DecomposeConfig) -> tuple[int, ...]:
     full = method.full_ranks(module)
     rank = cfg.rank if cfg.rank is not None or cfg.energy is not None else "vbmf"
+    floor = [fraction_rank(f, cfg.min_rank) if cfg.min_rank > 0 else 1 for f in full]
     if cfg.energy is not None:
-        return tuple(min(f, max(energy_rank(s, cfg.energy) for s in axis))
-                     for f, axis in zip(full, _axis_singular_values(method, module), strict=True))
+        return tuple(min(f, max(lo, *(energy_rank(s, cfg.energy) for s in axis)))
+                     for f, lo, axis in zip(full, floor, _axis_singular_values(method, module), strict=True))
     if rank == "vbmf":
-        return tuple(min(f, max(vbmf_rank(m) for m in mats))
-                     for f, mats in zip(full, method.rank_matrices(module), strict=True))
+        return tuple(min(f, max(lo, *(vbmf_rank(m) for m in mats)))
+                     for f, lo, mats in zip(full, floor, method.rank_matrices(module), strict=True))
     if rank == "full":
         return full
     if isinstance(rank, float):
