@@ -16,10 +16,10 @@ from slimkit.models import create_model
 
 # model name -> (in_channels, spatial size)
 ZOO = {"lenet5": (1, 28), "lenet-300-100": (1, 28), "resnet20-cifar": (3, 32), "vgg11-cifar": (3, 32),
-       "mobilenet_v2": (3, 32), "squeezenet1_1": (3, 64)}
+       "mobilenet_v2": (3, 32), "mobilenet_v3_small": (3, 32), "squeezenet1_1": (3, 64)}
 
 FULL_RANK_CASES = [
-    ("svd", "lenet-300-100"), ("svd", "mobilenet_v2"), ("svd", "squeezenet1_1"),
+    ("svd", "lenet-300-100"), ("svd", "mobilenet_v3_small"), ("svd", "squeezenet1_1"),
     ("tucker", "lenet5"), ("tucker", "resnet20-cifar"), ("tucker", "squeezenet1_1"),
     pytest.param("tucker", "vgg11-cifar", marks=pytest.mark.slow),
     ("channel", "lenet5"), ("channel", "resnet20-cifar"), ("channel", "squeezenet1_1"),

@@ -54,7 +54,8 @@ class Method:
         weights, notes = self.fit(module, ranks, options)
         rel = notes.pop("rel_error")
         w = module.weight
-        chain = self.skeleton(module, ranks, device=w.device, dtype=w.dtype)
+        # built on the meta device (no wasted random init), then given real, empty storage
+        chain = self.skeleton(module, ranks, device="meta", dtype=w.dtype).to_empty(device=w.device)
         convs = [m for m in chain if isinstance(m, (nn.Conv2d, nn.Linear))]
         with torch.no_grad():
             for layer, tensor in zip(convs, weights, strict=True):
