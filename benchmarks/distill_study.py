@@ -147,7 +147,7 @@ def part_pruning(args, data) -> dict:
         a = copy.deepcopy(pruned)
         fit(a, data.train, cfg, progress=False)
         b = copy.deepcopy(pruned)
-        fit(b, data.train, cfg, build_hooks({"method": "kd", "temperature": 4.0, "alpha": 0.9}, b, dense),
+        fit(b, data.train, cfg, build_hooks({"method": "kd", "temperature": 4.0, "alpha": args.kd_alpha}, b, dense),
             progress=False)
         ce.append(evaluate(a, data.test))
         kd.append(evaluate(b, data.test))
@@ -158,7 +158,7 @@ def part_pruning(args, data) -> dict:
           f"KD - CE = {statistics.mean(diff):+.2f} ± {_std(diff):.2f} points")
     return {"dense_accuracy": dense_acc, "dense_macs": dense_macs, "pruned_macs": pruned_macs,
             "pruned_accuracy_before_finetune": pruned_acc, "finetune_ce": _stats(ce), "finetune_kd": _stats(kd),
-            "kd_minus_ce": _stats(diff), "finetune_epochs": args.prune_epochs}
+            "kd_minus_ce": _stats(diff), "finetune_epochs": args.prune_epochs, "kd_alpha": args.kd_alpha}
 
 
 def _std(v: list[float]) -> float:
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--prune-teacher-epochs", type=int, default=6, help="dense resnet20 epochs (part 2)")
     parser.add_argument("--prune-epochs", type=int, default=3, help="fine-tune epochs after pruning (part 2)")
+    parser.add_argument("--kd-alpha", type=float, default=0.9, help="KD weight of the pruned fine-tune (part 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/distill_study")
     args = parser.parse_args()
