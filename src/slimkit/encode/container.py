@@ -38,8 +38,10 @@ from slimkit.exceptions import ConfigError, CorruptFileError
 
 MAGIC = b"SLIM"
 VERSION = 1
-KIND_META, KIND_RAW, KIND_SHARED = 0, 1, 2
+KIND_META, KIND_RAW, KIND_SHARED, KIND_PACKED = 0, 1, 2, 3
 FLAG_MASK, FLAG_SHARED_BUFFERS = 1, 2
+PACKED_UNIFORM, PACKED_BINARY = 0, 1  # KIND_PACKED sub-kinds
+GRID_BUFFERS = ("w_scale", "w_zero")  # rebuilt from a uniform PACKED record
 DERIVED = ("weight_mask", "weight_codebook", "weight_index")
 
 
@@ -170,6 +172,82 @@ def _shared_payload(module: nn.Module, flags: int, formats: tuple[str, ...]) -> 
     return w.getvalue(), layout, int((index >= 0).sum())
 
 
+def _packed_kind(module: nn.Module | None) -> int | None:
+    """PACKED_UNIFORM / PACKED_BINARY for quantized / binary layers (their weight is stored packed), else None."""
+    if module is None:
+        return None
+    from slimkit.quantize.binary import BINARY_LAYERS
+    from slimkit.quantize.fake import QUANT_LAYERS
+
+    if isinstance(module, QUANT_LAYERS):
+        return PACKED_UNIFORM
+    if isinstance(module, BINARY_LAYERS):
+        return PACKED_BINARY
+    return None
+
+
+def _packed_payload(module: nn.Module, sub: int) -> tuple[bytes, int]:
+    """(payload, bits) of a bit-packed weight: integer codes of a uniform grid, or 1-bit signs + alpha."""
+    from slimkit.quantize.packing import pack_bits, storage_bits, to_unsigned
+
+    w = _Writer()
+    if sub == PACKED_UNIFORM:
+        q, scale, zero = module.quantized_weight()
+        bits, signed = storage_bits(module.bits), bool(module.symmetric)
+        codes = q.numpy()
+        codes = to_unsigned(codes, bits) if signed else codes.astype(np.uint8)
+        scale = scale.detach().float().reshape(-1).numpy()
+        zero = zero.detach().to(torch.int32).reshape(-1).numpy()
+        scalar = module.w_scale.dim() == 0
+    else:
+        weight = module.weight.detach()
+        codes = (weight >= 0).to(torch.uint8).numpy()  # 1 = +1 (sign(0) = +1), 0 = -1
+        bits, signed, scalar = 1, False, False
+        scale = module.alpha().detach().float().numpy()
+        zero = np.zeros(0, np.int32)
+    w.u8(sub)
+    w.u8(bits)
+    w.u8(int(signed) | (2 if scalar else 0))
+    w.u8(codes.ndim)
+    for d in codes.shape:
+        w.u32(d)
+    w.u32(scale.size)
+    w.raw(scale.astype("<f4").tobytes())
+    w.u32(zero.size)
+    w.raw(zero.astype("<i4").tobytes())
+    w.blob(pack_bits(codes, bits))
+    return w.getvalue(), bits
+
+
+def _decode_packed(payload: bytes, what: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The state-dict entries of a PACKED record: the weight (+ ``w_scale``/``w_zero`` for a uniform grid)."""
+    from slimkit.quantize.packing import from_unsigned, unpack_bits
+
+    r = _Reader(payload, what)
+    sub, bits, flags = r.u8(), r.u8(), r.u8()
+    if sub not in (PACKED_UNIFORM, PACKED_BINARY) or bits not in (1, 2, 4, 8):
+        raise CorruptFileError(f"{what}: unknown packed sub-kind {sub} or width {bits}")
+    shape = tuple(r.u32() for _ in range(r.u8()))
+    scale = torch.from_numpy(np.frombuffer(r.take(4 * r.u32()), dtype="<f4").astype(np.float32))
+    zero = torch.from_numpy(np.frombuffer(r.take(4 * r.u32()), dtype="<i4").astype(np.int32))
+    count = int(np.prod(shape)) if shape else 1
+    try:
+        codes = unpack_bits(r.blob(), bits, count).reshape(shape)
+    except CorruptFileError as err:
+        raise CorruptFileError(f"{what}: {err}") from None
+    per_channel = (-1,) + (1,) * (len(shape) - 1)
+    if sub == PACKED_BINARY:
+        signs = torch.from_numpy(codes.astype(np.float32) * 2 - 1)
+        return {prefix + "weight": signs * scale.reshape(per_channel)}
+    q = torch.from_numpy((from_unsigned(codes, bits) if flags & 1 else codes).astype(np.int32))
+    if flags & 2:  # per-tensor grid: scalar buffers
+        scale, zero = scale.reshape(()), zero.reshape(())
+        weight = ((q - zero) * scale).float()
+    else:
+        weight = ((q - zero.reshape(per_channel)) * scale.reshape(per_channel)).float()
+    return {prefix + "weight": weight, prefix + "w_scale": scale, prefix + "w_zero": zero}
+
+
 def _meta(model: nn.Module) -> bytes:
     from slimkit.manifest import module_manifest
     from slimkit.models import arch_of
@@ -191,13 +269,21 @@ def encode_model(model: nn.Module, formats: tuple[str, ...] = FORMATS) -> tuple[
         if leaf in DERIVED and module is not None and leaf != "weight" and (
             "weight_codebook" in module._buffers or leaf == "weight_mask"):
             skip.add(key)
+        if leaf in GRID_BUFFERS and _packed_kind(module) == PACKED_UNIFORM:
+            skip.add(key)
     for key, tensor in state.items():
         if key in skip:
             continue
         owner, _, leaf = key.rpartition(".")
         module = modules.get(owner)
         has_mask = module is not None and "weight_mask" in module._buffers
-        if leaf == "weight" and module is not None and "weight_codebook" in module._buffers:
+        packed = _packed_kind(module) if leaf == "weight" else None
+        if packed is not None:
+            payload, bits = _packed_payload(module, packed)
+            record = _record(KIND_PACKED, key, payload)
+            infos.append(TensorInfo(key, "packed", "binary" if packed == PACKED_BINARY else f"int{bits}",
+                                    tensor.numel(), int((tensor != 0).sum()), float(bits), 0.0, 0, len(record)))
+        elif leaf == "weight" and module is not None and "weight_codebook" in module._buffers:
             flags = FLAG_SHARED_BUFFERS | (FLAG_MASK if has_mask else 0)
             payload, layout, nonzeros = _shared_payload(module, flags, formats)
             record = _record(KIND_SHARED, key, payload)
@@ -344,6 +430,8 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
             state[name] = tensor
             if flags & FLAG_MASK:
                 state[prefix + "weight_mask"] = (tensor != 0).to(tensor.dtype)
+        elif kind == KIND_PACKED:
+            state.update(_decode_packed(payload, what, prefix))
         elif kind == KIND_SHARED:
             codebook, index, flags = _decode_shared(payload, what)
             weight = np.where(index >= 0, codebook[np.clip(index, 0, None)], 0).astype(np.float32)

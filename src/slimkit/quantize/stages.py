@@ -11,9 +11,10 @@ the stage's, the reason is in ``details.engine_reason``.
 from __future__ import annotations
 
 import copy
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
@@ -24,10 +25,41 @@ from slimkit.train import StepInfo, TrainHooks
 
 
 class Int8StageConfig(QuantConfig):
-    """QuantConfig plus deployment: engines to try and the accuracy target."""
+    """QuantConfig plus deployment (engines to try, the accuracy target) and automatic widths.
 
+    ``bits: auto`` measures each layer's sensitivity (accuracy drop when only its weights are
+    quantized at each of ``auto_bits``, on ``sensitivity_samples`` training samples) and picks
+    widths greedily so that the stored model fits ``size_budget_bytes`` or the stage's input
+    fp32 bytes / ``size_ratio`` (exactly one of the two). Layers matched by ``overrides`` stay
+    pinned. ``sensitivity: true`` adds the table without choosing widths.
+    """
+
+    bits: Annotated[int, Field(ge=2, le=8)] | Literal["auto"] = Field(8, description="weight bits, or auto")
     engines: tuple[str, ...] = ("onnxruntime", "torch")
     max_drop: float = Field(1.0, ge=0, description="accuracy target: float accuracy minus this many points")
+    sensitivity: bool = False
+    auto_bits: tuple[int, ...] = (8, 4, 2)
+    size_budget_bytes: int | None = Field(None, gt=0)
+    size_ratio: float | None = Field(None, gt=1)
+    sensitivity_samples: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check_auto(self):
+        if any(not 2 <= b <= 8 for b in self.auto_bits) or not self.auto_bits:
+            raise ValueError(f"auto_bits must be integers in [2, 8], got {list(self.auto_bits)}")
+        budgets = (self.size_budget_bytes is not None) + (self.size_ratio is not None)
+        if self.bits == "auto" and budgets != 1:
+            raise ValueError("bits: auto needs exactly one of size_budget_bytes or size_ratio")
+        if self.bits != "auto" and budgets:
+            raise ValueError("size_budget_bytes / size_ratio only apply with bits: auto")
+        return self
+
+    def quant_config(self) -> QuantConfig:
+        """The plain QuantConfig (``bits: auto`` becomes the widest of ``auto_bits``)."""
+        fields = self.model_dump(include=set(QuantConfig.model_fields))
+        if fields["bits"] == "auto":
+            fields["bits"] = max(self.auto_bits)
+        return QuantConfig(**fields)
 
 
 class QATStageConfig(Int8StageConfig):
@@ -38,6 +70,69 @@ class QATStageConfig(Int8StageConfig):
 
 def _calibration(ctx: StageContext, config: QuantConfig) -> list[torch.Tensor]:
     return list(calibration_batches(ctx.data.train, config))
+
+
+def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> tuple[QuantConfig, dict]:
+    """Sensitivity table (and, for ``bits: auto``, the chosen widths) -> (QuantConfig to apply, details)."""
+    from torch.utils.data import Subset
+
+    from slimkit.quantize.sensitivity import choose_bits, fold_copy, layer_sensitivity
+    from slimkit.selection import matches
+    from slimkit.train import evaluate
+
+    quant = config.quant_config()
+    if config.bits != "auto" and not config.sensitivity:
+        return quant, {}
+    folded = fold_copy(model) if config.fold_bn else copy.deepcopy(model).eval()
+    train = ctx.data.train
+    subset = Subset(train, range(min(config.sensitivity_samples, len(train))))
+    candidates = config.auto_bits if config.bits == "auto" else tuple(sorted({8, 4, 2, config.bits}, reverse=True))
+    ignore = tuple(config.ignore) + tuple(config.overrides)
+    table = layer_sensitivity(folded, lambda m: evaluate(m, subset), candidates, config.layers, ignore,
+                              config.per_channel, config.symmetric, config.weight_observer)
+    details: dict = {"sensitivity": {n: {str(b): d for b, d in row.items()} for n, row in table.items()},
+                     "sensitivity_on": f"{len(subset)} training samples, one layer's weights quantized at a time"}
+    if config.bits != "auto":
+        return quant, details
+    from slimkit.selection import select_modules
+
+    pinned = select_modules(folded, (nn.Conv2d, nn.Linear), config.layers, config.ignore, what="int8.layers")
+    fixed = {}
+    for name in pinned:
+        for glob, bits in config.overrides.items():
+            if matches(name, (glob,)):
+                fixed[name] = bits
+                break
+    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    budget = config.size_budget_bytes or int(float_bytes / config.size_ratio)
+    plan = choose_bits(folded, table, budget, config.act_bits, config.per_channel, config.symmetric, fixed)
+    details.update(auto_bits={"budget_bytes": budget, "planned_bytes": plan.stored_bytes,
+                              "float_bytes": float_bytes, "predicted_drop": plan.predicted_drop,
+                              "steps": plan.steps})
+    quant = quant.model_copy(update={"overrides": {**plan.overrides(), **config.overrides}})
+    return quant, details
+
+
+def _layer_rows(details: dict) -> list[dict]:
+    """details["layers"] as a list of rows (report.md renders a list of dicts as a table)."""
+    sens = details.get("sensitivity", {})
+    rows = []
+    for name, info in details.get("layers", {}).items():
+        row = {"layer": name, "type": info.get("type"), "bits": info.get("bits"), "act_bits": info.get("act_bits")}
+        for bits, drop in sens.get(name, {}).items():
+            row[f"drop@{bits}b"] = drop
+        rows.append(row)
+    return rows
+
+
+def _write_slim(model: nn.Module, ctx: StageContext, details: dict) -> dict[str, str]:
+    """Store ``model`` bit-packed in the .slim container (stage directory); record its file size."""
+    from slimkit.encode import save
+
+    path = ctx.stage_dir / "model.slim"
+    save(model, path)
+    details["slim_bytes"] = path.stat().st_size
+    return {"model.slim": str(path)}
 
 
 def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, ctx: StageContext,
@@ -55,7 +150,10 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
     details.update(float_accuracy=float_acc, engines=results, engine_reason=reason,
                    fakequant_accuracy=results["torch-fakequant"]["accuracy"])
     chosen = results.get(engine or "", {})
-    artifacts = {}
+    if isinstance(details.get("layers"), dict):
+        details["layer_bits"] = {n: v["bits"] for n, v in details["layers"].items()}
+        details["layers"] = _layer_rows(details)
+    artifacts = _write_slim(qmodel, ctx, details)
     if "onnxruntime-int8" in results:
         artifacts["model.int8.onnx"] = results["onnxruntime-int8"]["path"]
     return StageOutput(
@@ -70,8 +168,9 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
 def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> StageOutput:
     """Post-training uniform quantization (int8 default), run for real in ONNX Runtime / PyTorch x86."""
     float_model = copy.deepcopy(model).eval()
-    quant = QuantConfig(**config.model_dump(exclude={"engines", "max_drop"}))
+    quant, planned = _plan_bits(model, config, ctx)
     report = quantize_(model, quant, calibration=_calibration(ctx, quant))
+    report.update(planned)
     return _deploy(model, float_model, config, ctx, report)
 
 
@@ -79,8 +178,9 @@ def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
 def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> StageOutput:
     """Quantization-aware training: PTQ start, fine-tune with fake quant (STE), then deploy as int8."""
     float_model = copy.deepcopy(model).eval()
-    quant = QuantConfig(**config.model_dump(exclude={"engines", "max_drop", "freeze_after"}))
+    quant, planned = _plan_bits(model, config, ctx)
     report = quantize_(model, quant, calibration=_calibration(ctx, quant))
+    report.update(planned)
     report["ptq_accuracy"] = ctx.evaluate(model) if ctx.evaluate else None
 
     def freeze_late(m: nn.Module, info: StepInfo) -> None:
@@ -125,8 +225,9 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
                 engine, acc, latency = "xnor-kernel", kernel_acc, kernel_ms
         details["engine_reason"] = f"{engine}: faster of torch float simulation and the bit-packed kernel"
         details["binary_weights"] = sum(m.weight.numel() for m in binary_layers(trained).values())
+        artifacts = _write_slim(trained, ctx, details)
         return StageOutput(model=trained, details=details, stored_bytes=binary_stored_bytes(trained), accuracy=acc,
-                           engine=engine, latency_ms=latency, phase="simulated")
+                           engine=engine, latency_ms=latency, phase="simulated", artifacts=artifacts)
 
     return StageOutput(model=model, details=report, stored_bytes=binary_stored_bytes(model), phase="simulated",
                        finalize=finalize)

@@ -1,0 +1,247 @@
+"""Quantization stages through the runner (int8, qat, binarize), sensitivity / auto bits, and
+bit-packed storage of quantized and binary layers in the .slim container."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from slimkit.encode import load, save
+from slimkit.encode.container import read_state
+from slimkit.exceptions import ConfigError
+from slimkit.quantize import binarize_, quantize_
+from slimkit.quantize.fake import quant_layers
+from slimkit.quantize.packing import pack_bits, packed_nbytes, unpack_bits
+from slimkit.quantize.sensitivity import choose_bits, fold_copy, layer_sensitivity
+from slimkit.quantize.stages import Int8StageConfig
+
+
+# --- runner ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline_path(tmp_path_factory):
+    """A LeNet-5 trained for one epoch on digits, saved once for every runner test."""
+    from slimkit.data import load_data
+    from slimkit.manifest import save_model
+    from slimkit.models import create_model
+    from slimkit.train import TrainConfig, fit
+
+    data = load_data("digits")
+    model = create_model("lenet5", num_classes=data.num_classes, in_channels=data.in_channels)
+    fit(model, data.train, TrainConfig(epochs=1, lr=0.01, seed=0), progress=False)
+    path = tmp_path_factory.mktemp("baseline") / "lenet5.pt"
+    save_model(model.eval(), path)
+    return str(path)
+
+
+def _run(tmp_path, baseline, stage: dict):
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": "q-test", "model": "lenet5", "data": "digits", "baseline": baseline,
+                           "train": {"epochs": 1, "lr": 0.01}, "latency_runs": 3, "stages": [stage]})
+    report = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda _m: None)
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["stages"][-1]["name"] == report["stages"][-1][
+        "name"]
+    return report["stages"][0], report["stages"][-1]
+
+
+def test_int8_stage_reports_deployed_integer_model(tmp_path, baseline_path):
+    base, row = _run(tmp_path, baseline_path, {"name": "int8", "int8": {"bits": 8, "engines": ["onnxruntime"],
+                                                                          "max_drop": 100}})
+    assert row["engine"] == "onnxruntime-int8"
+    assert row["accuracy"] == pytest.approx(row["details"]["engines"]["onnxruntime-int8"]["accuracy"], abs=1e-3)
+    assert abs(row["accuracy"] - base["accuracy"]) < 3.0
+    assert row["bytes_counted"] == "stored artifact" and 3.5 < row["ratio"] < 4.1
+    onnx_path = row["artifacts"]["model.int8.onnx"]
+    assert onnx_path.endswith("model.int8.onnx") and (tmp_path / "run").exists()
+    import os
+
+    assert os.path.isfile(onnx_path)
+    slim = row["artifacts"]["model.slim"]
+    assert os.path.getsize(slim) == row["details"]["slim_bytes"]
+    assert row["details"]["engines"]["onnxruntime-int8"]["agreement_with_fakequant"] >= 0.99
+    assert [r["bits"] for r in row["details"]["layers"]] == [8, 8, 8, 8]
+    assert "## int8: per layer" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_qat_stage_finetunes_then_deploys(tmp_path, baseline_path):
+    _, row = _run(tmp_path, baseline_path, {"name": "qat4", "qat": {"bits": 4, "engines": ["onnxruntime"],
+                                                                      "max_drop": 100},
+                                            "finetune": {"epochs": 1, "lr": 0.002}})
+    assert row["engine"] == "onnxruntime-int8" and row["phase"] == "simulated"
+    assert row["details"]["ptq_accuracy"] is not None
+    assert all(r["bits"] == 4 for r in row["details"]["layers"])
+    assert row["ratio"] > 6  # 4-bit codes: about 8x minus scales and biases
+    assert (tmp_path / "run" / "stages" / "01" / "model.int8.onnx").is_file()
+
+
+def test_binarize_stage_bwn(tmp_path, baseline_path):
+    _, row = _run(tmp_path, baseline_path, {"name": "bwn", "binarize": {"mode": "bwn"},
+                                            "finetune": {"epochs": 1, "optimizer": "adam", "lr": 0.001}})
+    assert row["engine"] == "torch" and row["accuracy"] == pytest.approx(row["details"]["simulated_accuracy"])
+    assert row["bytes"] < row["details"]["slim_bytes"] + 200 and row["ratio"] > 5
+    assert set(row["details"]["layers"]) == {"conv2", "fc1"}
+
+
+def test_int8_auto_bits_meets_budget_and_reports_sensitivity(tmp_path, baseline_path):
+    _, row = _run(tmp_path, baseline_path, {"name": "auto", "int8": {
+        "bits": "auto", "size_ratio": 6, "engines": ["onnxruntime"], "max_drop": 100, "sensitivity_samples": 128,
+        "overrides": {"conv1": 8}}})
+    details = row["details"]
+    assert details["auto_bits"]["planned_bytes"] <= details["auto_bits"]["budget_bytes"]
+    assert set(details["sensitivity"]) == {"conv2", "fc1", "fc2"}  # conv1 pinned by the override
+    bits = details["layer_bits"]
+    assert bits["conv1"] == 8 and min(bits.values()) < 8
+    assert "drop@4b" in details["layers"][1]
+    # the planned size is the stored size (packed codes + scales + biases + activation grids)
+    assert row["bytes"] == details["auto_bits"]["planned_bytes"]
+
+
+# --- configs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("settings,needle", [
+    ({"bits": 0}, "bits"), ({"bits": 9}, "bits"), ({"bits": "auto"}, "exactly one"),
+    ({"bits": "auto", "size_ratio": 4, "size_budget_bytes": 10}, "exactly one"),
+    ({"bits": 8, "size_ratio": 4}, "only apply"), ({"bits": "auto", "size_ratio": 4, "auto_bits": [8, 1]}, "auto_bits"),
+    ({"observer": "kl"}, "observer"),
+])
+def test_bad_int8_configs_fail_with_one_line(settings, needle):
+    with pytest.raises(ConfigError) as err:
+        Int8StageConfig.coerce(settings, where="stages[0].int8")
+    message = str(err.value)
+    assert needle in message and "stages[0].int8" in message and "\n" not in message
+
+
+# --- sensitivity -------------------------------------------------------------------------
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+
+
+def _agreement(x):
+    def evaluate(model, reference={}):  # noqa: B006 - caches the float predictions of the first call
+        pred = model(x).argmax(1)
+        if "y" not in reference:
+            reference["y"] = pred
+        return 100.0 * float((pred == reference["y"]).float().mean())
+
+    return evaluate
+
+
+def test_sensitivity_table_leaves_model_unchanged_and_grows_with_fewer_bits():
+    model = fold_copy(_net())
+    x = torch.randn(256, 1, 8, 8)
+    before = model(x)
+    table = layer_sensitivity(model, _agreement(x), candidates=(8, 4, 2))
+    assert set(table) == {"0", "3", "6", "8"} and all(set(r) == {8, 4, 2} for r in table.values())
+    assert torch.equal(model(x), before) and not quant_layers(model)
+    assert all(abs(r[8]) <= 2.0 for r in table.values())
+    assert sum(r[2] for r in table.values()) >= sum(r[8] for r in table.values())
+
+
+@pytest.mark.parametrize("budget_fraction", [0.9, 0.6, 0.35])
+def test_choose_bits_meets_the_budget_exactly_as_stored(budget_fraction):
+    model = fold_copy(_net())
+    x = torch.randn(64, 1, 8, 8)
+    table = layer_sensitivity(model, _agreement(x), candidates=(8, 4, 2))
+    at8 = choose_bits(model, table, budget_bytes=10**9)
+    assert set(at8.bits.values()) == {8} and not at8.steps
+    budget = int(at8.stored_bytes * budget_fraction)
+    plan = choose_bits(model, table, budget_bytes=budget)
+    assert plan.stored_bytes <= budget
+    from slimkit.quantize.uniform import stored_bytes
+
+    quantize_(model, {"bits": 8, "overrides": plan.overrides()}, calibration=[x])
+    assert stored_bytes(model) == plan.stored_bytes
+    assert {n: m.bits for n, m in quant_layers(model).items()} == plan.bits
+
+
+def test_choose_bits_lowers_the_least_sensitive_layer_first():
+    model = fold_copy(_net())
+    table = {"0": {8: 0.0, 4: 5.0, 2: 50.0}, "3": {8: 0.0, 4: 5.0, 2: 50.0},
+             "6": {8: 0.0, 4: 0.1, 2: 1.0}, "8": {8: 0.0, 4: 9.0, 2: 90.0}}
+    full = choose_bits(model, table, budget_bytes=10**9).stored_bytes
+    plan = choose_bits(model, table, budget_bytes=full - 100)
+    assert plan.bits == {"0": 8, "3": 8, "6": 4, "8": 8} and len(plan.steps) == 1
+
+
+def test_choose_bits_unreachable_budget_is_one_clear_line():
+    model = fold_copy(_net())
+    table = {"6": {8: 0.0, 2: 1.0}}
+    with pytest.raises(ConfigError, match="cannot be met") as err:
+        choose_bits(model, table, budget_bytes=100)
+    assert "\n" not in str(err.value)
+
+
+# --- bit-packed storage in the .slim container ---------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_pack_unpack_round_trip(bits):
+    rng = np.random.default_rng(bits)
+    for count in (1, 7, 64, 1001):
+        codes = rng.integers(0, 2**bits, size=count).astype(np.uint8)
+        blob = pack_bits(codes, bits)
+        assert len(blob) == packed_nbytes(count, bits) == (count * bits + 7) // 8
+        assert np.array_equal(unpack_bits(blob, bits, count), codes)
+
+
+def _small():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 16, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel,symmetric", [(True, True), (False, True), (True, False)])
+def test_quantized_model_round_trips_through_the_container(tmp_path, bits, per_channel, symmetric):
+    model = _small()
+    x = torch.randn(16, 1, 8, 8)
+    quantize_(model, {"bits": bits, "per_channel": per_channel, "symmetric": symmetric,
+                      "overrides": {"0": 8}}, calibration=[x])
+    model.eval()
+    infos = save(model, tmp_path / "q.slim")
+    packed = {i.name: i for i in infos if i.kind == "packed"}
+    assert set(packed) == {"0.weight", "3.weight", "6.weight", "8.weight"}
+    assert packed["6.weight"].format == f"int{bits}"
+    weights = model[6].weight.numel()
+    # codes take bits/8 bytes per weight (+ scales, zero points and record framing)
+    assert weights * bits // 8 < packed["6.weight"].bytes < weights * bits // 8 + 9 * 32 + 64
+    loaded = load(tmp_path / "q.slim", model=_small())
+    assert type(loaded[6]).__name__ == "QuantLinear" and loaded[6].bits == bits
+    assert torch.equal(loaded(x), model(x))
+    for name, layer in quant_layers(model).items():
+        q0, s0, z0 = layer.quantized_weight()
+        q1, s1, z1 = quant_layers(loaded)[name].quantized_weight()
+        assert torch.equal(q0, q1) and torch.equal(s0, s1) and torch.equal(z0, z1)
+
+
+@pytest.mark.parametrize("mode", ["bwn", "xnor"])
+def test_binary_model_round_trips_at_one_bit(tmp_path, mode):
+    model = _small()
+    binarize_(model, {"mode": mode})
+    model.eval()
+    x = torch.randn(16, 1, 8, 8)
+    infos = save(model, tmp_path / "b.slim")
+    packed = {i.name: i for i in infos if i.kind == "packed"}
+    assert set(packed) == {"3.weight", "6.weight"} and all(i.format == "binary" for i in packed.values())
+    weights = model[6].weight.numel()
+    assert weights // 8 <= packed["6.weight"].bytes <= weights // 8 + 4 * 32 + 64
+    loaded = load(tmp_path / "b.slim", model=_small())
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-6, atol=1e-6)
+    for name in ("3", "6"):
+        assert torch.equal(torch.sign(loaded.get_submodule(name).weight), torch.where(
+            model.get_submodule(name).weight >= 0, 1.0, -1.0))
+
+
+def test_packed_record_damage_is_detected(tmp_path):
+    model = _small()
+    quantize_(model, {"bits": 4}, calibration=[torch.randn(4, 1, 8, 8)])
+    save(model, tmp_path / "q.slim")
+    data = bytearray((tmp_path / "q.slim").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bad.slim").write_bytes(bytes(data))
+    from slimkit.exceptions import CorruptFileError
+
+    with pytest.raises(CorruptFileError, match="CRC"):
+        read_state(tmp_path / "bad.slim")
