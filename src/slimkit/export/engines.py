@@ -43,7 +43,18 @@ def torch_x86_int8(float_model: nn.Module, calibration: list[torch.Tensor], exam
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+        try:
+            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
+        except Exception:  # data-dependent control flow (e.g. LeNet-5's FitSize): keep such
+            # parameter-free custom modules as opaque leaves (they run in float between int8 layers)
+            from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+            opaque = sorted({type(m) for m in model.modules() if m is not model and next(m.parameters(), None) is None
+                             and not type(m).__module__.startswith("torch.")}, key=lambda c: c.__name__)
+            if not opaque:
+                raise
+            custom = PrepareCustomConfig().set_non_traceable_module_classes(opaque)
+            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,), prepare_custom_config=custom)
         with torch.no_grad():
             for batch in calibration:
                 prepared(batch)
