@@ -12,6 +12,8 @@ Record kinds: ``META`` (zlib-compressed JSON: architecture reference and module 
 :mod:`slimkit.encode.sparse`, Huffman code lengths and bitstreams). The derived buffers of
 a pruned/shared layer (``weight_mask``, ``weight_codebook``, ``weight_index``) are not
 stored; a flag says which to rebuild, and they are rebuilt exactly from the indices.
+``PACKED`` holds the weight of a quantized or binary layer as bit-packed integer codes
+(1, 2, 4 or 8 bits each) plus its scales and zero points (see docs/slim-format.md).
 
 :func:`save` writes atomically; :func:`load` rebuilds the model (zoo models by name,
 others from ``model=skeleton``) and restores every stored tensor bit-exactly. A truncated
