@@ -72,6 +72,12 @@ def _torchvision_builder(tv_name: str) -> Any:
         from torchvision import models as tvm  # imported lazily: keeps `import slimkit.models` light
 
         model = tvm.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+        if tv_name.startswith("mobilenet_v3"):
+            # torchvision's BN momentum 0.01 suits ImageNet-length schedules; after the few hundred steps
+            # of a CPU recipe the running statistics still lag the weights and eval accuracy is at chance
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = 0.1
         return adapt_in_channels(model, in_channels)
 
     build.__name__ = tv_name
