@@ -33,6 +33,9 @@ def _fold_weight_quantizers(path: Path) -> int:
         if node.op_type == "Constant" and node.attribute:
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
             const_nodes[node.output[0]] = node
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            # the exporter deduplicates equal initializers (e.g. all-zero zero points) behind Identity
+            consts[node.output[0]] = consts[node.input[0]]
     folded, remove = 0, []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in consts:

@@ -1,0 +1,135 @@
+"""Quantization targets of issue 6 on digits, in one run: prints the tables of docs/quantization.md.
+
+For each model (trained here for ``--epochs``): fp32 accuracy; per-channel int8 PTQ as executed
+by ONNX Runtime (and its fake-quant simulation) with the stored-weight ratio; the per-tensor vs
+per-channel comparison; 4-bit weights after QAT (``--qat-epochs``); BWN (lenet5).
+
+    .venv/bin/python benchmarks/quantization_targets.py                       # lenet5 only, fast
+    .venv/bin/python benchmarks/quantization_targets.py --models lenet5 resnet20-cifar mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+
+
+def ptq(model, data, per_channel: bool, bits: int = 8, out_dir: str = "/tmp") -> dict:
+    from slimkit.export.engines import compare_engines
+    from slimkit.quantize import quantize_
+    from slimkit.quantize.uniform import stored_bytes
+
+    q = copy.deepcopy(model).eval()
+    cfg = {"bits": bits, "per_channel": per_channel}
+    quantize_(q, cfg, calibration=data.train)
+    example = torch.zeros(1, *data.input_shape)
+    res = compare_engines(q, model, data.test, example, out_dir, engines=("onnxruntime",))
+    return {"fakequant": res["torch-fakequant"]["accuracy"], "ort_int8": res["onnxruntime-int8"]["accuracy"],
+            "agreement": res["onnxruntime-int8"]["agreement_with_fakequant"], "bytes": stored_bytes(q),
+            "ort_fp32_ms": res["onnxruntime-fp32"]["latency_ms"], "ort_int8_ms": res["onnxruntime-int8"]["latency_ms"]}
+
+
+def qat4(model, data, epochs: int, lr: float) -> dict:
+    from slimkit.quantize import quantize_
+    from slimkit.quantize.fake import freeze_
+    from slimkit.quantize.uniform import stored_bytes
+    from slimkit.train import TrainConfig, TrainHooks, evaluate, fit
+
+    q = copy.deepcopy(model)
+    quantize_(q, {"bits": 4, "weight_observer": "mse"}, calibration=data.train)
+    ptq_acc = evaluate(q, data.test)
+
+    def late(m, info):
+        if info.step >= 0.5 * info.total_steps:
+            freeze_(m)
+
+    fit(q, data.train, TrainConfig(epochs=epochs, lr=lr, seed=0), TrainHooks(after_step=(late,)), progress=False)
+    return {"ptq4": ptq_acc, "qat4": evaluate(q.eval(), data.test), "bytes": stored_bytes(q)}
+
+
+def bwn(model, data, epochs: int) -> dict:
+    from slimkit.quantize import binarize_
+    from slimkit.quantize.binary import binary_stored_bytes
+    from slimkit.train import TrainConfig, evaluate, fit
+
+    b = copy.deepcopy(model)
+    binarize_(b, {"mode": "bwn"})
+    fit(b, data.train, TrainConfig(epochs=epochs, optimizer="adam", lr=1e-3, weight_decay=0.0, seed=0),
+        progress=False)
+    return {"bwn": evaluate(b.eval(), data.test), "bytes": binary_stored_bytes(b)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lenet5"])
+    parser.add_argument("--epochs", type=int, default=8, help="baseline training epochs")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--qat-epochs", type=int, default=3)
+    parser.add_argument("--bwn-epochs", type=int, default=6)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["qat", "bwn", "per-tensor"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from slimkit.data import load_data
+    from slimkit.models import create_model
+    from slimkit.train import TrainConfig, evaluate, fit
+
+    data = load_data("digits")
+    rows, tensor_rows, qat_rows, bwn_rows = [], [], [], []
+    out = tempfile.mkdtemp(prefix="qtargets-")
+    for name in args.models:
+        start = time.perf_counter()
+        model = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels)
+        fit(model, data.train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=0), progress=False)
+        model.eval()
+        fp32 = evaluate(model, data.test)
+        fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        pc = ptq(model, data, True, out_dir=out)
+        rows.append((name, fp32, pc["fakequant"], pc["ort_int8"], pc["ort_int8"] - fp32, fp32_bytes / pc["bytes"],
+                     pc["agreement"], pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
+        if "per-tensor" not in args.skip:
+            pt = ptq(model, data, False, out_dir=out)
+            tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], pc["fakequant"], pc["ort_int8"]))
+        if "qat" not in args.skip:
+            r = qat4(model, data, args.qat_epochs, args.lr / 5)
+            qat_rows.append((name, fp32, r["ptq4"], r["qat4"], r["qat4"] - fp32, fp32_bytes / r["bytes"]))
+        if "bwn" not in args.skip and name == "lenet5":
+            r = bwn(model, data, args.bwn_epochs)
+            bwn_rows.append((name, fp32, r["bwn"], r["bwn"] - fp32, fp32_bytes / r["bytes"]))
+        print(f"# {name} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+    print(f"\nPer-channel int8 PTQ (minmax, 8 calibration batches), digits test, baseline {args.epochs} epochs")
+    print("| model | fp32 % | int8 fake-quant % | int8 ONNX Runtime % | drop (points) | stored weights | "
+          "ORT int8 vs fakequant agreement | ORT fp32/int8 latency |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | {r[5]:.2f}x smaller | "
+              f"{100 * r[6]:.1f} % | {r[7]:.2f}x |")
+    if tensor_rows:
+        print("\nPer-tensor vs per-channel int8 weights")
+        print("| model | fp32 % | per-tensor fake-quant % | per-tensor ORT % | per-channel fake-quant % | "
+              "per-channel ORT % |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in tensor_rows:
+            print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
+    if qat_rows:
+        print(f"\n4-bit weights (MSE grid, per channel), 8-bit activations: PTQ then QAT {args.qat_epochs} epochs")
+        print("| model | fp32 % | 4-bit PTQ % | 4-bit QAT % | QAT drop | stored weights |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in qat_rows:
+            print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | {r[5]:.2f}x smaller |")
+    if bwn_rows:
+        print(f"\nBWN (first/last layers fp32), Adam fine-tune {args.bwn_epochs} epochs")
+        print("| model | fp32 % | BWN % | drop | stored total |")
+        print("|---|---:|---:|---:|---:|")
+        for r in bwn_rows:
+            print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:+.2f} | {r[4]:.2f}x smaller |")
+
+
+if __name__ == "__main__":
+    main()
