@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from slimkit.data import load_data
 from slimkit.distill.methods import build_hooks
@@ -125,40 +126,201 @@ def _plot(table: dict, teacher_acc: float, path: Path, args) -> None:
     print(f"plot: {path}")
 
 
+def _pruned_units(model: nn.Module, x: torch.Tensor, config: dict) -> tuple:
+    """The channel units ``structured_(model, x, config)`` removes (same selection code, no surgery)."""
+    from slimkit.prune.criteria import CRITERIA, ScoreContext
+    from slimkit.prune.graph import build_graph
+    from slimkit.prune.structured import StructuredConfig, _candidates, _macs, _params, _solve_ratio, select_units
+
+    cfg = StructuredConfig.coerce(config)
+    graph = build_graph(model, x)
+    scores = CRITERIA.get(cfg.criterion)(model, graph, ScoreContext(x, None, cfg.seed))
+    groups = _candidates(graph, cfg, model, scores, {})
+    ratio = cfg.ratio
+    if cfg.target != "channels":
+        ratio = _solve_ratio(model, x, graph, groups, scores, cfg, _params(model), _macs(model, x))
+    return graph, select_units(groups, scores, ratio, cfg)
+
+
+@torch.no_grad()
+def masked_copy(model: nn.Module, x: torch.Tensor, config: dict) -> nn.Module:
+    """A copy of ``model`` whose channels ``structured_`` would remove are zeroed instead (masks, no surgery).
+
+    Zeroing a channel's producing filter and its BatchNorm scale and shift makes its output
+    exactly 0 everywhere it is read (residual additions included), so the masked copy must
+    compute the same function as the physically pruned model.
+    """
+    from slimkit.prune.surgery import removals_for
+
+    graph, units = _pruned_units(model, x, config)
+    masked = copy.deepcopy(model)
+    modules = dict(masked.named_modules())
+    for (name, role), idx in removals_for(graph, units).items():
+        if role == "out":
+            module, idx = modules[name], torch.as_tensor(idx)
+            module.weight[idx] = 0
+            if getattr(module, "bias", None) is not None:
+                module.bias[idx] = 0
+    return masked
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, dataset, batches: int = 20, batch_size: int = 64) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean/var on ``batches`` training batches (no weight change).
+
+    Removing input channels of a conv shifts the statistics of its output, but the BN after
+    it keeps the running statistics of the dense model: in eval mode the pruned network then
+    normalises with the wrong mean/var, and the error compounds through 19 layers.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    for i, (inputs, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(inputs)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+def dense_teacher(args, data) -> tuple[nn.Module, float]:
+    """The dense resnet20-cifar: loaded from ``--teacher`` when the file exists, else trained and saved there."""
+    from slimkit.manifest import load_model, save_model
+
+    path = Path(args.teacher or Path(args.out) / "resnet20_dense.pt")
+    if path.exists():
+        dense = load_model(path)
+        print(f"dense teacher loaded from {path}")
+    else:
+        torch.manual_seed(0)
+        dense = create_model("resnet20-cifar", num_classes=data.num_classes, in_channels=data.in_channels)
+        fit(dense, data.train, TrainConfig(epochs=args.prune_teacher_epochs, lr=0.05), progress=False)
+        save_model(dense, path, extra={"epochs": args.prune_teacher_epochs})
+        print(f"dense teacher trained {args.prune_teacher_epochs} epochs, saved to {path}")
+    dense.eval()
+    return dense, evaluate(dense, data.test)
+
+
 def part_pruning(args, data) -> dict:
     from slimkit.measure import count_macs
     from slimkit.prune import structured_
 
     x = torch.zeros(1, *data.input_shape)
-    torch.manual_seed(0)
-    dense = create_model("resnet20-cifar", num_classes=data.num_classes, in_channels=data.in_channels)
-    fit(dense, data.train, TrainConfig(epochs=args.prune_teacher_epochs, lr=0.05), progress=False)
-    dense.eval()
-    dense_acc, dense_macs = evaluate(dense, data.test), count_macs(dense, x)
+    dense, dense_acc = dense_teacher(args, data)
+    dense_macs = count_macs(dense, x)
+    keep = 1 - args.prune_ratio
+    prune_cfg = {"target": "macs", "criterion": args.criterion, "scope": args.scope}
+    print(f"resnet20-cifar dense {dense_acc:.2f}% {dense_macs / 1e6:.2f}M MACs")
+
+    # Why is accuracy at chance right after one-shot pruning? Compare the pruned model with
+    # the dense model whose same channels are zeroed by masks, then re-estimate BN statistics.
+    oneshot_cfg = {**prune_cfg, "ratio": args.prune_ratio}
+    oneshot = copy.deepcopy(dense)
+    structured_(oneshot, x, oneshot_cfg)
+    oneshot.eval()
+    masked = masked_copy(dense, x, oneshot_cfg).eval()
+    probe = torch.stack([data.test[i][0] for i in range(min(128, len(data.test)))])
+    with torch.no_grad():
+        max_diff = float((oneshot(probe) - masked(probe)).abs().max())
+    diagnosis = {"oneshot_macs_fraction": count_macs(oneshot, x) / dense_macs,
+                 "oneshot_accuracy": evaluate(oneshot, data.test), "masked_accuracy": evaluate(masked, data.test),
+                 "pruned_vs_masked_max_abs_logit_diff": max_diff,
+                 "oneshot_accuracy_bn_recalibrated": evaluate(recalibrate_bn(oneshot, data.train), data.test)}
+    print(f"one-shot to {100 * diagnosis['oneshot_macs_fraction']:.1f}% MACs: {diagnosis['oneshot_accuracy']:.2f}%; "
+          f"same channels zeroed by masks: {diagnosis['masked_accuracy']:.2f}% (max |logit diff| {max_diff:.2e}); "
+          f"after BN recalibration: {diagnosis['oneshot_accuracy_bn_recalibrated']:.2f}%", flush=True)
+
+    # Iterative pruning: equal MAC reductions per round, BN statistics re-estimated after each
+    # (and optionally a short cross-entropy fine-tune, shared by both arms below).
     pruned = copy.deepcopy(dense)
-    structured_(pruned, x, {"ratio": 0.7, "target": "macs", "criterion": "l1"})
+    per_round = 1 - keep ** (1 / args.prune_rounds)
+    rounds = []
+    for r in range(args.prune_rounds):
+        structured_(pruned, x, {**prune_cfg, "ratio": per_round})
+        recalibrate_bn(pruned, data.train)
+        if args.round_epochs and r < args.prune_rounds - 1:
+            fit(pruned, data.train, TrainConfig(epochs=args.round_epochs, lr=args.prune_lr, seed=100 + r),
+                progress=False)
+        pruned.eval()
+        rounds.append({"macs_fraction": count_macs(pruned, x) / dense_macs, "accuracy": evaluate(pruned, data.test)})
+        row = rounds[-1]
+        print(f"  round {r + 1}: {100 * row['macs_fraction']:.1f}% MACs, {row['accuracy']:.2f}%", flush=True)
     pruned_macs = count_macs(pruned, x)
-    pruned_acc = evaluate(pruned, data.test)
-    print(f"resnet20-cifar dense {dense_acc:.2f}% {dense_macs / 1e6:.2f}M MACs; pruned to "
-          f"{100 * pruned_macs / dense_macs:.1f}% MACs: {pruned_acc:.2f}% before fine-tuning")
-    ce, kd = [], []
+    pruned_acc = rounds[-1]["accuracy"]
+
+    ce: list[float] = []
+    kd: dict[float, list[float]] = {a: [] for a in args.kd_alpha}
     for seed in range(args.seeds):
-        cfg = TrainConfig(epochs=args.prune_epochs, lr=0.01, seed=seed)
+        cfg = TrainConfig(epochs=args.prune_epochs, lr=args.prune_lr, seed=seed)
         a = copy.deepcopy(pruned)
         fit(a, data.train, cfg, progress=False)
-        b = copy.deepcopy(pruned)
-        fit(b, data.train, cfg, build_hooks({"method": "kd", "temperature": 4.0, "alpha": args.kd_alpha}, b, dense),
-            progress=False)
         ce.append(evaluate(a, data.test))
-        kd.append(evaluate(b, data.test))
-        print(f"  seed {seed}: fine-tune CE {ce[-1]:.2f}%  KD {kd[-1]:.2f}%", flush=True)
-    diff = [k - c for k, c in zip(kd, ce)]
-    print(f"fine-tuned at {100 * pruned_macs / dense_macs:.1f}% MACs over {args.seeds} seeds: CE "
-          f"{statistics.mean(ce):.2f} ± {_std(ce):.2f}, KD {statistics.mean(kd):.2f} ± {_std(kd):.2f}, "
-          f"KD - CE = {statistics.mean(diff):+.2f} ± {_std(diff):.2f} points")
-    return {"dense_accuracy": dense_acc, "dense_macs": dense_macs, "pruned_macs": pruned_macs,
-            "pruned_accuracy_before_finetune": pruned_acc, "finetune_ce": _stats(ce), "finetune_kd": _stats(kd),
-            "kd_minus_ce": _stats(diff), "finetune_epochs": args.prune_epochs, "kd_alpha": args.kd_alpha}
+        line = f"  seed {seed}: fine-tune CE {ce[-1]:.2f}%"
+        for alpha in args.kd_alpha:
+            b = copy.deepcopy(pruned)
+            spec = {"method": "kd", "temperature": args.kd_temperature, "alpha": alpha, "options": {"cache": True}}
+            fit(b, data.train, cfg, build_hooks(spec, b, dense), progress=False)
+            kd[alpha].append(evaluate(b, data.test))
+            line += f"  KD(alpha={alpha}) {kd[alpha][-1]:.2f}% ({kd[alpha][-1] - ce[-1]:+.2f})"
+        print(line, flush=True)
+    result = {"dense_accuracy": dense_acc, "dense_macs": dense_macs, "pruned_macs": pruned_macs,
+              "pruned_macs_fraction": pruned_macs / dense_macs, "diagnosis": diagnosis, "rounds": rounds,
+              "pruned_accuracy_before_finetune": pruned_acc, "finetune_ce": _stats(ce), "finetune_kd": {},
+              "kd_minus_ce": {}, "finetune_epochs": args.prune_epochs, "finetune_lr": args.prune_lr,
+              "kd_temperature": args.kd_temperature, "criterion": args.criterion, "scope": args.scope,
+              "prune_rounds": args.prune_rounds, "round_epochs": args.round_epochs, "seeds": args.seeds}
+    print(f"\n| fine-tune ({args.prune_epochs} epochs, {args.seeds} seeds) | accuracy %, mean ± std | runs |")
+    print("|---|---|---|")
+    print(f"| cross-entropy | {statistics.mean(ce):.2f} ± {_std(ce):.2f} | {', '.join(f'{v:.2f}' for v in ce)} |")
+    for alpha, values in kd.items():
+        diff = [k - c for k, c in zip(values, ce)]
+        result["finetune_kd"][str(alpha)] = _stats(values)
+        result["kd_minus_ce"][str(alpha)] = _stats(diff)
+        print(f"| KD T={args.kd_temperature:g} alpha={alpha:g} | {statistics.mean(values):.2f} ± {_std(values):.2f} | "
+              f"{', '.join(f'{v:.2f}' for v in values)} |")
+        print(f"| KD - CE (paired per seed) | {statistics.mean(diff):+.2f} ± {_std(diff):.2f} | "
+              f"{', '.join(f'{v:+.2f}' for v in diff)} |")
+    _plot_pruning(result, Path(args.out) / "pruning.png")
+    return result
+
+
+def _plot_pruning(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["after pruning\n(no fine-tune)", "fine-tune CE"]
+    means = [result["pruned_accuracy_before_finetune"], result["finetune_ce"]["mean"]]
+    stds = [0.0, result["finetune_ce"]["std"]]
+    runs = [[result["pruned_accuracy_before_finetune"]], result["finetune_ce"]["runs"]]
+    for alpha, s in result["finetune_kd"].items():
+        names.append(f"fine-tune KD\nalpha={alpha}")
+        means.append(s["mean"])
+        stds.append(s["std"])
+        runs.append(s["runs"])
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.bar(names, means, yerr=stds, capsize=4, color=["#8c8c8c", "#4c72b0"] + ["#55a868"] * (len(names) - 2))
+    for i, values in enumerate(runs):
+        ax.scatter([i] * len(values), values, color="black", s=10, zorder=3)
+    ax.axhline(result["dense_accuracy"], color="#c44e52", linestyle="--",
+               label=f"dense resnet20 {result['dense_accuracy']:.1f}%")
+    low = min(min(v) for v in runs)
+    ax.set_ylim(max(0, low - 5), 100)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"resnet20-cifar pruned to {100 * result['pruned_macs_fraction']:.0f}% MACs, digits, "
+                 f"{result['seeds']} seeds x {result['finetune_epochs']} epochs", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def _std(v: list[float]) -> float:
@@ -171,9 +333,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10, help="student training epochs (part 1)")
     parser.add_argument("--teacher-epochs", type=int, default=10)
-    parser.add_argument("--prune-teacher-epochs", type=int, default=6, help="dense resnet20 epochs (part 2)")
-    parser.add_argument("--prune-epochs", type=int, default=3, help="fine-tune epochs after pruning (part 2)")
-    parser.add_argument("--kd-alpha", type=float, default=0.9, help="KD weight of the pruned fine-tune (part 2)")
+    parser.add_argument("--teacher", default=None,
+                        help="dense resnet20 file (part 2): loaded when it exists, else trained and saved there "
+                             "(default: OUT/resnet20_dense.pt)")
+    parser.add_argument("--prune-teacher-epochs", type=int, default=8, help="dense resnet20 epochs (part 2)")
+    parser.add_argument("--prune-ratio", type=float, default=0.7, help="fraction of the MACs to remove (part 2)")
+    parser.add_argument("--criterion", default="l1", help="structured pruning criterion (part 2)")
+    parser.add_argument("--scope", choices=["local", "global"], default="local")
+    parser.add_argument("--prune-rounds", type=int, default=3, help="iterative pruning rounds (part 2)")
+    parser.add_argument("--round-epochs", type=int, default=1, help="CE epochs between pruning rounds (part 2)")
+    parser.add_argument("--prune-epochs", type=int, default=5, help="fine-tune epochs after pruning (part 2)")
+    parser.add_argument("--prune-lr", type=float, default=0.02, help="fine-tune learning rate (part 2)")
+    parser.add_argument("--kd-alpha", type=float, nargs="+", default=[0.5, 0.9],
+                        help="KD weight(s) of the pruned fine-tune (part 2)")
+    parser.add_argument("--kd-temperature", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/distill_study")
     args = parser.parse_args()
