@@ -12,7 +12,7 @@ path of the bad value, e.g. ``stages[1].prune.sparsity: must be between 0 and 1`
 >>> PruneConfig.coerce({"sparsity": 1.5}, where="stages[1].prune")
 Traceback (most recent call last):
 ...
-slimkit.exceptions.ConfigError: stages[1].prune.sparsity: must be greater than or equal to 0 and less than 1 (got 1.5)
+slimkit.exceptions.ConfigError: stages[1].prune.sparsity: must be less than 1 (got 1.5)
 """
 
 from __future__ import annotations

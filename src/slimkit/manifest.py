@@ -18,7 +18,6 @@ buffers the transforms registered, and loads the state dict strictly.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.atomic import atomic_open
 from slimkit.exceptions import ConfigError, CorruptFileError
 
 FORMAT = "slimkit-model"
@@ -142,20 +142,10 @@ def _add_missing_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` atomically (temporary file beside ``path``, then rename)."""
+    with atomic_open(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:

@@ -4,14 +4,14 @@ A recipe names a model, a dataset, the baseline training and an ordered list of 
 each stage is one registered transform (see :mod:`slimkit.stages`) with its settings and
 an optional fine-tune. Every violation is one line naming its path in the YAML:
 
->>> parse_recipe({"name": "x", "stages": [{"finetune": {"epochs": -1}}]})
+>>> parse_recipe({"name": "x", "stages": [{"train": {}, "finetune": {"epochs": -1}}]})
 Traceback (most recent call last):
 ...
 slimkit.exceptions.ConfigError: stages[0].finetune.epochs: must be greater than or equal to 0 (got -1)
->>> parse_recipe({"name": "x", "stages": [{"prnue": {}}]})
+>>> parse_recipe({"name": "x", "stages": [{"shrae": {}}]})
 Traceback (most recent call last):
 ...
-slimkit.exceptions.UnknownNameError: stages[0]: unknown stage 'prnue'...
+slimkit.exceptions.UnknownNameError: stages[0]: unknown stage 'shrae'; did you mean 'share'? (known: ...)
 """
 
 from __future__ import annotations

@@ -3,18 +3,18 @@
 >>> rows = [{"name": "baseline", "accuracy": 98.6, "params": 431080, "nonzeros": 431080, "macs": 2293000,
 ...          "bytes": 1724320, "latency_ms": 0.21, "ratio": 1.0}]
 >>> print(format_stage_table(rows))
-| stage    | accuracy % | params  | non-zeros | MACs  | bytes | latency ms | ratio |
-|----------|-----------:|--------:|----------:|------:|------:|-----------:|------:|
+| stage    | accuracy % |  params | non-zeros |  MACs | bytes | latency ms | ratio |
+|----------|-----------:|--------:|----------:|------:|------:|-----------:|-------|
 | baseline |      98.60 | 431,080 |   431,080 | 2.29M | 1.72M |      0.210 | 1.0x  |
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from slimkit.atomic import atomic_open, atomic_write_bytes
 
 COLUMNS = ("stage", "accuracy %", "params", "non-zeros", "MACs", "bytes", "latency ms", "ratio")
 
@@ -50,14 +50,6 @@ def format_stage_table(rows: list[dict[str, Any]]) -> str:
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
     return "\n".join([line(list(COLUMNS)), rule, *(line(b) for b in body)])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -109,18 +101,16 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['model']} on {report['data']}: accuracy vs size")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(path) as handle:
+        fig.savefig(handle, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> None:
     """Write report.json, report.md and accuracy_vs_size.png into ``run_dir`` atomically."""
     run_dir = Path(run_dir)
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
-    _write_atomic(run_dir / "report.md", render_markdown(report).encode())
+    atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
+    atomic_write_bytes(run_dir / "report.md", render_markdown(report).encode())
     plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
 
 
