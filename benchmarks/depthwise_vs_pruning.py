@@ -13,7 +13,7 @@ transform and after fine-tuning, params, MACs (``slimkit.measure.count_macs``) a
 median latency at batch 1 on one thread in eager PyTorch and in ONNX Runtime, with the
 speed-up over the baseline (latency baseline / latency model).
 
-    python benchmarks/depthwise_vs_pruning.py                       # fast default (~10 min on a loaded CPU)
+    python benchmarks/depthwise_vs_pruning.py                       # default: ~15 min on a loaded 2-core CPU
     python benchmarks/depthwise_vs_pruning.py --epochs 6 --finetune 3 --repeats 100
 """
 
@@ -53,10 +53,11 @@ def _latency(model: nn.Module, x: torch.Tensor, repeats: int, tmp: Path, label: 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vgg11-cifar")
-    parser.add_argument("--epochs", type=int, default=2, help="baseline training epochs")
-    parser.add_argument("--finetune", type=int, default=1, help="fine-tune epochs for both compressed models")
+    parser.add_argument("--epochs", type=int, default=3, help="baseline training epochs")
+    parser.add_argument("--finetune", type=int, default=2, help="fine-tune epochs for both compressed models")
     parser.add_argument("--lr", type=float, default=0.05, help="baseline learning rate")
     parser.add_argument("--finetune-lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--multiplier", type=int, default=1, help="depth multiplier (the decomposition's rank)")
     parser.add_argument("--criterion", default="l1", help="structured pruning criterion")
     parser.add_argument("--ignore", nargs="*", default=None, help="layer globs left whole (default: the stem)")
@@ -68,8 +69,8 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
 
     data = load_data("digits")
-    train_cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": 64, "seed": 0}
-    tune_cfg = {"epochs": args.finetune, "lr": args.finetune_lr, "batch_size": 64, "seed": 0}
+    train_cfg = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": 0}
+    tune_cfg = {"epochs": args.finetune, "lr": args.finetune_lr, "batch_size": args.batch_size, "seed": 0}
     baseline = create_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels)
     fit(baseline, data.train, train_cfg, progress=False)
     baseline.eval()
