@@ -10,6 +10,7 @@ the stage's, the reason is in ``details.engine_reason``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Annotated, Literal
 
@@ -136,7 +137,7 @@ def _write_slim(model: nn.Module, ctx: StageContext, details: dict) -> dict[str,
 
 
 def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, ctx: StageContext,
-            details: dict) -> StageOutput:
+            details: dict, trained: bool = False) -> StageOutput:
     from slimkit.export.engines import choose_engine, compare_engines
 
     float_acc = ctx.evaluate(float_model)
@@ -145,6 +146,12 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
     if config.act_bits != 8:
         engines = tuple(e for e in engines if e != "onnxruntime")
         details["onnx_skipped"] = f"act_bits={config.act_bits}: only 8-bit activations export to integer ONNX"
+    own_grids = trained or any(v["bits"] != 8 for v in details.get("layers", {}).values())
+    if own_grids and "torch" in engines:
+        # torch.ao quantizes the float model with its own 8-bit observers: not this model
+        engines = tuple(e for e in engines if e != "torch")
+        details["torch_skipped"] = ("torch x86 int8 re-quantizes the float model at 8 bits with its own grids; "
+                                    "it cannot run QAT-trained or sub-8-bit grids")
     results = compare_engines(qmodel, float_model, ctx.data.test, ctx.example_inputs, ctx.stage_dir, calib, engines)
     engine, reason = choose_engine(results, float_acc - config.max_drop)
     details.update(float_accuracy=float_acc, engines=results, engine_reason=reason,
@@ -188,10 +195,24 @@ def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> St
             freeze_(m)
 
     def finalize(trained: nn.Module) -> StageOutput:
-        return _deploy(trained, float_model, config, ctx, dict(report))
+        return _deploy(trained, float_model, config, ctx, dict(report), trained=True)
 
     return StageOutput(model=model, details=report, hooks=TrainHooks(after_step=(freeze_late,)),
                        stored_bytes=stored_bytes(model), phase="simulated", finalize=finalize)
+
+
+@contextlib.contextmanager
+def numba_threads(count: int):
+    """Run numba's parallel kernels on ``count`` threads (capped at its pool size) inside the block."""
+    import numba
+
+    old = numba.get_num_threads()
+    count = max(1, min(int(count), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(count)
+    try:
+        yield count
+    finally:
+        numba.set_num_threads(old)
 
 
 class BinarizeStageConfig(BinarizeConfig):
@@ -216,11 +237,13 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
         details.update(simulated_accuracy=sim_acc, simulated_latency_ms=sim_ms)
         engine, acc, latency = "torch", sim_acc, sim_ms
         if config.mode == "xnor" and config.kernel and use_kernel_(trained, True):
-            with torch.no_grad():
+            # numba's pool defaults to every core; beside torch's threads on a shared CPU that
+            # oversubscribes (batch-1 layers are tiny), so the kernel gets torch's thread count
+            with torch.no_grad(), numba_threads(torch.get_num_threads()) as threads:
                 kernel_acc = ctx.evaluate(trained)
                 kernel_ms = median_ms(lambda: trained(example), repeats=20)
             use_kernel_(trained, False)
-            details.update(kernel_accuracy=kernel_acc, kernel_latency_ms=kernel_ms)
+            details.update(kernel_accuracy=kernel_acc, kernel_latency_ms=kernel_ms, kernel_threads=threads)
             if kernel_ms < sim_ms and kernel_acc >= sim_acc - 0.5:
                 engine, acc, latency = "xnor-kernel", kernel_acc, kernel_ms
         details["engine_reason"] = f"{engine}: faster of torch float simulation and the bit-packed kernel"
