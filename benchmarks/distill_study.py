@@ -6,9 +6,14 @@ with KD, FitNets hints, attention transfer and TAKD (teacher -> auto-sized assis
 student), over several seeds: a table of mean, spread (std) and per-seed test accuracy,
 and a bar plot.
 
-Part 2 (``--part pruning``): resnet20-cifar (1 input channel) trained, pruned to 30% of its
-MACs with ``slimkit.prune.structured_`` (L1 filter norm), then fine-tuned with and without
-KD from the dense model, over the same seeds: the difference KD - CE is printed.
+Part 2 (``--part pruning``): a dense resnet20-cifar (1 input channel) trained once and saved
+(``--teacher``, default ``OUT/resnet20_dense.pt``; reused when it exists); a diagnosis of
+one-shot pruning to 30% of the MACs (pruned vs the same channels zeroed by masks, and BN
+re-estimation); iterative ``structured_`` pruning (L1, local) in ``--prune-rounds`` rounds
+with BN re-estimation and ``--round-epochs`` CE epochs between; then, per seed, the same
+pruned network fine-tuned with cross-entropy and with KD (cached teacher logits) from the
+dense model at each ``--kd-alpha``: table with mean ± std and the paired KD - CE per seed,
+and a bar plot ``pruning.png``.
 
     .venv/bin/python benchmarks/distill_study.py                  # both parts, 3 seeds
     .venv/bin/python benchmarks/distill_study.py --part methods --seeds 5 --epochs 15
