@@ -112,6 +112,18 @@ def _layer_bytes(module: nn.Module, bits: int, per_channel: bool, symmetric: boo
     return size + (5 if act_bits else 0)
 
 
+@torch.no_grad()
+def weight_noise(module: nn.Module, bits: int, per_channel: bool = True, symmetric: bool = True) -> float:
+    """Relative quantization noise of a layer's weights, ``||W - Q(W)||^2 / ||W||^2`` (min-max grid)."""
+    from slimkit.quantize.fake import QuantConv2d, QuantLinear
+
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    q = cls.from_float(module, bits=bits, act_bits=None, per_channel=per_channel, symmetric=symmetric)
+    q.set_weight_qparams("minmax")
+    w = module.weight.detach().float()
+    return float(((q.dequantized_weight() - w) ** 2).sum() / (w**2).sum().clamp(min=1e-12))
+
+
 def choose_bits(model: nn.Module, table: dict[str, dict[int, float]], budget_bytes: int,
                 act_bits: int | None = 8, per_channel: bool = True, symmetric: bool = True,
                 fixed: dict[str, int] | None = None) -> BitPlan:
@@ -153,13 +165,18 @@ def choose_bits(model: nn.Module, table: dict[str, dict[int, float]], budget_byt
             if saved <= 0:
                 continue
             cost = max(table[name][nb] - table[name][b], 0.0)
-            key = (cost / saved, -saved)
+            # ties in accuracy (common: a small evaluation set resolves few points) go to the
+            # layer whose weights lose the least signal per byte saved
+            noise = weight_noise(modules[name], nb, per_channel, symmetric) - weight_noise(
+                modules[name], b, per_channel, symmetric)
+            key = (cost / saved, noise / saved, -saved)
             if best is None or key < best[0]:
                 best = (key, name, nb, saved)
         if best is None:  # cannot happen when floor <= budget; kept as an internal invariant
             raise AssertionError("no layer can be narrowed although the floor fits the budget")
         _, name, nb, saved = best
-        steps.append(f"{name}: {bits[name]} -> {nb} bits (-{saved} B, drop {table[name][nb]:+.2f})")
+        steps.append(f"{name}: {bits[name]} -> {nb} bits (-{saved} B, drop {table[name][nb]:+.2f}, "
+                     f"weight noise {weight_noise(modules[name], nb, per_channel, symmetric):.2e})")
         bits[name] = nb
         total -= saved
     drop = sum(table[n][b] for n, b in bits.items())
