@@ -29,7 +29,14 @@ import torch
 @lru_cache(maxsize=1)
 def _kernels():
     """Compile the numba kernels on first use (keeps ``import slimkit.kernels`` light)."""
+    import os
+
     import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's default OpenMP layer spin-waits after every parallel region and fights torch's
+        # own OpenMP threads: 10-20x slower batch-1 binary models on a shared CPU (docs/quantization.md)
+        numba.config.THREADING_LAYER = "workqueue"
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
