@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--bwn-epochs", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=[], choices=["qat", "bwn", "per-tensor"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ptq-bits", type=int, nargs="+", default=[8],
+                        help="weight widths of the PTQ table (7 = int8 containers with a reduced range)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -89,11 +91,12 @@ def main() -> None:
         model.eval()
         fp32 = evaluate(model, data.test)
         fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        pc = ptq(model, data, True, out_dir=out)
-        rows.append((name, fp32, pc["fakequant"], pc["ort_int8"], pc["ort_int8"] - fp32, fp32_bytes / pc["bytes"],
-                     pc["agreement"], pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
+        for bits in args.ptq_bits:
+            pc = ptq(model, data, True, bits=bits, out_dir=out)
+            rows.append((f"{name} ({bits}-bit)", fp32, pc["fakequant"], pc["ort_int8"], pc["ort_int8"] - fp32,
+                         fp32_bytes / pc["bytes"], pc["agreement"], pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
         if "per-tensor" not in args.skip:
-            pt = ptq(model, data, False, out_dir=out)
+            pt = ptq(model, data, False, bits=args.ptq_bits[-1], out_dir=out)
             tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], pc["fakequant"], pc["ort_int8"]))
         if "qat" not in args.skip:
             r = qat4(model, data, args.qat_epochs, args.lr / 5)
@@ -111,7 +114,7 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | {r[5]:.2f}x smaller | "
               f"{100 * r[6]:.1f} % | {r[7]:.2f}x |")
     if tensor_rows:
-        print("\nPer-tensor vs per-channel int8 weights")
+        print(f"\nPer-tensor vs per-channel weights at {args.ptq_bits[-1]} bits")
         print("| model | fp32 % | per-tensor fake-quant % | per-tensor ORT % | per-channel fake-quant % | "
               "per-channel ORT % |")
         print("|---|---:|---:|---:|---:|---:|")
