@@ -33,6 +33,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="baseline training epochs (overrides the recipe)")
     parser.add_argument("--out", help="run directory (default runs/<recipe name>)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {"model": args.model, "data": args.data, "data_dir": args.data_dir, "download": args.download,
-            "image_size": args.image_size, "epochs": args.epochs}
+            "image_size": args.image_size, "epochs": args.epochs, "threads": args.threads}
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

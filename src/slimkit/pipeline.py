@@ -90,7 +90,7 @@ def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput |
         "nonzeros": int(prof.nonzeros),
         "macs": int(prof.macs),
         "bytes": int(stored),
-        "bytes_counted": "stored artifact" if output and output.stored_bytes is not None else "fp32 state dict",
+        "bytes_counted": _bytes_counted(output),
         "latency_ms": round(float(latency), 4),
         "latency_p99_ms": round(float(prof.latency_p99_ms), 4),
         "engine": (output.engine if output and output.engine else "pytorch-eager"),
@@ -99,6 +99,12 @@ def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput |
         "details": output.details if output else {},
         "artifacts": output.artifacts if output else {},
     }
+
+
+def _bytes_counted(output: StageOutput | None) -> str:
+    if output is None or output.stored_bytes is None:
+        return "fp32 state dict (masks excluded)"
+    return str(output.details.get("bytes_counted", "stored artifact"))
 
 
 def _distill_hooks(stage: Stage, student: nn.Module, ctx: StageContext) -> TrainHooks | None:
@@ -118,6 +124,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
 
     paths = RunPaths(Path(out_dir))
     say = log if dist.is_main() else (lambda _msg: None)
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
     seed_everything(recipe.train.seed)
     data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
                      image_size=recipe.image_size, augment=recipe.augment)

@@ -47,6 +47,7 @@ class RecipeHeader(Config):
     baseline: str | None = Field(None, description="saved model to start from instead of training one")
     train: TrainConfig = TrainConfig()
     latency_runs: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for the run (default: torch's choice)")
 
 
 @dataclass(frozen=True)
