@@ -93,8 +93,13 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
     xs = [max(r["bytes"], 1) / 1024 for r in rows]
     ys = [r["accuracy"] for r in rows]
     ax.plot(xs, ys, "-o", color="tab:blue")
+    seen: dict[tuple[float, float], int] = {}
     for x, y, r in zip(xs, ys, rows):
-        ax.annotate(f"{r['name']} ({r['ratio']:.1f}x)", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        stacked = seen.get((x, y), 0)  # stages at the same point get their labels stacked, not overprinted
+        seen[(x, y)] = stacked + 1
+        ax.annotate(f"{r['name']} ({r['ratio']:.1f}x)", (x, y), textcoords="offset points",
+                    xytext=(4, 4 + 11 * stacked), fontsize=8)
+    ax.margins(x=0.15, y=0.25)
     ax.set_xscale("log")
     ax.set_xlabel("stored size (KiB, log scale)")
     ax.set_ylabel("test accuracy (%)")
