@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from slimkit.atomic import atomic_write_bytes
 from slimkit.encode.sparse import FORMATS, Layout, choose_layout, decode_layout
 from slimkit.exceptions import ConfigError, CorruptFileError
 
@@ -319,18 +319,7 @@ def save(model: nn.Module, path: str | os.PathLike, formats: tuple[str, ...] = F
     other tensor of the state dict is stored raw. ``formats`` limits the sparse layouts tried.
     """
     data, infos = encode_model(model, formats)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     return infos
 
 
