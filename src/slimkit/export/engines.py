@@ -71,18 +71,10 @@ def compare_engines(qmodel: nn.Module, float_model: nn.Module, test_data, exampl
     sim_acc, sim_pred = _torch_accuracy(qmodel, test_data)
     results["torch-fakequant"] = {"accuracy": sim_acc, "integer": False}
     if "onnxruntime" in engines:
-        fp32_path = export_onnx(float_model, example, out_dir / "model.fp32.onnx")
-        int8_path = export_onnx(qmodel, example, out_dir / "model.int8.onnx")
-        fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
-        logits, labels = int8.predict(test_data)
-        results["onnxruntime-fp32"] = {"accuracy": fp32.evaluate(test_data), "latency_ms": fp32.latency_ms(example),
-                                       "file_bytes": file_bytes(fp32_path), "integer": False}
-        results["onnxruntime-int8"] = {
-            "accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
-            "latency_ms": int8.latency_ms(example), "file_bytes": file_bytes(int8_path), "integer": True,
-            "agreement_with_fakequant": float((logits.argmax(1) == sim_pred).float().mean()),
-            "path": str(int8_path),
-        }
+        try:
+            results.update(_onnxruntime_results(qmodel, float_model, test_data, example, out_dir, sim_pred))
+        except Exception as err:  # an op ONNX cannot export: report it and let the other engines decide
+            results["onnxruntime-int8"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     if "torch" in engines:
         results["torch-fp32"] = {"accuracy": _torch_accuracy(float_model, test_data)[0],
                                  "latency_ms": median_ms(lambda: _no_grad(float_model, example)), "integer": False}
@@ -94,6 +86,24 @@ def compare_engines(qmodel: nn.Module, float_model: nn.Module, test_data, exampl
         except Exception as err:  # FX cannot trace some models; say so instead of failing the stage
             results["torch-x86-int8"] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     return results
+
+
+def _onnxruntime_results(qmodel: nn.Module, float_model: nn.Module, test_data, example: torch.Tensor,
+                         out_dir: Path, sim_pred: torch.Tensor) -> dict[str, Any]:
+    fp32_path = export_onnx(float_model, example, out_dir / "model.fp32.onnx")
+    int8_path = export_onnx(qmodel, example, out_dir / "model.int8.onnx")
+    fp32, int8 = OnnxRunner(fp32_path), OnnxRunner(int8_path)
+    logits, labels = int8.predict(test_data)
+    return {
+        "onnxruntime-fp32": {"accuracy": fp32.evaluate(test_data), "latency_ms": fp32.latency_ms(example),
+                             "file_bytes": file_bytes(fp32_path), "integer": False},
+        "onnxruntime-int8": {
+            "accuracy": 100.0 * float((logits.argmax(1) == labels).float().mean()),
+            "latency_ms": int8.latency_ms(example), "file_bytes": file_bytes(int8_path), "integer": True,
+            "agreement_with_fakequant": float((logits.argmax(1) == sim_pred).float().mean()),
+            "path": str(int8_path),
+        },
+    }
 
 
 @torch.no_grad()

@@ -161,7 +161,7 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
         details["layer_bits"] = {n: v["bits"] for n, v in details["layers"].items()}
         details["layers"] = _layer_rows(details)
     artifacts = _write_slim(qmodel, ctx, details)
-    if "onnxruntime-int8" in results:
+    if "path" in results.get("onnxruntime-int8", {}):
         artifacts["model.int8.onnx"] = results["onnxruntime-int8"]["path"]
     return StageOutput(
         model=qmodel, details=details, stored_bytes=stored_bytes(qmodel),
