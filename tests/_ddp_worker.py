@@ -15,7 +15,7 @@ out = sys.argv[1]
 distributed.init_from_env()
 data = load_data("digits")
 model = create_model("lenet5", num_classes=10, in_channels=1)
-fit(model, data.train, {"epochs": 1, "lr": 0.05, "batch_size": 32}, progress=False)
+fit(model, data.train, {"epochs": 3, "lr": 0.02, "batch_size": 32}, progress=False)
 accuracy = evaluate(model, data.test)
 checksum = float(sum(p.double().sum() for p in model.parameters()))
 with open(f"{out}/rank{distributed.rank()}.json", "w") as handle:
