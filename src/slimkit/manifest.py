@@ -188,19 +188,31 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mo
     Zoo models are rebuilt by name; any other model needs ``model=skeleton`` (an instance
     of the original, unpruned class). Returns the model in eval mode.
     """
+    payload = read_payload(path)
+    return restore(path, payload.get("arch"), payload["modules"], payload["state_dict"], model)
+
+
+def restore(source: str | os.PathLike, arch: dict[str, Any] | None, modules: list[dict[str, Any]],
+            state: dict[str, torch.Tensor], model: nn.Module | None = None) -> nn.Module:
+    """Build the skeleton (by zoo name, or ``model``), apply the manifest, load ``state``.
+
+    Shared by every slimkit file format; ``source`` names the file in error messages.
+    Tensors stored in another dtype than the model's (e.g. decoded weights) are cast.
+    """
     from slimkit.models import create_model
 
-    payload = read_payload(path)
     if model is None:
-        arch = payload.get("arch")
         if not arch:
-            raise ConfigError(f"{path}: the model is not from the zoo; pass model=<an instance of its class>")
+            raise ConfigError(f"{source}: the model is not from the zoo; pass model=<an instance of its class>")
         model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
-    rebuild(model, payload["modules"])
-    _add_missing_buffers(model, payload["state_dict"])
+    rebuild(model, modules)
+    _add_missing_buffers(model, state)
+    expected = model.state_dict()
+    state = {k: v.to(expected[k].dtype) if k in expected and expected[k].dtype != v.dtype else v
+             for k, v in state.items()}
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0:2]
-        raise CorruptFileError(f"{path}: weights do not fit the rebuilt model: {' '.join(first)}") from None
+        first = " ".join(str(err).strip().splitlines()[0:2])
+        raise CorruptFileError(f"{source}: weights do not fit the rebuilt model: {first}") from None
     return model.eval()

@@ -443,27 +443,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     Zoo models are rebuilt by name; any other needs ``model=skeleton`` (an instance of the
     original class). Raises CorruptFileError (naming the record) for a damaged file.
     """
-    from slimkit.manifest import _add_missing_buffers, rebuild
-    from slimkit.models import create_model
+    from slimkit.manifest import restore
 
     meta, state = read_state(path)
-    if model is None:
-        arch = meta.get("arch")
-        if not arch:
-            raise ConfigError(f"{path}: the model is not from the zoo; pass model=<an instance of its class>")
-        model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
-    rebuild(model, meta["modules"])
-    _add_missing_buffers(model, state)
-    model_state = model.state_dict()
-    for key, tensor in state.items():
-        if key in model_state and model_state[key].dtype != tensor.dtype:
-            state[key] = tensor.to(model_state[key].dtype)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = " ".join(str(err).strip().splitlines()[0:2])
-        raise CorruptFileError(f"{path}: tensors do not fit the rebuilt model: {first}") from None
-    return model.eval()
+    return restore(path, meta.get("arch"), meta["modules"], state, model)
 
 
 def decode(path: str | os.PathLike, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
