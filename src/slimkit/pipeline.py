@@ -27,35 +27,12 @@ from torch import nn
 
 from slimkit import distributed as dist
 from slimkit.manifest import load_model, save_model
+from slimkit.prune.masks import mask_hooks
 from slimkit.recipe import Recipe, Stage
 from slimkit.stages import DISTILL_METHODS, STAGES, StageContext, StageOutput
 from slimkit.train import TrainConfig, TrainHooks, evaluate, fit, seed_everything
 
 Log = Callable[[str], None]
-
-
-def mask_keeper(model: nn.Module) -> TrainHooks | None:
-    """Hooks that keep masked weights at exactly zero, for every module with ``weight_mask``.
-
-    Runs after backward (zero the masked gradients) and after each optimizer step (zero
-    what momentum or weight decay moved), so any fine-tune after a pruning stage keeps
-    its sparsity, including fine-tunes of later stages.
-    """
-    masked = [m for m in model.modules() if isinstance(getattr(m, "weight_mask", None), torch.Tensor)]
-    if not masked:
-        return None
-
-    def zero_grads(_model: nn.Module) -> None:
-        for module in masked:
-            if module.weight.grad is not None:
-                module.weight.grad.mul_(module.weight_mask)
-
-    def reapply(_model: nn.Module, _info) -> None:
-        with torch.no_grad():
-            for module in masked:
-                module.weight.mul_(module.weight_mask)
-
-    return TrainHooks(grad_hooks=(zero_grads,), after_step=(reapply,))
 
 
 @dataclass
@@ -176,7 +153,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
         output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
         model = output.model
         if stage.finetune is not None and (stage.finetune.epochs or recipe.train.epochs):
-            hooks = TrainHooks().merge(mask_keeper(model)).merge(output.hooks)
+            hooks = mask_hooks().merge(output.hooks)
             hooks = hooks.merge(_distill_hooks(stage, model, ctx))
             fit(model, data.train, stage.finetune.train_config(recipe.train), hooks,
                 checkpoint=paths.checkpoint(f"stage-{index:02d}"), resume=resume, progress=progress,
@@ -209,7 +186,7 @@ def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: Run
         """Train inside a stage (e.g. between pruning rounds); masks are kept."""
         rounds["n"] += 1
         cfg = base_cfg if epochs is None else base_cfg.model_copy(update={"epochs": epochs})
-        all_hooks = TrainHooks().merge(mask_keeper(model)).merge(hooks)
+        all_hooks = mask_hooks().merge(hooks)
         label = f"stage-{index:02d}-round-{rounds['n']:02d}"
         return fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
                    progress=progress, desc=f"{stage.name} round {rounds['n']}")

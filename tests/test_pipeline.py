@@ -1,0 +1,26 @@
+"""The runner: masks from an earlier stage survive every later fine-tune, with momentum and weight decay."""
+
+from slimkit.manifest import load_model
+from slimkit.pipeline import run_recipe
+from slimkit.recipe import parse_recipe
+
+
+def test_sparsity_survives_a_later_stage_finetune(tmp_path):
+    recipe = parse_recipe({
+        "name": "masks-kept",
+        "model": "lenet-300-100",
+        "train": {"epochs": 1, "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4},
+        "latency_runs": 2,
+        "stages": [
+            {"name": "prune", "magnitude": {"sparsity": 0.8}},
+            {"name": "tune", "train": {}, "finetune": {"epochs": 1, "lr": 0.01}},
+        ],
+    })
+    report = run_recipe(recipe, tmp_path, progress=False, log=lambda _m: None)
+    baseline, pruned, tuned = report["stages"]
+    assert pruned["nonzeros"] < 0.25 * baseline["nonzeros"]
+    assert tuned["nonzeros"] == pruned["nonzeros"], "the later fine-tune must not revive pruned weights"
+    assert tuned["accuracy"] > 50
+    final = load_model(tmp_path / "model.pt")
+    for layer in (final.fc1, final.fc2):
+        assert int((layer.weight != 0).sum()) == int(layer.weight_mask.sum())
