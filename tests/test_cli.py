@@ -67,7 +67,8 @@ def test_profile_prints_layers(capsys):
     assert main(["profile", "--model", "lenet5", "--input-shape", "1,1,28,28", "--num-classes", "10",
                  "--layers", "--no-latency"]) == 0
     out = capsys.readouterr().out
-    assert "conv1" in out and "431,080" in out.replace(" ", "") or "431080" in out
+    assert "conv1" in out and "288,000" in out  # conv1: 20 x 24 x 24 outputs x 25 taps
+    assert "431,080" in out and "2,293,000" in out
 
 
 @pytest.mark.parametrize(
