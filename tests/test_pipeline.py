@@ -24,3 +24,24 @@ def test_sparsity_survives_a_later_stage_finetune(tmp_path):
     final = load_model(tmp_path / "model.pt")
     for layer in (final.fc1, final.fc2):
         assert int((layer.weight != 0).sum()) == int(layer.weight_mask.sum())
+
+
+def test_weight_sharing_stays_in_force_in_a_later_stage_finetune(tmp_path):
+    import torch
+
+    recipe = parse_recipe({
+        "name": "sharing-kept",
+        "model": "lenet-300-100",
+        "train": {"epochs": 1, "lr": 0.02},
+        "latency_runs": 2,
+        "stages": [
+            {"name": "prune", "magnitude": {"sparsity": 0.8}},
+            {"name": "share", "share": {"linear_bits": 4}},
+            {"name": "tune", "train": {}, "finetune": {"epochs": 1, "lr": 0.01}},
+        ],
+    })
+    run_recipe(recipe, tmp_path, progress=False, log=lambda _m: None)
+    final = load_model(tmp_path / "model.pt")
+    for layer in (final.fc1, final.fc2, final.fc3):
+        weights = layer.weight[layer.weight != 0]
+        assert len(torch.unique(weights)) <= 16, "a later fine-tune must move centroids, not single weights"

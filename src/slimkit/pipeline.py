@@ -141,6 +141,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     report["stages"].append(baseline_row)
     _publish(paths, report, write_report)
 
+    # Hooks every fine-tune uses: masks always, plus what earlier stages asked to keep
+    # (``persistent_hooks``: e.g. centroid sharing stays in force in a later distillation).
+    kept = mask_hooks()
     for index, stage in enumerate(recipe.stages, start=1):
         stage_path = paths.stage_model(index, stage.name)
         if resume and stage_path.is_file() and len(previous) > index:
@@ -149,11 +152,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
             say(f"[{index}] {stage.name}: done in an earlier run, loaded")
             continue
         say(f"[{index}] {stage.name}: {stage.kind}")
-        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume)
+        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume, kept)
         output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
         model = output.model
+        if output.persistent_hooks and output.hooks is not None:
+            kept = kept.merge(output.hooks)
         if stage.finetune is not None and (stage.finetune.epochs or recipe.train.epochs):
-            hooks = mask_hooks().merge(output.hooks)
+            hooks = kept if output.persistent_hooks else kept.merge(output.hooks)
             hooks = hooks.merge(_distill_hooks(stage, model, ctx))
             fit(model, data.train, stage.finetune.train_config(recipe.train), hooks,
                 checkpoint=paths.checkpoint(f"stage-{index:02d}"), resume=resume, progress=progress,
@@ -178,15 +183,15 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
 
 
 def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: RunPaths, baseline: nn.Module,
-             index: int, stage: Stage, progress: bool, resume: bool) -> StageContext:
+             index: int, stage: Stage, progress: bool, resume: bool, kept: TrainHooks) -> StageContext:
     base_cfg: TrainConfig = stage.finetune.train_config(recipe.train) if stage.finetune else recipe.train
     rounds = {"n": 0}
 
     def finetune(model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None) -> nn.Module:
-        """Train inside a stage (e.g. between pruning rounds); masks are kept."""
+        """Train inside a stage (e.g. between pruning rounds); masks and kept hooks stay in force."""
         rounds["n"] += 1
         cfg = base_cfg if epochs is None else base_cfg.model_copy(update={"epochs": epochs})
-        all_hooks = mask_hooks().merge(hooks)
+        all_hooks = kept.merge(hooks)
         label = f"stage-{index:02d}-round-{rounds['n']:02d}"
         return fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
                    progress=progress, desc=f"{stage.name} round {rounds['n']}")

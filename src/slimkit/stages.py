@@ -90,7 +90,8 @@ class StageOutput:
 
     ``model``: the transformed model (possibly a new object). ``details``: JSON-friendly
     figures for the report (per-layer tables go here). ``hooks``: used by this stage's
-    fine-tune (and kept by later stages' fine-tunes when ``persistent_hooks``).
+    fine-tune; with ``persistent_hooks`` the runner also keeps them in every later fine-tune
+    (centroid sharing stays in force when a later stage distills).
     ``stored_bytes``: real size of the stored artifact when it is not the fp32 state dict
     (e.g. the ``.slim`` container). ``accuracy``: when the deployed model is evaluated by
     another engine (ONNX Runtime int8). ``phase``: ``simulated`` (masks, fake-quant) or
