@@ -79,3 +79,53 @@ def test_choose_engine_prefers_fastest_meeting_target():
     assert choose_engine(results, 94.0)[0] == "b"
     assert choose_engine(results, 80.0)[0] == "a"
     assert choose_engine(results, 99.0)[0] is None
+
+
+def _saturating_layer(kind: str):
+    """A layer whose weights all sit at the grid's ends and whose inputs near the top of their range:
+    the worst case for int16 pair sums (255 * 127 * 2 > 32767)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(64, 8, bias=False)), torch.rand(32, 64) * 0.2 + 0.8
+    else:
+        model, x = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1, bias=False)), torch.rand(32, 16, 6, 6) * 0.2 + 0.8
+    with torch.no_grad():
+        model[0].weight.copy_(torch.sign(torch.randn_like(model[0].weight)))
+    return model.eval(), x
+
+
+def _ort_error(model, x, tmp_path) -> float:
+    with torch.no_grad():
+        sim = model(x)
+    path = export_onnx(model, x[:1], tmp_path / "m.onnx")
+    return float((OnnxRunner(path)(x) - sim).abs().max() / sim.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_reduced_range_int8_runs_exactly_in_onnx_runtime(tmp_path, kind):
+    model, x = _saturating_layer(kind)
+    report = quantize_(model, {"reduce_range": True}, calibration=[x])
+    codes, _, _ = model[0].quantized_weight()
+    assert report["layers"]["0"]["bits"] == 7 and int(codes.abs().max()) == 63
+    assert _ort_error(model, x, tmp_path) < 1e-4
+
+
+def test_full_range_int8_saturates_on_cpus_without_vnni(tmp_path):
+    from slimkit.quantize.cpu import int8_dot_saturates
+
+    saturates, why = int8_dot_saturates()
+    if not saturates:
+        pytest.skip(why)
+    model, x = _saturating_layer("linear")
+    quantize_(model, {"reduce_range": False}, calibration=[x])
+    assert _ort_error(model, x, tmp_path) > 0.05  # what reduce_range: auto protects against on this CPU
+
+
+def test_reduce_range_auto_follows_the_cpu():
+    from slimkit.quantize.cpu import int8_dot_saturates
+
+    model, x = _saturating_layer("linear")
+    report = quantize_(model, {}, calibration=[x])
+    assert report["reduce_range"] is int8_dot_saturates()[0]
+    assert report["reduce_range_reason"].startswith("reduce_range: auto")
+    assert report["layers"]["0"]["bits"] == (7 if report["reduce_range"] else 8)

@@ -49,7 +49,7 @@ def _run(tmp_path, baseline, stage: dict):
 
 def test_int8_stage_reports_deployed_integer_model(tmp_path, baseline_path):
     base, row = _run(tmp_path, baseline_path, {"name": "int8", "int8": {"bits": 8, "engines": ["onnxruntime"],
-                                                                          "max_drop": 100}})
+                                                                          "max_drop": 100, "reduce_range": False}})
     assert row["engine"] == "onnxruntime-int8"
     assert row["accuracy"] == pytest.approx(row["details"]["engines"]["onnxruntime-int8"]["accuracy"], abs=1e-3)
     assert abs(row["accuracy"] - base["accuracy"]) < 3.0
@@ -90,7 +90,7 @@ def test_binarize_stage_bwn(tmp_path, baseline_path):
 def test_int8_auto_bits_meets_budget_and_reports_sensitivity(tmp_path, baseline_path):
     _, row = _run(tmp_path, baseline_path, {"name": "auto", "int8": {
         "bits": "auto", "size_ratio": 6, "engines": ["onnxruntime"], "max_drop": 100, "sensitivity_samples": 128,
-        "overrides": {"conv1": 8}}})
+        "overrides": {"conv1": 8}, "reduce_range": False}})
     details = row["details"]
     assert details["auto_bits"]["planned_bytes"] <= details["auto_bits"]["budget_bytes"]
     assert set(details["sensitivity"]) == {"conv2", "fc1", "fc2"}  # conv1 pinned by the override
@@ -155,7 +155,7 @@ def test_choose_bits_meets_the_budget_exactly_as_stored(budget_fraction):
     assert plan.stored_bytes <= budget
     from slimkit.quantize.uniform import stored_bytes
 
-    quantize_(model, {"bits": 8, "overrides": plan.overrides()}, calibration=[x])
+    quantize_(model, {"bits": 8, "overrides": plan.overrides(), "reduce_range": False}, calibration=[x])
     assert stored_bytes(model) == plan.stored_bytes
     assert {n: m.bits for n, m in quant_layers(model).items()} == plan.bits
 
@@ -196,11 +196,12 @@ def _small():
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("per_channel,symmetric", [(True, True), (False, True), (True, False)])
-def test_quantized_model_round_trips_through_the_container(tmp_path, bits, per_channel, symmetric):
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_quantized_model_round_trips_through_the_container(tmp_path, bits, per_channel, symmetric, scale_dtype):
     model = _small()
     x = torch.randn(16, 1, 8, 8)
-    quantize_(model, {"bits": bits, "per_channel": per_channel, "symmetric": symmetric,
-                      "overrides": {"0": 8}}, calibration=[x])
+    quantize_(model, {"bits": bits, "per_channel": per_channel, "symmetric": symmetric, "scale_dtype": scale_dtype,
+                      "overrides": {"0": 8}, "reduce_range": False}, calibration=[x])
     model.eval()
     infos = save(model, tmp_path / "q.slim")
     packed = {i.name: i for i in infos if i.kind == "packed"}

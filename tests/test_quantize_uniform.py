@@ -117,7 +117,7 @@ def test_int8_close_to_float_and_4bit_worse(build, shape):
 def test_mixed_precision_by_glob_and_sizes():
     model = _tiny().eval()
     x = torch.randn(8, 3, 8, 8)
-    report = quantize_(model, {"bits": 4, "overrides": {"0": 8, "7": 8}}, calibration=[x])
+    report = quantize_(model, {"bits": 4, "overrides": {"0": 8, "7": 8}, "reduce_range": False}, calibration=[x])
     assert {n: r["bits"] for n, r in report["layers"].items()} == {"0": 8, "3": 4, "7": 8}
     layers = quant_layers(model)
     assert layers["3"].per_channel and layers["3"].w_scale.shape == (8,)
@@ -167,3 +167,31 @@ def test_signed_offset_roundtrip_and_range_error():
         pack_bits(np.array([4], np.uint8), 2)
     with pytest.raises(ConfigError):
         pack_bits(np.array([1], np.uint8), 3)
+
+
+def test_weight_scales_are_rounded_up_to_float16_and_stored_in_two_bytes():
+    from slimkit.quantize.observers import is_fp16_exact
+
+    half, full = _tiny().eval(), _tiny().eval()
+    full.load_state_dict(half.state_dict())
+    x = torch.randn(8, 3, 8, 8)
+    quantize_(half, {"reduce_range": False}, calibration=[x])
+    quantize_(full, {"reduce_range": False, "scale_dtype": "float32"}, calibration=[x])
+    channels = 0
+    for name, layer in quant_layers(half).items():
+        exact = quant_layers(full)[name].w_scale
+        assert is_fp16_exact(layer.w_scale) and not is_fp16_exact(exact)
+        # rounded *up* (no weight is clipped) by less than one float16 step
+        assert torch.all(layer.w_scale >= exact) and torch.all(layer.w_scale <= exact * (1 + 2**-10))
+        codes, _, _ = layer.quantized_weight()
+        assert int(codes.abs().max()) <= 127
+        channels += layer.w_scale.numel()
+    assert stored_bytes(full) - stored_bytes(half) == 2 * channels
+
+
+def test_round_up_fp16_edges():
+    from slimkit.quantize.observers import round_up_fp16
+
+    s = torch.tensor([1e-9, 3e-5, 0.0123456, 1.0, 7e4])
+    r = round_up_fp16(s)
+    assert torch.all(r >= s) and float(r[0]) > 0 and float(r[3]) == 1.0 and float(r[4]) == 7e4

@@ -39,10 +39,11 @@ from slimkit.encode.sparse import FORMATS, Layout, choose_layout, decode_layout
 from slimkit.exceptions import ConfigError, CorruptFileError
 
 MAGIC = b"SLIM"
-VERSION = 1
+VERSION = 2  # 2: PACKED scales may be float16 and zero points uint8 or absent (flags 4, 8)
 KIND_META, KIND_RAW, KIND_SHARED, KIND_PACKED = 0, 1, 2, 3
 FLAG_MASK, FLAG_SHARED_BUFFERS = 1, 2
 PACKED_UNIFORM, PACKED_BINARY = 0, 1  # KIND_PACKED sub-kinds
+PACKED_SIGNED, PACKED_SCALAR, PACKED_FP16_SCALES, PACKED_U8_ZEROS = 1, 2, 4, 8  # PACKED flags
 GRID_BUFFERS = ("w_scale", "w_zero")  # rebuilt from a uniform PACKED record
 DERIVED = ("weight_mask", "weight_codebook", "weight_index")
 
@@ -199,7 +200,8 @@ def _packed_payload(module: nn.Module, sub: int) -> tuple[bytes, int]:
         codes = q.numpy()
         codes = to_unsigned(codes, bits) if signed else codes.astype(np.uint8)
         scale = scale.detach().float().reshape(-1).numpy()
-        zero = zero.detach().to(torch.int32).reshape(-1).numpy()
+        # symmetric grids have zero points 0 (not stored); asymmetric ones fit a byte
+        zero = zero.detach().to(torch.int32).reshape(-1).numpy() if not signed else np.zeros(0, np.int32)
         scalar = module.w_scale.dim() == 0
     else:
         weight = module.weight.detach()
@@ -207,16 +209,20 @@ def _packed_payload(module: nn.Module, sub: int) -> tuple[bytes, int]:
         bits, signed, scalar = 1, False, False
         scale = module.alpha().detach().float().numpy()
         zero = np.zeros(0, np.int32)
+    half = bool(np.array_equal(scale.astype("<f2").astype(np.float32), scale)) and bool(np.isfinite(scale).all())
+    small_zeros = bool(zero.size) and int(zero.min()) >= 0 and int(zero.max()) <= 255
+    flags = ((PACKED_SIGNED if signed else 0) | (PACKED_SCALAR if scalar else 0)
+             | (PACKED_FP16_SCALES if half else 0) | (PACKED_U8_ZEROS if small_zeros else 0))
     w.u8(sub)
     w.u8(bits)
-    w.u8(int(signed) | (2 if scalar else 0))
+    w.u8(flags)
     w.u8(codes.ndim)
     for d in codes.shape:
         w.u32(d)
     w.u32(scale.size)
-    w.raw(scale.astype("<f4").tobytes())
+    w.raw(scale.astype("<f2" if half else "<f4").tobytes())
     w.u32(zero.size)
-    w.raw(zero.astype("<i4").tobytes())
+    w.raw(zero.astype("u1" if small_zeros else "<i4").tobytes())
     w.blob(pack_bits(codes, bits))
     return w.getvalue(), bits
 
@@ -230,8 +236,12 @@ def _decode_packed(payload: bytes, what: str, prefix: str) -> dict[str, torch.Te
     if sub not in (PACKED_UNIFORM, PACKED_BINARY) or bits not in (1, 2, 4, 8):
         raise CorruptFileError(f"{what}: unknown packed sub-kind {sub} or width {bits}")
     shape = tuple(r.u32() for _ in range(r.u8()))
-    scale = torch.from_numpy(np.frombuffer(r.take(4 * r.u32()), dtype="<f4").astype(np.float32))
-    zero = torch.from_numpy(np.frombuffer(r.take(4 * r.u32()), dtype="<i4").astype(np.int32))
+    scale_type = "<f2" if flags & PACKED_FP16_SCALES else "<f4"
+    scale = torch.from_numpy(np.frombuffer(r.take(np.dtype(scale_type).itemsize * r.u32()), dtype=scale_type)
+                             .astype(np.float32))
+    zero_type = "u1" if flags & PACKED_U8_ZEROS else "<i4"
+    zero = torch.from_numpy(np.frombuffer(r.take(np.dtype(zero_type).itemsize * r.u32()), dtype=zero_type)
+                            .astype(np.int32))
     count = int(np.prod(shape)) if shape else 1
     try:
         codes = unpack_bits(r.blob(), bits, count).reshape(shape)
@@ -241,8 +251,12 @@ def _decode_packed(payload: bytes, what: str, prefix: str) -> dict[str, torch.Te
     if sub == PACKED_BINARY:
         signs = torch.from_numpy(codes.astype(np.float32) * 2 - 1)
         return {prefix + "weight": signs * scale.reshape(per_channel)}
-    q = torch.from_numpy((from_unsigned(codes, bits) if flags & 1 else codes).astype(np.int32))
-    if flags & 2:  # per-tensor grid: scalar buffers
+    q = torch.from_numpy((from_unsigned(codes, bits) if flags & PACKED_SIGNED else codes).astype(np.int32))
+    if zero.numel() == 0:  # symmetric grid: zero points are 0
+        zero = torch.zeros(scale.shape, dtype=torch.int32)
+    if zero.shape != scale.shape:
+        raise CorruptFileError(f"{what}: {zero.numel()} zero points for {scale.numel()} scales")
+    if flags & PACKED_SCALAR:  # per-tensor grid: scalar buffers
         scale, zero = scale.reshape(()), zero.reshape(())
         weight = ((q - zero) * scale).float()
     else:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.manifest import register_module_spec
-from slimkit.quantize.observers import Observer, make_observer, qparams_from_range, qrange
+from slimkit.quantize.observers import Observer, make_observer, qparams_from_range, qrange, round_up_fp16
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
@@ -36,9 +36,10 @@ class QuantMixin:
     """State shared by the quantized layers (see the module docstring)."""
 
     def _init_quant(self, channels: int, bits: int, act_bits: int | None, per_channel: bool, symmetric: bool,
-                    act_symmetric: bool) -> None:
+                    act_symmetric: bool, half_scales: bool = True) -> None:
         self.bits, self.act_bits = int(bits), (int(act_bits) if act_bits else None)
         self.per_channel, self.symmetric, self.act_symmetric = bool(per_channel), bool(symmetric), bool(act_symmetric)
+        self.half_scales = bool(half_scales)  # weight scales rounded up to float16 (stored in 2 bytes)
         shape = (channels,) if per_channel else ()
         self.register_buffer("w_scale", torch.ones(shape))
         self.register_buffer("w_zero", torch.zeros(shape, dtype=torch.int32))
@@ -60,7 +61,7 @@ class QuantMixin:
 
     def quant_args(self) -> dict:
         return dict(bits=self.bits, act_bits=self.act_bits, per_channel=self.per_channel, symmetric=self.symmetric,
-                    act_symmetric=self.act_symmetric)
+                    act_symmetric=self.act_symmetric, half_scales=self.half_scales)
 
     def w_range(self) -> tuple[int, int]:
         return qrange(self.bits, self.symmetric)
@@ -74,6 +75,8 @@ class QuantMixin:
         obs = make_observer(observer, axis=0 if self.per_channel else None, **options)
         obs.update(self.weight)
         scale, zero = obs.qparams(self.bits, self.symmetric)
+        if self.half_scales:
+            scale = round_up_fp16(scale)
         self.w_scale.copy_(scale.reshape(self.w_scale.shape))
         self.w_zero.copy_(zero.reshape(self.w_zero.shape))
 
@@ -140,9 +143,10 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized input and weight (see :class:`QuantMixin`)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
-                 padding_mode="zeros", bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False):
+                 padding_mode="zeros", bits=8, act_bits=8, per_channel=True, symmetric=True, act_symmetric=False,
+                 half_scales=True):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
-        self._init_quant(out_channels, bits, act_bits, per_channel, symmetric, act_symmetric)
+        self._init_quant(out_channels, bits, act_bits, per_channel, symmetric, act_symmetric, half_scales)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> QuantConv2d:
@@ -160,9 +164,9 @@ class QuantLinear(QuantMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized input and weight (see :class:`QuantMixin`)."""
 
     def __init__(self, in_features, out_features, bias=True, bits=8, act_bits=8, per_channel=True, symmetric=True,
-                 act_symmetric=False):
+                 act_symmetric=False, half_scales=True):
         super().__init__(in_features, out_features, bias)
-        self._init_quant(out_features, bits, act_bits, per_channel, symmetric, act_symmetric)
+        self._init_quant(out_features, bits, act_bits, per_channel, symmetric, act_symmetric, half_scales)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant) -> QuantLinear:

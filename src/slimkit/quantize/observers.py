@@ -51,6 +51,28 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
     return scale.float(), zero
 
 
+FP16_MAX = 65504.0
+
+
+def round_up_fp16(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value >= each ``scale`` (as float32); unchanged where above fp16's range.
+
+    Grids store their scales as float16 (2 bytes per channel instead of 4); rounding *up*
+    keeps every value inside the grid's range (no new clipping) and a positive scale positive.
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    half = scale.clamp(max=FP16_MAX).half()
+    half = torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    return torch.where(scale > FP16_MAX, scale, half.float())
+
+
+def is_fp16_exact(scale: torch.Tensor) -> bool:
+    """True when every value of ``scale`` is a finite float16 (it can be stored in 2 bytes exactly)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32)
+    half = scale.half()
+    return bool(torch.isfinite(half).all() and torch.equal(half.float(), scale))
+
+
 def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Integer codes (as a float tensor) of ``x`` on the grid; ``scale``/``zero`` broadcast."""
     return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)

@@ -103,10 +103,11 @@ class BitPlan:
         return dict(self.bits)
 
 
-def _layer_bytes(module: nn.Module, bits: int, per_channel: bool, symmetric: bool, act_bits: int | None) -> int:
+def _layer_bytes(module: nn.Module, bits: int, per_channel: bool, symmetric: bool, act_bits: int | None,
+                 scale_bytes: int = 2) -> int:
     """Stored bytes of one layer at ``bits`` (same formula as ``uniform.layer_stored_bytes``)."""
     scales = module.weight.shape[0] if per_channel else 1
-    size = packed_nbytes(module.weight.numel(), bits) + 4 * scales + (0 if symmetric else scales)
+    size = packed_nbytes(module.weight.numel(), bits) + scale_bytes * scales + (0 if symmetric else scales)
     if getattr(module, "bias", None) is not None:
         size += 4 * module.bias.numel()
     return size + (5 if act_bits else 0)
@@ -126,11 +127,12 @@ def weight_noise(module: nn.Module, bits: int, per_channel: bool = True, symmetr
 
 def choose_bits(model: nn.Module, table: dict[str, dict[int, float]], budget_bytes: int,
                 act_bits: int | None = 8, per_channel: bool = True, symmetric: bool = True,
-                fixed: dict[str, int] | None = None) -> BitPlan:
+                fixed: dict[str, int] | None = None, scale_bytes: int = 2) -> BitPlan:
     """Greedy widths for the layers of ``table`` so that the stored model fits ``budget_bytes``.
 
     ``model`` is the float model (BN folded) the table was measured on; layers not in the
     table count at their fp32 size (and, in ``fixed``, at the given width: pinned layers).
+    ``scale_bytes``: 2 for float16 weight scales (``scale_dtype: float16``), 4 for float32.
     Raises ConfigError when even the narrowest widths do not fit.
     """
     fixed = dict(fixed or {})
@@ -142,7 +144,7 @@ def choose_bits(model: nn.Module, table: dict[str, dict[int, float]], budget_byt
             other += tensor.numel() * tensor.element_size()
 
     def size(name: str, bits: int) -> int:
-        return _layer_bytes(modules[name], bits, per_channel, symmetric, act_bits)
+        return _layer_bytes(modules[name], bits, per_channel, symmetric, act_bits, scale_bytes)
 
     bits = {name: max(widths) for name, widths in table.items()}
     pinned = sum(size(name, b) for name, b in fixed.items())

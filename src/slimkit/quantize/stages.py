@@ -106,7 +106,8 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
                 break
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     budget = config.size_budget_bytes or int(float_bytes / config.size_ratio)
-    plan = choose_bits(folded, table, budget, config.act_bits, config.per_channel, config.symmetric, fixed)
+    plan = choose_bits(folded, table, budget, config.act_bits, config.per_channel, config.symmetric, fixed,
+                       scale_bytes=2 if config.scale_dtype == "float16" else 4)
     details.update(auto_bits={"budget_bytes": budget, "planned_bytes": plan.stored_bytes,
                               "float_bytes": float_bytes, "predicted_drop": plan.predicted_drop,
                               "steps": plan.steps})

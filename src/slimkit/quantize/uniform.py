@@ -12,9 +12,11 @@ into an ONNX QDQ model that ONNX Runtime executes in int8.
 >>> from torch import nn
 >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
 >>> x = torch.randn(16, 1, 8, 8)
->>> report = quantize_(m, {"bits": 8, "overrides": {"4": 4}}, calibration=[x])
+>>> report = quantize_(m, {"bits": 8, "overrides": {"4": 4}, "reduce_range": False}, calibration=[x])
 >>> report["layers"]["0"]["bits"], report["layers"]["4"]["bits"], report["folded_bn"]
 (8, 4, ['0'])
+>>> quantize_(m2 := nn.Sequential(nn.Linear(3, 2)), {"reduce_range": True}, [torch.randn(4, 3)])["layers"]["0"]["bits"]
+7
 >>> stored_bytes(m) < 4 * sum(p.numel() for p in m.parameters())
 True
 """
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from slimkit.config import Config
 from slimkit.quantize.fake import QuantConv2d, QuantLinear, QuantMixin, quant_layers
 from slimkit.quantize.fold import fold_bn_
-from slimkit.quantize.observers import make_observer
+from slimkit.quantize.observers import is_fp16_exact, make_observer
 from slimkit.quantize.packing import packed_nbytes, storage_bits
 from slimkit.selection import matches, select_modules
 
@@ -45,7 +47,11 @@ class QuantConfig(Config):
     ``bits``: weight bits (2-8); ``overrides``: ``{glob: bits}`` per-layer widths, first
     matching glob wins (mixed precision). ``act_bits``: input-activation bits (8 runs as real
     int8 in ONNX Runtime; lower is simulated; null disables). ``observer`` calibrates
-    activations, ``weight_observer`` chooses weight grids.
+    activations, ``weight_observer`` chooses weight grids. ``reduce_range``: 8-bit symmetric
+    weights use the 7-bit range ``[-63, 63]`` (still stored as int8) so that int8 kernels
+    without VNNI cannot saturate (:mod:`slimkit.quantize.cpu`); ``auto`` decides for the CPU
+    quantizing. ``scale_dtype``: weight scales are rounded up to float16 and stored in 2 bytes
+    (``float32``: kept exact, 4 bytes).
     """
 
     bits: int = Field(8, ge=2, le=8, description="weight bit width")
@@ -62,6 +68,9 @@ class QuantConfig(Config):
     ignore: tuple[str, ...] = ()
     overrides: dict[str, int] = Field(default_factory=dict, description="glob -> weight bits")
     fold_bn: bool = True
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="8-bit symmetric weights on a 7-bit grid (auto: where int8 pair sums saturate)")
+    scale_dtype: Literal["float16", "float32"] = Field("float16", description="how weight scales are stored")
 
     @field_validator("overrides")
     @classmethod
@@ -127,6 +136,16 @@ def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor], observer: str 
     return seen
 
 
+def resolve_reduce_range(config: QuantConfig) -> tuple[bool, str]:
+    """(whether 8-bit symmetric weights use the 7-bit range, why) for ``config.reduce_range``."""
+    if config.reduce_range != "auto":
+        return bool(config.reduce_range), f"reduce_range: {str(config.reduce_range).lower()} (set in the config)"
+    from slimkit.quantize.cpu import int8_dot_saturates
+
+    saturates, why = int8_dot_saturates()
+    return saturates, f"reduce_range: auto -> {str(saturates).lower()}: {why}"
+
+
 def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibration=None) -> dict:
     """Quantize ``model`` in place (simulated integers); returns a report of what changed.
 
@@ -138,13 +157,19 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibr
     config = QuantConfig.coerce(config, where="quantize")
     folded = fold_bn_(model) if config.fold_bn else []
     chosen = select_modules(model, (nn.Conv2d, nn.Linear), config.layers, config.ignore, what="quantize.layers")
-    report: dict = {"folded_bn": folded, "layers": {}, "skipped": {}}
+    reduce, why = resolve_reduce_range(config)
+    report: dict = {"folded_bn": folded, "layers": {}, "skipped": {}, "reduce_range": reduce,
+                    "reduce_range_reason": why}
     for name, module in chosen.items():
         if isinstance(module, QuantMixin):
             report["skipped"][name] = "already quantized"
             continue
-        quant = dict(bits=bits_for(name, config), act_bits=config.act_bits, per_channel=config.per_channel,
-                     symmetric=config.symmetric, act_symmetric=config.act_symmetric)
+        bits = bits_for(name, config)
+        if reduce and bits == 8 and config.symmetric:
+            bits = 7
+        quant = dict(bits=bits, act_bits=config.act_bits, per_channel=config.per_channel,
+                     symmetric=config.symmetric, act_symmetric=config.act_symmetric,
+                     half_scales=config.scale_dtype == "float16")
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         new = cls.from_float(module, **quant)
         new.set_weight_qparams(config.weight_observer, **_observer_options(config.weight_observer, config))
@@ -162,11 +187,16 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibr
     return report
 
 
+def scale_nbytes(scale: torch.Tensor) -> int:
+    """Stored bytes of a weight grid's scales: 2 each when all are exact float16 values, else 4."""
+    return (2 if is_fp16_exact(scale) else 4) * scale.numel()
+
+
 def layer_stored_bytes(layer: QuantMixin) -> int:
-    """Bytes of one quantized layer as stored: packed codes + fp32 scales (+ uint8 zero
-    points when asymmetric) + fp32 bias + the activation grid (scale, zero point)."""
+    """Bytes of one quantized layer as stored: packed codes + scales (float16 when exact, else
+    float32) (+ uint8 zero points when asymmetric) + fp32 bias + the activation grid (scale, zero point)."""
     size = packed_nbytes(layer.weight.numel(), layer.bits)
-    size += 4 * layer.w_scale.numel() + (0 if layer.symmetric else layer.w_zero.numel())
+    size += scale_nbytes(layer.w_scale) + (0 if layer.symmetric else layer.w_zero.numel())
     if layer.bias is not None:
         size += 4 * layer.bias.numel()
     if layer.act_bits:
