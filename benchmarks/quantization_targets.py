@@ -18,36 +18,37 @@ import time
 import torch
 
 
-def ptq(model, data, per_channel: bool, bits: int = 8, out_dir: str = "/tmp") -> dict:
+def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp") -> dict:
     from slimkit.export.engines import compare_engines
     from slimkit.quantize import quantize_
     from slimkit.quantize.uniform import stored_bytes
 
     q = copy.deepcopy(model).eval()
-    cfg = {"bits": bits, "per_channel": per_channel}
-    quantize_(q, cfg, calibration=data.train)
+    cfg = {"bits": 8, "per_channel": per_channel, "reduce_range": reduce_range}
+    report = quantize_(q, cfg, calibration=data.train)
     example = torch.zeros(1, *data.input_shape)
     res = compare_engines(q, model, data.test, example, out_dir, engines=("onnxruntime",))
-    return {"fakequant": res["torch-fakequant"]["accuracy"], "ort_int8": res["onnxruntime-int8"]["accuracy"],
+    return {"reduced": report["reduce_range"], "fakequant": res["torch-fakequant"]["accuracy"],
+            "ort_int8": res["onnxruntime-int8"]["accuracy"],
             "agreement": res["onnxruntime-int8"]["agreement_with_fakequant"], "bytes": stored_bytes(q),
             "ort_fp32_ms": res["onnxruntime-fp32"]["latency_ms"], "ort_int8_ms": res["onnxruntime-int8"]["latency_ms"]}
 
 
-def qat4(model, data, epochs: int, lr: float) -> dict:
-    from slimkit.quantize import quantize_
-    from slimkit.quantize.fake import freeze_
+def qat4(model, data, epochs: int, lr: float, pin_ends: bool = True, freeze_bn_after: float = 0.5) -> dict:
+    """4-bit weights (MSE grid), 8-bit activations; BN kept in QAT and frozen late; first and last
+    layers at 8 bits when ``pin_ends``."""
+    from slimkit.quantize.qat import fold_qat_bn_, late_freezer, prepare_qat_
     from slimkit.quantize.uniform import stored_bytes
     from slimkit.train import TrainConfig, TrainHooks, evaluate, fit
 
     q = copy.deepcopy(model)
-    quantize_(q, {"bits": 4, "weight_observer": "mse"}, calibration=data.train)
-    ptq_acc = evaluate(q, data.test)
-
-    def late(m, info):
-        if info.step >= 0.5 * info.total_steps:
-            freeze_(m)
-
-    fit(q, data.train, TrainConfig(epochs=epochs, lr=lr, seed=0), TrainHooks(after_step=(late,)), progress=False)
+    layers = [n for n, m in q.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    overrides = {layers[0]: 8, layers[-1]: 8} if pin_ends else {}
+    prepare_qat_(q, {"bits": 4, "weight_observer": "mse", "overrides": overrides}, data.train)
+    ptq_acc = evaluate(q.eval(), data.test)
+    hooks = TrainHooks(after_step=(late_freezer(0.5, freeze_bn_after),))
+    fit(q, data.train, TrainConfig(epochs=epochs, lr=lr, seed=0), hooks, progress=False)
+    fold_qat_bn_(q)
     return {"ptq4": ptq_acc, "qat4": evaluate(q.eval(), data.test), "bytes": stored_bytes(q)}
 
 
@@ -68,12 +69,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lenet5"])
     parser.add_argument("--epochs", type=int, default=8, help="baseline training epochs")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--qat-epochs", type=int, default=3)
+    parser.add_argument("--qat-epochs", type=int, default=4)
+    parser.add_argument("--qat-lr", type=float, default=0.005)
+    parser.add_argument("--qat-freeze-bn-after", type=float, default=0.5)
+    parser.add_argument("--qat-all-4bit", action="store_true", help="first and last layers at 4 bits too")
     parser.add_argument("--bwn-epochs", type=int, default=6)
     parser.add_argument("--skip", nargs="*", default=[], choices=["qat", "bwn", "per-tensor"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ptq-bits", type=int, nargs="+", default=[8],
-                        help="weight widths of the PTQ table (7 = int8 containers with a reduced range)")
+    parser.add_argument("--reduce-range", nargs="+", default=["auto", "false"], choices=["auto", "true", "false"],
+                        help="reduce_range settings of the PTQ table (true: 7-bit weights in int8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,15 +95,18 @@ def main() -> None:
         model.eval()
         fp32 = evaluate(model, data.test)
         fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        for bits in args.ptq_bits:
-            pc = ptq(model, data, True, bits=bits, out_dir=out)
-            rows.append((f"{name} ({bits}-bit)", fp32, pc["fakequant"], pc["ort_int8"], pc["ort_int8"] - fp32,
+        settings = [{"auto": "auto", "true": True, "false": False}[r] for r in args.reduce_range]
+        per_channel = [ptq(model, data, True, reduce, out_dir=out) for reduce in settings]
+        for reduce, pc in zip(settings, per_channel):
+            grid = "7-bit range" if pc["reduced"] else "full range"
+            rows.append((f"{name} (int8, {grid}, reduce_range: {str(reduce).lower()})", fp32, pc["fakequant"],
+                         pc["ort_int8"], pc["ort_int8"] - fp32,
                          fp32_bytes / pc["bytes"], pc["agreement"], pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
         if "per-tensor" not in args.skip:
-            pt = ptq(model, data, False, bits=args.ptq_bits[-1], out_dir=out)
+            pc, pt = per_channel[0], ptq(model, data, False, settings[0], out_dir=out)
             tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], pc["fakequant"], pc["ort_int8"]))
         if "qat" not in args.skip:
-            r = qat4(model, data, args.qat_epochs, args.lr / 5)
+            r = qat4(model, data, args.qat_epochs, args.qat_lr, not args.qat_all_4bit, args.qat_freeze_bn_after)
             qat_rows.append((name, fp32, r["ptq4"], r["qat4"], r["qat4"] - fp32, fp32_bytes / r["bytes"]))
         if "bwn" not in args.skip and name == "lenet5":
             r = bwn(model, data, args.bwn_epochs)
@@ -114,14 +121,17 @@ def main() -> None:
         print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | {r[5]:.2f}x smaller | "
               f"{100 * r[6]:.1f} % | {r[7]:.2f}x |")
     if tensor_rows:
-        print(f"\nPer-tensor vs per-channel weights at {args.ptq_bits[-1]} bits")
+        print(f"\nPer-tensor vs per-channel int8 weights, reduce_range: {args.reduce_range[0]}")
         print("| model | fp32 % | per-tensor fake-quant % | per-tensor ORT % | per-channel fake-quant % | "
               "per-channel ORT % |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in tensor_rows:
             print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
     if qat_rows:
-        print(f"\n4-bit weights (MSE grid, per channel), 8-bit activations: PTQ then QAT {args.qat_epochs} epochs")
+        ends = "4" if args.qat_all_4bit else "8"
+        print(f"\n4-bit weights (MSE grid, per channel; first/last layer at {ends} bits), 8-bit activations: "
+              f"PTQ then QAT {args.qat_epochs} epochs lr {args.qat_lr}, BN kept and frozen after "
+              f"{args.qat_freeze_bn_after:.0%} of the steps")
         print("| model | fp32 % | 4-bit PTQ % | 4-bit QAT % | QAT drop | stored weights |")
         print("|---|---:|---:|---:|---:|---:|")
         for r in qat_rows:

@@ -14,7 +14,7 @@ from slimkit.exceptions import ConfigError
 from slimkit.quantize import binarize_, quantize_
 from slimkit.quantize.fake import quant_layers
 from slimkit.quantize.packing import pack_bits, packed_nbytes, unpack_bits
-from slimkit.quantize.sensitivity import choose_bits, fold_copy, layer_sensitivity
+from slimkit.quantize.sensitivity import Sensitivity, choose_bits, fold_copy, layer_sensitivity
 from slimkit.quantize.stages import Int8StageConfig
 
 
@@ -96,7 +96,14 @@ def test_int8_auto_bits_meets_budget_and_reports_sensitivity(tmp_path, baseline_
     assert set(details["sensitivity"]) == {"conv2", "fc1", "fc2"}  # conv1 pinned by the override
     bits = details["layer_bits"]
     assert bits["conv1"] == 8 and min(bits.values()) < 8
-    assert "drop@4b" in details["layers"][1]
+    assert details["auto_bits"]["predicted_kl"] > 0.0
+    for name in ("conv2", "fc1", "fc2"):
+        cells = details["sensitivity"][name]
+        assert set(cells) == {"8", "4", "2"} and cells["2"]["kl"] > cells["8"]["kl"] > 0.0
+    rows = {r["layer"]: r for r in details["layers"]}
+    assert "drop@4b" not in rows["conv1"] and rows["fc1"]["kl@4b"] > 0.0 and "drop@4b" in rows["fc1"]
+    assert "| drop@4b |" in (tmp_path / "run" / "report.md").read_text()  # columns of any row, not only the first
+    assert "| kl@4b |" in (tmp_path / "run" / "report.md").read_text()
     # the planned size is the stored size (packed codes + scales + biases + activation grids)
     assert row["bytes"] == details["auto_bits"]["planned_bytes"]
 
@@ -122,32 +129,82 @@ def _net():
                          nn.Flatten(), nn.Linear(8 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
 
 
-def _agreement(x):
-    def evaluate(model, reference={}):  # noqa: B006 - caches the float predictions of the first call
-        pred = model(x).argmax(1)
-        if "y" not in reference:
-            reference["y"] = pred
-        return 100.0 * float((pred == reference["y"]).float().mean())
-
-    return evaluate
-
-
 def test_sensitivity_table_leaves_model_unchanged_and_grows_with_fewer_bits():
     model = fold_copy(_net())
     x = torch.randn(256, 1, 8, 8)
     before = model(x)
-    table = layer_sensitivity(model, _agreement(x), candidates=(8, 4, 2))
+    table = layer_sensitivity(model, x, candidates=(8, 4, 2))
     assert set(table) == {"0", "3", "6", "8"} and all(set(r) == {8, 4, 2} for r in table.values())
     assert torch.equal(model(x), before) and not quant_layers(model)
-    assert all(abs(r[8]) <= 2.0 for r in table.values())
-    assert sum(r[2] for r in table.values()) >= sum(r[8] for r in table.values())
+    assert all(abs(r[8].drop) <= 2.0 for r in table.values())
+    assert sum(r[2].drop for r in table.values()) >= sum(r[8].drop for r in table.values())
+    assert all(r[2].kl > r[4].kl > r[8].kl > 0.0 for r in table.values())
+
+
+def test_sensitivity_on_a_dataset_uses_its_labels_and_the_same_samples_for_every_trial():
+    model = fold_copy(_net())
+    x = torch.randn(256, 1, 8, 8)
+    wrong = (model(x).argmax(1) + 1) % 4  # labels the float model never predicts: float accuracy 0 %
+    table = layer_sensitivity(model, torch.utils.data.TensorDataset(x, wrong), candidates=(2,), batch_size=16)
+    by_tensor = layer_sensitivity(model, x, candidates=(2,))
+    assert max(r[2].drop for r in by_tensor.values()) > 0  # 2 bits changes predictions: agreement drops
+    assert max(r[2].drop for r in table.values()) <= 0 < -min(r[2].drop for r in table.values())
+    assert {n: r[2].kl for n, r in table.items()} == pytest.approx({n: r[2].kl for n, r in by_tensor.items()})
+
+
+def _saturated_net():
+    """Accuracy is 100 % at every width: class 0 has a +4 bias, above anything the weights add.
+
+    Layer "0" has one weight of 8 per row on an input that is always 0: it changes no output
+    but stretches the per-row min-max grid, so the live weights (|w| <= 0.25) are rounded
+    coarsely at 8 bits and to zero at 4 and 2 (large error). Layer "2" has no outlier (small
+    error). Per weight, layer "0"'s relative noise is the smaller (the exact outlier dominates
+    ||W||^2): the all-zero accuracy column plus the weight-noise tie-break would lower it first.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16, bias=False), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        net[0].weight.uniform_(-0.25, 0.25)
+        net[0].weight[:, 0] = 8.0
+        net[2].weight.uniform_(-0.25, 0.25)
+        net[2].bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    x = torch.rand(256, 16) * 2 - 1
+    x[:, 0] = 0.0
+    return net, x
+
+
+def test_kl_ranks_layers_when_accuracy_saturates():
+    from slimkit.quantize.sensitivity import weight_noise
+
+    net, x = _saturated_net()
+    table = layer_sensitivity(net, x, candidates=(8, 4, 2))
+    assert all(cell.drop == 0.0 for row in table.values() for cell in row.values())
+    for bits in (8, 4, 2):
+        assert table["0"][bits].kl > 2 * table["2"][bits].kl > 0.0
+    assert all(row[2].kl >= row[4].kl >= row[8].kl for row in table.values())
+    assert weight_noise(net[0], 4) / net[0].weight.numel() < weight_noise(net[2], 4) / net[2].weight.numel()
+    # lowering one layer 8 -> 4 bits fits the budget: the one whose outputs barely move goes first
+    full = choose_bits(net, table, budget_bytes=10**9, act_bits=None).stored_bytes
+    plan = choose_bits(net, table, budget_bytes=full - 1, act_bits=None)
+    assert plan.bits == {"0": 8, "2": 4} and plan.predicted_drop == 0.0
+    assert plan.predicted_kl == pytest.approx(table["0"][8].kl + table["2"][4].kl)
+    assert "kl " in plan.steps[0] and "drop +0.00" in plan.steps[0]
+
+
+@pytest.mark.parametrize("data,needle", [(torch.empty(0, 16), "at least one sample"),
+                                         ([[0.0] * 16], "input tensor or a dataset")])
+def test_bad_sensitivity_data_is_one_clear_line(data, needle):
+    net, _ = _saturated_net()
+    with pytest.raises(ConfigError, match=needle) as err:
+        layer_sensitivity(net, data)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("budget_fraction", [0.9, 0.6, 0.35])
 def test_choose_bits_meets_the_budget_exactly_as_stored(budget_fraction):
     model = fold_copy(_net())
     x = torch.randn(64, 1, 8, 8)
-    table = layer_sensitivity(model, _agreement(x), candidates=(8, 4, 2))
+    table = layer_sensitivity(model, x, candidates=(8, 4, 2))
     at8 = choose_bits(model, table, budget_bytes=10**9)
     assert set(at8.bits.values()) == {8} and not at8.steps
     budget = int(at8.stored_bytes * budget_fraction)
@@ -160,18 +217,28 @@ def test_choose_bits_meets_the_budget_exactly_as_stored(budget_fraction):
     assert {n: m.bits for n, m in quant_layers(model).items()} == plan.bits
 
 
-def test_choose_bits_lowers_the_least_sensitive_layer_first():
+def _cells(drops, kls):
+    return {b: Sensitivity(drop=d, kl=k) for b, d, k in zip((8, 4, 2), drops, kls)}
+
+
+@pytest.mark.parametrize("table,lowered", [
+    # KL ranks, even against the accuracy drop
+    ({"0": _cells((0, 0, 0), (0, 5.0, 50)), "3": _cells((0, 0, 0), (0, 5.0, 50)),
+      "6": _cells((0, 9.0, 90), (0, 0.1, 1.0)), "8": _cells((0, 0, 0), (0, 9.0, 90))}, "6"),
+    # equal KL: the accuracy drop decides
+    ({"0": _cells((0, 5.0, 50), (0, 1.0, 1.0)), "3": _cells((0, 5.0, 50), (0, 1.0, 1.0)),
+      "6": _cells((0, 0.1, 1.0), (0, 1.0, 1.0)), "8": _cells((0, 9.0, 90), (0, 1.0, 1.0))}, "6"),
+])
+def test_choose_bits_lowers_the_least_sensitive_layer_first(table, lowered):
     model = fold_copy(_net())
-    table = {"0": {8: 0.0, 4: 5.0, 2: 50.0}, "3": {8: 0.0, 4: 5.0, 2: 50.0},
-             "6": {8: 0.0, 4: 0.1, 2: 1.0}, "8": {8: 0.0, 4: 9.0, 2: 90.0}}
     full = choose_bits(model, table, budget_bytes=10**9).stored_bytes
     plan = choose_bits(model, table, budget_bytes=full - 100)
-    assert plan.bits == {"0": 8, "3": 8, "6": 4, "8": 8} and len(plan.steps) == 1
+    assert plan.bits == {n: 4 if n == lowered else 8 for n in table} and len(plan.steps) == 1
 
 
 def test_choose_bits_unreachable_budget_is_one_clear_line():
     model = fold_copy(_net())
-    table = {"6": {8: 0.0, 2: 1.0}}
+    table = {"6": {8: Sensitivity(0.0, 0.0), 2: Sensitivity(1.0, 0.1)}}
     with pytest.raises(ConfigError, match="cannot be met") as err:
         choose_bits(model, table, budget_bytes=100)
     assert "\n" not in str(err.value)

@@ -48,6 +48,7 @@ class QuantMixin:
         self.register_buffer("a_range", torch.zeros(2))  # moving [lo, hi] tracked in QAT
         self.calibrating = False
         self.freeze_act = False
+        self.train_observer = "minmax"  # re-derives the weight grid at every training step (QAT)
         self.export_mode = False
         self.act_observer: Observer | None = None
 
@@ -73,7 +74,7 @@ class QuantMixin:
     def set_weight_qparams(self, observer: str = "minmax", **options) -> None:
         """Derive the weight grid from the current weights with the named observer."""
         obs = make_observer(observer, axis=0 if self.per_channel else None, **options)
-        obs.update(self.weight)
+        obs.update(self.grid_weight())
         scale, zero = obs.qparams(self.bits, self.symmetric)
         if self.half_scales:
             scale = round_up_fp16(scale)
@@ -100,8 +101,12 @@ class QuantMixin:
         qmin, qmax = self.w_range()
         shape = (-1,) + (1,) * (self.weight.dim() - 1) if self.per_channel else ()
         scale, zero = self.w_scale.reshape(shape), self.w_zero.reshape(shape)
-        q = torch.clamp(torch.round(self.weight / scale) + zero, qmin, qmax).to(torch.int32)
+        q = torch.clamp(torch.round(self.grid_weight() / scale) + zero, qmin, qmax).to(torch.int32)
         return q, self.w_scale.clone(), self.w_zero.clone()
+
+    def grid_weight(self) -> torch.Tensor:
+        """The weight the grid quantizes (the layer's own; a BN-carrying layer's folded one)."""
+        return self.weight
 
     # --- forward pieces ------------------------------------------------------------------
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +130,7 @@ class QuantMixin:
 
     def _quant_weight(self) -> torch.Tensor:
         if self.calibrating:
-            return self.weight
+            return self.grid_weight()
         if self.export_mode:
             # a plain tensor computed before tracing: exported as a constant, folded to int8 codes
             qmin, qmax = (-128, 127) if self.symmetric else (0, 255)
@@ -134,9 +139,10 @@ class QuantMixin:
             return torch.fake_quantize_per_channel_affine(self._export_weight, self.export_scale, self.export_zero,
                                                           0, qmin, qmax)
         if self.training:
-            self.set_weight_qparams("minmax")
+            self.set_weight_qparams(self.train_observer)
         qmin, qmax = self.w_range()
-        return fake_quant(self.weight, self.w_scale, self.w_zero, qmin, qmax, axis=0 if self.per_channel else None)
+        axis = 0 if self.per_channel else None
+        return fake_quant(self.grid_weight(), self.w_scale, self.w_zero, qmin, qmax, axis=axis)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 import torch
@@ -19,19 +20,19 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
-from slimkit.quantize.fake import freeze_
-from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, stored_bytes
+from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, resolve_reduce_range, stored_bytes
 from slimkit.stages import StageContext, StageOutput, register_stage
-from slimkit.train import StepInfo, TrainHooks
+from slimkit.train import TrainHooks
 
 
 class Int8StageConfig(QuantConfig):
     """QuantConfig plus deployment (engines to try, the accuracy target) and automatic widths.
 
-    ``bits: auto`` measures each layer's sensitivity (accuracy drop when only its weights are
-    quantized at each of ``auto_bits``, on ``sensitivity_samples`` training samples) and picks
-    widths greedily so that the stored model fits ``size_budget_bytes`` or the stage's input
-    fp32 bytes / ``size_ratio`` (exactly one of the two). Layers matched by ``overrides`` stay
+    ``bits: auto`` measures each layer's sensitivity (accuracy drop and output KL divergence when
+    only its weights are quantized at each of ``auto_bits``, on ``sensitivity_samples`` training
+    samples; 8 is measured at 7 where ``reduce_range`` applies) and picks widths greedily so that
+    the stored model fits ``size_budget_bytes`` or the stage's input fp32 bytes / ``size_ratio``
+    (exactly one of the two). Layers matched by ``overrides`` stay
     pinned. ``sensitivity: true`` adds the table without choosing widths.
     """
 
@@ -64,9 +65,15 @@ class Int8StageConfig(QuantConfig):
 
 
 class QATStageConfig(Int8StageConfig):
-    """Int8StageConfig plus when activation ranges freeze (fraction of fine-tune steps)."""
+    """Int8StageConfig plus how QAT trains: ``keep_bn`` trains with batch norm (folded weights
+    fake-quantized, :mod:`slimkit.quantize.qat`) and folds it at the end; BN statistics
+    freeze after ``freeze_bn_after`` and activation ranges after ``freeze_after`` (fractions of
+    the fine-tune's steps). ``train_observer`` re-derives the weight grids at every step."""
 
     freeze_after: float = Field(0.5, ge=0, le=1)
+    keep_bn: bool = True
+    freeze_bn_after: float = Field(0.5, ge=0, le=1)
+    train_observer: Literal["minmax", "mse"] = "minmax"
 
 
 def _calibration(ctx: StageContext, config: QuantConfig) -> list[torch.Tensor]:
@@ -79,7 +86,6 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
 
     from slimkit.quantize.sensitivity import choose_bits, fold_copy, layer_sensitivity
     from slimkit.selection import matches
-    from slimkit.train import evaluate
 
     quant = config.quant_config()
     if config.bits != "auto" and not config.sensitivity:
@@ -88,11 +94,14 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
     train = ctx.data.train
     subset = Subset(train, range(min(config.sensitivity_samples, len(train))))
     candidates = config.auto_bits if config.bits == "auto" else tuple(sorted({8, 4, 2, config.bits}, reverse=True))
+    if resolve_reduce_range(quant)[0] and quant.symmetric:  # 8-bit layers will deploy on the 7-bit grid
+        candidates = tuple(sorted({7 if b == 8 else b for b in candidates}, reverse=True))
     ignore = tuple(config.ignore) + tuple(config.overrides)
-    table = layer_sensitivity(folded, lambda m: evaluate(m, subset), candidates, config.layers, ignore,
-                              config.per_channel, config.symmetric, config.weight_observer)
-    details: dict = {"sensitivity": {n: {str(b): d for b, d in row.items()} for n, row in table.items()},
-                     "sensitivity_on": f"{len(subset)} training samples, one layer's weights quantized at a time"}
+    table = layer_sensitivity(folded, subset, candidates, config.layers, ignore, config.per_channel,
+                              config.symmetric, config.weight_observer)
+    details: dict = {"sensitivity": {n: {str(b): asdict(c) for b, c in row.items()} for n, row in table.items()},
+                     "sensitivity_on": f"{len(subset)} training samples, one layer's weights quantized at a time; "
+                                       "drop: accuracy points, kl: mean KL(float || quantized) of the softmax, nats"}
     if config.bits != "auto":
         return quant, details
     from slimkit.selection import select_modules
@@ -110,7 +119,7 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
                        scale_bytes=2 if config.scale_dtype == "float16" else 4)
     details.update(auto_bits={"budget_bytes": budget, "planned_bytes": plan.stored_bytes,
                               "float_bytes": float_bytes, "predicted_drop": plan.predicted_drop,
-                              "steps": plan.steps})
+                              "predicted_kl": plan.predicted_kl, "steps": plan.steps})
     quant = quant.model_copy(update={"overrides": {**plan.overrides(), **config.overrides}})
     return quant, details
 
@@ -121,8 +130,9 @@ def _layer_rows(details: dict) -> list[dict]:
     rows = []
     for name, info in details.get("layers", {}).items():
         row = {"layer": name, "type": info.get("type"), "bits": info.get("bits"), "act_bits": info.get("act_bits")}
-        for bits, drop in sens.get(name, {}).items():
-            row[f"drop@{bits}b"] = drop
+        cells = sens.get(name, {})
+        row.update({f"drop@{bits}b": cell["drop"] for bits, cell in cells.items()})
+        row.update({f"kl@{bits}b": float(f"{cell['kl']:.3g}") for bits, cell in cells.items()})
         rows.append(row)
     return rows
 
@@ -185,20 +195,21 @@ def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
 @register_stage("qat", QATStageConfig)
 def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> StageOutput:
     """Quantization-aware training: PTQ start, fine-tune with fake quant (STE), then deploy as int8."""
+    from slimkit.quantize.qat import fold_qat_bn_, late_freezer, prepare_qat_
+
     float_model = copy.deepcopy(model).eval()
     quant, planned = _plan_bits(model, config, ctx)
-    report = quantize_(model, quant, calibration=_calibration(ctx, quant))
+    report = prepare_qat_(model, quant, _calibration(ctx, quant), config.keep_bn, config.train_observer)
     report.update(planned)
     report["ptq_accuracy"] = ctx.evaluate(model) if ctx.evaluate else None
 
-    def freeze_late(m: nn.Module, info: StepInfo) -> None:
-        if info.step >= config.freeze_after * info.total_steps:
-            freeze_(m)
-
     def finalize(trained: nn.Module) -> StageOutput:
-        return _deploy(trained, float_model, config, ctx, dict(report), trained=True)
+        details = dict(report)
+        details["folded_bn"] = list(report["folded_bn"]) + fold_qat_bn_(trained)
+        return _deploy(trained, float_model, config, ctx, details, trained=True)
 
-    return StageOutput(model=model, details=report, hooks=TrainHooks(after_step=(freeze_late,)),
+    hooks = TrainHooks(after_step=(late_freezer(config.freeze_after, config.freeze_bn_after),))
+    return StageOutput(model=model, details=report, hooks=hooks,
                        stored_bytes=stored_bytes(model), phase="simulated", finalize=finalize)
 
 

@@ -74,7 +74,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for row in rows:
         layers = row.get("details", {}).get("layers")
         if isinstance(layers, list) and layers and isinstance(layers[0], dict):
-            keys = list(layers[0])
+            keys = list(dict.fromkeys(k for layer in layers for k in layer))  # rows may lack columns (pinned)
             lines += ["", f"## {row['name']}: per layer", "", "| " + " | ".join(keys) + " |",
                       "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(str(layer.get(k, "")) for k in keys) + " |" for layer in layers]
