@@ -65,6 +65,16 @@ def test_int8_stage_reports_deployed_integer_model(tmp_path, baseline_path):
     # figure moves with the torch thread count earlier tests leave behind; a wrong model agrees on ~10 %.
     assert row["details"]["engines"]["onnxruntime-int8"]["agreement_with_fakequant"] >= 0.90
     assert [r["bits"] for r in row["details"]["layers"]] == [8, 8, 8, 8]
+    # the combined effect against the dense fp32 baseline, timed in the same engine
+    dense = row["details"]["vs_dense_fp32"]
+    assert dense["dense_engine"] == "onnxruntime-fp32" and dense["deployed_engine"] == "onnxruntime-int8"
+    assert dense["dense_fp32_bytes"] == 431_080 * 4 and dense["deployed_bytes"] == row["bytes"]
+    assert dense["speedup"] == pytest.approx(dense["dense_fp32_ms"] / dense["deployed_ms"])
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    ort = row["details"]["engines"]["onnxruntime-int8"]
+    assert "## int8: engines" in markdown and "Against the dense fp32 baseline: onnxruntime-int8" in markdown
+    ort_row = f"| onnxruntime-int8 | yes | {ort['accuracy']:.2f} | {ort['latency_ms']:.3f} | {ort['file_bytes']:,} |"
+    assert ort_row in markdown
     assert "## int8: per layer" in (tmp_path / "run" / "report.md").read_text()
 
 
@@ -85,6 +95,14 @@ def test_binarize_stage_bwn(tmp_path, baseline_path):
     assert row["engine"] == "torch" and row["accuracy"] == pytest.approx(row["details"]["simulated_accuracy"])
     assert row["bytes"] < row["details"]["slim_bytes"] + 200 and row["ratio"] > 5
     assert set(row["details"]["layers"]) == {"conv2", "fc1"}
+
+
+def test_reduced_range_int8_is_still_offered_to_torch_x86(tmp_path, baseline_path):
+    _, row = _run(tmp_path, baseline_path, {"name": "int8", "int8": {
+        "bits": 8, "engines": ["torch"], "max_drop": 100, "reduce_range": True}})
+    details = row["details"]
+    assert details["reduce_range"] is True and {r["bits"] for r in details["layers"]} == {7}
+    assert "torch_skipped" not in details and "accuracy" in details["engines"]["torch-x86-int8"]
 
 
 def test_int8_auto_bits_meets_budget_and_reports_sensitivity(tmp_path, baseline_path):

@@ -147,6 +147,31 @@ def _write_slim(model: nn.Module, ctx: StageContext, details: dict) -> dict[str,
     return {"model.slim": str(path)}
 
 
+def _vs_dense(ctx: StageContext, results: dict, engine: str | None, deployed_bytes: int) -> dict:
+    """The deployed model against the dense fp32 baseline run by the same engine's fp32 path
+    (batch 1, one thread): what a pruned-then-quantized model buys in total."""
+    from slimkit.export.onnx import OnnxRunner, export_onnx, median_ms
+
+    if engine is None or ctx.baseline is None or "latency_ms" not in results.get(engine, {}):
+        return {"skipped": "no integer engine was chosen"}
+    dense, example = ctx.baseline.eval(), ctx.example_inputs[:1]
+    try:
+        if engine.startswith("onnxruntime"):
+            fp32_engine = "onnxruntime-fp32"
+            dense_ms = OnnxRunner(export_onnx(dense, example, ctx.stage_dir / "baseline.fp32.onnx")).latency_ms(example)
+        else:
+            fp32_engine = "torch-fp32"
+            with torch.no_grad():
+                dense_ms = median_ms(lambda: dense(example))
+    except Exception as err:  # the dense model may hold ops ONNX cannot export
+        return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    deployed_ms = results[engine]["latency_ms"]
+    return {"dense_engine": fp32_engine, "dense_fp32_ms": dense_ms, "deployed_engine": engine,
+            "deployed_ms": deployed_ms, "speedup": dense_ms / deployed_ms, "dense_fp32_bytes": dense_bytes,
+            "deployed_bytes": deployed_bytes, "size_ratio": dense_bytes / deployed_bytes}
+
+
 def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, ctx: StageContext,
             details: dict, trained: bool = False) -> StageOutput:
     from slimkit.export.engines import choose_engine, compare_engines
@@ -157,7 +182,11 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
     if config.act_bits != 8:
         engines = tuple(e for e in engines if e != "onnxruntime")
         details["onnx_skipped"] = f"act_bits={config.act_bits}: only 8-bit activations export to integer ONNX"
-    own_grids = trained or any(v["bits"] != 8 for v in details.get("layers", {}).values())
+    # reduce_range turns 8-bit layers into 7-bit ones for int8 kernels that saturate; torch's own
+    # x86 path guards against the same overflow itself (fbgemm reduces activations), so 8-bit PTQ
+    # is still what it runs
+    as_8bit = {8, 7} if details.get("reduce_range") else {8}
+    own_grids = trained or any(v["bits"] not in as_8bit for v in details.get("layers", {}).values())
     if own_grids and "torch" in engines:
         # torch.ao quantizes the float model with its own 8-bit observers: not this model
         engines = tuple(e for e in engines if e != "torch")
@@ -171,6 +200,7 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
     if isinstance(details.get("layers"), dict):
         details["layer_bits"] = {n: v["bits"] for n, v in details["layers"].items()}
         details["layers"] = _layer_rows(details)
+    details["vs_dense_fp32"] = _vs_dense(ctx, results, engine, stored_bytes(qmodel))
     artifacts = _write_slim(qmodel, ctx, details)
     if "path" in results.get("onnxruntime-int8", {}):
         artifacts["model.int8.onnx"] = results["onnxruntime-int8"]["path"]

@@ -72,6 +72,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "![accuracy vs size](accuracy_vs_size.png)",
     ]
     for row in rows:
+        lines += _engine_lines(row)
         layers = row.get("details", {}).get("layers")
         if isinstance(layers, list) and layers and isinstance(layers[0], dict):
             keys = list(dict.fromkeys(k for layer in layers for k in layer))  # rows may lack columns (pinned)
@@ -79,6 +80,40 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(str(layer.get(k, "")) for k in keys) + " |" for layer in layers]
     return "\n".join(lines) + "\n"
+
+
+def _engine_lines(row: dict[str, Any]) -> list[str]:
+    """An integer stage's engines (accuracy as executed, latency, file size), the choice and the
+    comparison with the dense fp32 baseline, as markdown lines (none for other stages)."""
+    details = row.get("details", {})
+    engines = details.get("engines")
+    if not isinstance(engines, dict) or not engines:
+        return []
+
+    def fmt(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else ""
+
+    lines = ["", f"## {row['name']}: engines", "",
+             "| engine | integer | accuracy % | latency ms | file bytes | agrees with fake-quant |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, res in engines.items():
+        if "error" in res:
+            lines.append(f"| {name} | | failed: {res['error']} | | | |")
+            continue
+        agreement = res.get("agreement_with_fakequant")
+        lines.append(f"| {name} | {'yes' if res.get('integer') else 'no'} | {fmt(res.get('accuracy'), '.2f')} | "
+                     f"{fmt(res.get('latency_ms'), '.3f')} | {fmt(res.get('file_bytes'), ',')} | "
+                     f"{fmt(100 * agreement, '.1f') + ' %' if agreement is not None else ''} |")
+    lines += ["", f"Chosen: {details.get('engine_reason', row.get('engine', ''))}."]
+    if details.get("reduce_range_reason"):
+        lines.append(f"Weights: {details['reduce_range_reason']}.")
+    dense = details.get("vs_dense_fp32", {})
+    if "speedup" in dense:
+        lines.append(f"Against the dense fp32 baseline: {dense['deployed_engine']} {dense['deployed_ms']:.3f} ms vs "
+                     f"{dense['dense_engine']} {dense['dense_fp32_ms']:.3f} ms ({dense['speedup']:.2f}x), "
+                     f"{dense['deployed_bytes']:,} B vs {dense['dense_fp32_bytes']:,} B ({dense['size_ratio']:.1f}x "
+                     "smaller).")
+    return lines
 
 
 def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
