@@ -18,13 +18,13 @@ import time
 import torch
 
 
-def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp") -> dict:
+def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp", observer: str = "minmax") -> dict:
     from slimkit.export.engines import compare_engines
     from slimkit.quantize import quantize_
     from slimkit.quantize.uniform import stored_bytes
 
     q = copy.deepcopy(model).eval()
-    cfg = {"bits": 8, "per_channel": per_channel, "reduce_range": reduce_range}
+    cfg = {"bits": 8, "per_channel": per_channel, "reduce_range": reduce_range, "observer": observer}
     report = quantize_(q, cfg, calibration=data.train)
     example = torch.zeros(1, *data.input_shape)
     res = compare_engines(q, model, data.test, example, out_dir, engines=("onnxruntime",))
@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reduce-range", nargs="+", default=["auto", "false"], choices=["auto", "true", "false"],
                         help="reduce_range settings of the PTQ table (true: 7-bit weights in int8)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="baseline training seeds of the PTQ table")
+    parser.add_argument("--observers", nargs="+", default=["minmax"], choices=["minmax", "ema", "percentile", "mse"],
+                        help="activation observers of the PTQ table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -88,23 +91,35 @@ def main() -> None:
     data = load_data("digits")
     rows, tensor_rows, qat_rows, bwn_rows = [], [], [], []
     out = tempfile.mkdtemp(prefix="qtargets-")
+    drops: dict[str, list[float]] = {}
     for name in args.models:
         start = time.perf_counter()
-        model = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels)
-        fit(model, data.train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=0), progress=False)
-        model.eval()
+        settings = [{"auto": "auto", "true": True, "false": False}[r] for r in args.reduce_range]
+        for seed in args.seeds:
+            trained = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels)
+            fit(trained, data.train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed), progress=False)
+            trained.eval()
+            if seed == args.seeds[0]:
+                model, first_pc = trained, None
+            seed_fp32 = evaluate(trained, data.test)
+            fp32_bytes = sum(t.numel() * t.element_size() for t in trained.state_dict().values())
+            for observer in args.observers:
+                for reduce in settings:
+                    pc = ptq(trained, data, True, reduce, out_dir=out, observer=observer)
+                    if trained is model and first_pc is None:
+                        first_pc = pc
+                    grid = "7-bit range" if pc["reduced"] else "full range"
+                    label = f"{name}, {grid} (reduce_range: {str(reduce).lower()}), act {observer}"
+                    drops.setdefault(label, []).append(pc["ort_int8"] - seed_fp32)
+                    rows.append((f"{label}, seed {seed}", seed_fp32, pc["fakequant"], pc["ort_int8"],
+                                 pc["ort_int8"] - seed_fp32, fp32_bytes / pc["bytes"], pc["agreement"],
+                                 pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
         fp32 = evaluate(model, data.test)
         fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        settings = [{"auto": "auto", "true": True, "false": False}[r] for r in args.reduce_range]
-        per_channel = [ptq(model, data, True, reduce, out_dir=out) for reduce in settings]
-        for reduce, pc in zip(settings, per_channel):
-            grid = "7-bit range" if pc["reduced"] else "full range"
-            rows.append((f"{name} (int8, {grid}, reduce_range: {str(reduce).lower()})", fp32, pc["fakequant"],
-                         pc["ort_int8"], pc["ort_int8"] - fp32,
-                         fp32_bytes / pc["bytes"], pc["agreement"], pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
         if "per-tensor" not in args.skip:
-            pc, pt = per_channel[0], ptq(model, data, False, settings[0], out_dir=out)
-            tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], pc["fakequant"], pc["ort_int8"]))
+            pt = ptq(model, data, False, settings[0], out_dir=out, observer=args.observers[0])
+            tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], first_pc["fakequant"],
+                                first_pc["ort_int8"]))
         if "qat" not in args.skip:
             r = qat4(model, data, args.qat_epochs, args.qat_lr, not args.qat_all_4bit, args.qat_freeze_bn_after)
             qat_rows.append((name, fp32, r["ptq4"], r["qat4"], r["qat4"] - fp32, fp32_bytes / r["bytes"]))
@@ -113,13 +128,19 @@ def main() -> None:
             bwn_rows.append((name, fp32, r["bwn"], r["bwn"] - fp32, fp32_bytes / r["bytes"]))
         print(f"# {name} done in {time.perf_counter() - start:.0f} s", flush=True)
 
-    print(f"\nPer-channel int8 PTQ (minmax, 8 calibration batches), digits test, baseline {args.epochs} epochs")
+    print(f"\nPer-channel int8 PTQ (8 calibration batches), digits test, baseline {args.epochs} epochs")
     print("| model | fp32 % | int8 fake-quant % | int8 ONNX Runtime % | drop (points) | stored weights | "
           "ORT int8 vs fakequant agreement | ORT fp32/int8 latency |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:+.2f} | {r[5]:.2f}x smaller | "
               f"{100 * r[6]:.1f} % | {r[7]:.2f}x |")
+    if len(args.seeds) > 1:
+        print(f"\nONNX Runtime int8 drop over seeds {args.seeds} (points; one test image = {100 / len(data.test):.2f})")
+        print("| setting | mean | min | max |")
+        print("|---|---:|---:|---:|")
+        for label, values in drops.items():
+            print(f"| {label} | {sum(values) / len(values):+.2f} | {min(values):+.2f} | {max(values):+.2f} |")
     if tensor_rows:
         print(f"\nPer-tensor vs per-channel int8 weights, reduce_range: {args.reduce_range[0]}")
         print("| model | fp32 % | per-tensor fake-quant % | per-tensor ORT % | per-channel fake-quant % | "

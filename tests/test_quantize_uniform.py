@@ -128,7 +128,7 @@ def test_mixed_precision_by_glob_and_sizes():
 
 
 @pytest.mark.parametrize("bad", [{"bits": 0}, {"bits": 9}, {"observer": "histogram"}, {"overrides": {"0": 9}},
-                                 {"bitz": 8}])
+                                 {"bitz": 8}, {"reduce_range": "maybe"}, {"scale_dtype": "bfloat16"}])
 def test_bad_configs_are_one_line(bad):
     with pytest.raises(ConfigError) as err:
         QuantConfig.coerce(bad, where="stages[0].int8")

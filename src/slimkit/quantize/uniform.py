@@ -72,6 +72,13 @@ class QuantConfig(Config):
         "auto", description="8-bit symmetric weights on a 7-bit grid (auto: where int8 pair sums saturate)")
     scale_dtype: Literal["float16", "float32"] = Field("float16", description="how weight scales are stored")
 
+    @field_validator("reduce_range", mode="before")
+    @classmethod
+    def _check_reduce_range(cls, value):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
+
     @field_validator("overrides")
     @classmethod
     def _check_overrides(cls, value: dict[str, int]) -> dict[str, int]:
