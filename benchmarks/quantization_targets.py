@@ -34,6 +34,25 @@ def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp", obs
             "ort_fp32_ms": res["onnxruntime-fp32"]["latency_ms"], "ort_int8_ms": res["onnxruntime-int8"]["latency_ms"]}
 
 
+def grid_noise_by_kind(model) -> dict[str, tuple[int, float, float]]:
+    """{layer kind: (layers, mean per-tensor noise, mean per-channel noise)} of the BN-folded int8 weights;
+    noise = ||W - Q(W)||^2 / ||W||^2 on the min-max grid."""
+    from slimkit.quantize.sensitivity import fold_copy, weight_noise
+
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for m in fold_copy(model).modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kind = ("depthwise 3x3" if m.groups == m.in_channels > 1 else
+                    "pointwise 1x1" if m.kernel_size == (1, 1) else "dense conv")
+        elif isinstance(m, torch.nn.Linear):
+            kind = "linear"
+        else:
+            continue
+        noise = (weight_noise(m, 8, per_channel=False), weight_noise(m, 8, per_channel=True))
+        groups.setdefault(kind, []).append(noise)
+    return {k: (len(v), sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for k, v in groups.items()}
+
+
 def qat4(model, data, epochs: int, lr: float, pin_ends: bool = True, freeze_bn_after: float = 0.5) -> dict:
     """4-bit weights (MSE grid), 8-bit activations; BN kept in QAT and frozen late; first and last
     layers at 8 bits when ``pin_ends``."""
@@ -89,7 +108,7 @@ def main() -> None:
     from slimkit.train import TrainConfig, evaluate, fit
 
     data = load_data("digits")
-    rows, tensor_rows, qat_rows, bwn_rows = [], [], [], []
+    rows, tensor_rows, noise_rows, qat_rows, bwn_rows = [], [], [], [], []
     out = tempfile.mkdtemp(prefix="qtargets-")
     drops: dict[str, list[float]] = {}
     for name in args.models:
@@ -120,6 +139,7 @@ def main() -> None:
             pt = ptq(model, data, False, settings[0], out_dir=out, observer=args.observers[0])
             tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], first_pc["fakequant"],
                                 first_pc["ort_int8"]))
+            noise_rows += [(name, kind, *v) for kind, v in grid_noise_by_kind(model).items()]
         if "qat" not in args.skip:
             r = qat4(model, data, args.qat_epochs, args.qat_lr, not args.qat_all_4bit, args.qat_freeze_bn_after)
             qat_rows.append((name, fp32, r["ptq4"], r["qat4"], r["qat4"] - fp32, fp32_bytes / r["bytes"]))
@@ -148,6 +168,12 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|")
         for r in tensor_rows:
             print(f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} |")
+    if noise_rows:
+        print("\nRelative weight-quantization noise ||W - Q(W)||^2 / ||W||^2 at 8 bits (BN folded), mean per layer")
+        print("| model | layer kind | layers | per-tensor | per-channel | per-tensor / per-channel |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in noise_rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2e} | {r[4]:.2e} | {r[3] / max(r[4], 1e-30):.1f}x |")
     if qat_rows:
         ends = "4" if args.qat_all_4bit else "8"
         print(f"\n4-bit weights (MSE grid, per channel; first/last layer at {ends} bits), 8-bit activations: "
