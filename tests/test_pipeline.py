@@ -45,3 +45,22 @@ def test_weight_sharing_stays_in_force_in_a_later_stage_finetune(tmp_path):
     for layer in (final.fc1, final.fc2, final.fc3):
         weights = layer.weight[layer.weight != 0]
         assert len(torch.unique(weights)) <= 16, "a later fine-tune must move centroids, not single weights"
+
+
+def test_a_resumed_run_keeps_sharing_of_a_loaded_stage(tmp_path):
+    """Interrupted after the share stage: the resumed run loads it and must still keep its centroids."""
+    import torch
+
+    stages = [{"name": "prune", "magnitude": {"sparsity": 0.8}}, {"name": "share", "share": {"linear_bits": 4}}]
+    base = {"name": "sharing-resumed", "model": "lenet-300-100", "train": {"epochs": 1, "lr": 0.02},
+            "latency_runs": 2}
+    run_recipe(parse_recipe({**base, "stages": stages}), tmp_path, progress=False, log=lambda _m: None)
+    tune = {"name": "tune", "train": {}, "finetune": {"epochs": 1, "lr": 0.01}}
+    said = []
+    run_recipe(parse_recipe({**base, "stages": [*stages, tune]}), tmp_path, progress=False, resume=True,
+               log=said.append)
+    assert any("share: done in an earlier run, loaded" in line for line in said)
+    final = load_model(tmp_path / "model.pt")
+    for layer in (final.fc1, final.fc2, final.fc3):
+        weights = layer.weight[layer.weight != 0]
+        assert len(torch.unique(weights)) <= 16, "the resumed fine-tune moved single weights off the codebook"

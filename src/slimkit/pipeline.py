@@ -149,6 +149,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
         if resume and stage_path.is_file() and len(previous) > index:
             model = load_model(stage_path)
             report["stages"].append(previous[index])
+            restore = STAGES.get(stage.kind).resume_hooks
+            restored = restore(model) if restore is not None else None
+            if restored is not None:
+                kept = kept.merge(restored)
             say(f"[{index}] {stage.name}: done in an earlier run, loaded")
             continue
         say(f"[{index}] {stage.name}: {stage.kind}")

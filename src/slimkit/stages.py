@@ -48,16 +48,25 @@ class StageSpec:
     config_cls: type[Config]
     apply: Callable[[nn.Module, Config, StageContext], StageOutput]
     doc: str = ""
+    #: the persistent hooks of a stage whose model is loaded on resume instead of re-applied
+    resume_hooks: Callable[[nn.Module], TrainHooks | None] | None = None
 
 
 STAGES: Registry[StageSpec] = Registry("stage", lazy_modules=STAGE_MODULES)
 
 
-def register_stage(name: str, config_cls: type[Config]):
-    """Decorator: register ``fn(model, config, ctx) -> StageOutput`` as recipe stage ``name``."""
+def register_stage(name: str, config_cls: type[Config],
+                   resume_hooks: Callable[[nn.Module], TrainHooks | None] | None = None):
+    """Decorator: register ``fn(model, config, ctx) -> StageOutput`` as recipe stage ``name``.
+
+    A stage that returns ``persistent_hooks`` also passes ``resume_hooks(model) -> TrainHooks``:
+    when a resumed run loads the stage's saved model instead of applying it, the runner
+    rebuilds from the loaded model the hooks that later fine-tunes must keep.
+    """
 
     def add(fn):
-        STAGES.register(name, StageSpec(name, config_cls, fn, (fn.__doc__ or "").strip().split("\n")[0]))
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        STAGES.register(name, StageSpec(name, config_cls, fn, doc, resume_hooks))
         return fn
 
     return add

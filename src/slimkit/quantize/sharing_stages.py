@@ -31,7 +31,14 @@ def dense_shared_bytes(model: nn.Module, config: ShareConfig) -> int:
     return total
 
 
-@register_stage("share", ShareConfig)
+def _resume_hooks(model: nn.Module):
+    """Centroid sharing for later fine-tunes when a resumed run loads this stage's model."""
+    from slimkit.quantize.sharing import shared_modules
+
+    return mask_hooks().merge(sharing_hooks()) if shared_modules(model) else None
+
+
+@register_stage("share", ShareConfig, resume_hooks=_resume_hooks)
 def share_stage(model: nn.Module, config: ShareConfig, ctx: StageContext) -> StageOutput:
     """k-means weight sharing (Deep Compression); the fine-tune moves centroids by their summed gradients."""
     report = share_weights_(model, config)
