@@ -1,6 +1,8 @@
-"""Measurement: params, non-zeros, MACs (exact by hand and against torchvision's figures), bytes, latency, tables."""
+"""Measurement: params, non-zeros, MACs (exact by hand and against torchvision's figures), bytes, peak activation
+memory (exact by hand), latency, tables."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from slimkit.measure import (
     format_summary,
     layer_profiles,
     measure_latency,
+    peak_activation_bytes,
     profile,
     register_mac_rule,
     state_dict_bytes,
@@ -47,6 +50,8 @@ def test_profile_counts_of_zoo_models(name):
     assert sum(layer.macs for layer in p.layers) == p.macs
     assert sum(layer.share for layer in p.layers) == pytest.approx(1.0)
     assert (p.latency_ms, p.latency_p99_ms, p.throughput, p.batch_size) == (None, None, None, 1)
+    assert p.peak_activation_bytes >= 4 * 28 * 28  # at least the fp32 input
+    assert p.to_dict()["peak_activation_bytes"] == p.peak_activation_bytes
     json.dumps(p.to_dict(layers=True))
 
 
@@ -243,9 +248,200 @@ def test_tables():
     assert "MaxPool2d" not in short and "conv2" in short
     summary = format_summary(p)
     assert "431,080" in summary and "2,293,000" in summary and "p99" in summary and "samples/s" in summary
+    assert "peak 56.25 KiB (57,600 B) at pool1" in summary
     assert "not measured" in format_summary(profile(model, torch.zeros(1, 1, 28, 28), latency=False))
     small = create_model("lenet5", in_channels=1)
     with torch.no_grad():
         small.fc1.weight[:250].zero_()
     comparison = format_comparison({"dense": p, "pruned": profile(small, torch.zeros(1, 1, 28, 28), runs=3)})
     assert comparison.splitlines()[2].split()[0] == "dense" and "1.00x" in comparison
+
+
+# --------------------------------------------------------------------------- peak activation memory
+
+F32 = 4  # bytes per fp32 element
+
+
+def _chain():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+
+def test_peak_of_a_chain_is_the_largest_adjacent_pair():
+    mem = peak_activation_bytes(_chain(), torch.zeros(1, 1, 8, 8))
+    x, a, b, c = (F32 * n for n in (64, 256, 256, 128))  # [1,1,8,8] -> [1,4,8,8] -> relu -> [1,2,8,8]
+    assert mem.steps == (("input", x), ("0", x + a), ("1", a + b), ("2", b + c), ("output", c))
+    assert (mem.peak_bytes, mem.peak_at, mem.method) == (2048, "1", "graph")
+
+
+class _Residual(nn.Module):
+    """x [1,4,8,8] -> conv 4->8 -> relu -> conv 8->4 -> + x -> relu."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(inplace=inplace)
+        self.conv2, self.relu2 = nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(inplace=inplace)
+
+    def forward(self, x):
+        return self.relu2(self.conv2(self.relu1(self.conv1(x))) + x)
+
+
+def test_residual_skip_stays_alive_across_the_branch():
+    mem = peak_activation_bytes(_Residual(), torch.zeros(1, 4, 8, 8))
+    x, a, b, c, d, e = (F32 * n for n in (256, 512, 512, 256, 256, 256))
+    assert [size for _, size in mem.steps] == [x, x + a, x + a + b, x + b + c, x + c + d, d + e, e]
+    assert (mem.peak_bytes, mem.peak_at) == (5120, "relu1")  # x, conv1's and relu1's outputs
+    largest_pair = max(x + a, a + b, b + c, c + x + d, d + e)
+    assert mem.peak_bytes > largest_pair
+
+
+def test_in_place_results_share_their_input_storage():
+    mem = peak_activation_bytes(_Residual(inplace=True), torch.zeros(1, 4, 8, 8))
+    x, a, c, d = (F32 * n for n in (256, 512, 256, 256))  # relu1 writes into a, relu2 into d
+    assert [size for _, size in mem.steps] == [x, x + a, x + a, x + a + c, x + c + d, d, d]
+    assert (mem.peak_bytes, mem.peak_at) == (4096, "conv2")
+
+
+class _Views(nn.Module):
+    """conv [1,4,4,4] -> view [1,4,16] -> torch.flatten [1,64] -> nn.Flatten -> linear [1,2]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.flat, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(self.flat(torch.flatten(y.view(y.size(0), 4, -1), 1)))
+
+
+def test_views_are_not_counted_twice():
+    mem = peak_activation_bytes(_Views(), torch.zeros(1, 1, 4, 4))
+    x, y, out = F32 * 16, F32 * 64, F32 * 2
+    assert [name for name, _ in mem.steps] == ["x", "conv", "size", "view", "flatten", "flat", "fc", "output"]
+    assert [size for _, size in mem.steps] == [x, x + y, y, y, y, y, y + out, out]
+    assert (mem.peak_bytes, mem.peak_at) == (x + y, "conv")
+
+
+def test_dtype_and_batch_size_scale_the_bytes():
+    fp32 = peak_activation_bytes(_chain(), torch.zeros(1, 1, 8, 8)).peak_bytes
+    assert peak_activation_bytes(_chain().half(), torch.zeros(1, 1, 8, 8, dtype=torch.half)).peak_bytes == fp32 // 2
+    assert peak_activation_bytes(_chain(), torch.zeros(4, 1, 8, 8)).peak_bytes == 4 * fp32
+
+
+class _FromBytes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255)
+
+
+def test_an_int8_input_counts_one_byte_per_element():
+    mem = peak_activation_bytes(_FromBytes(), torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    x, f, g, y = 64, F32 * 64, F32 * 64, F32 * 256
+    assert [size for _, size in mem.steps] == [x, x + f, f + g, g + y, y]
+
+
+class _Masked(nn.Module):
+    """A weight times its mask inside forward: a weight-sized product that is no activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1000, 8))
+        self.register_buffer("mask", torch.ones(1000, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * self.mask)
+
+
+def test_tensors_computed_from_weights_alone_are_not_activations():
+    mem = peak_activation_bytes(_Masked(), torch.zeros(1, 8))
+    assert mem.method == "graph" and mem.peak_bytes == F32 * (8 + 1000)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            y = self.relu(y)
+        return y
+
+
+def test_layers_fallback_for_a_model_fx_cannot_trace():
+    model = _Branchy().train()
+    with torch.no_grad():
+        model.conv.weight.zero_()
+        model.conv.bias.fill_(1.0)  # y > 0: the relu branch runs
+    mem = peak_activation_bytes(model, torch.zeros(1, 1, 8, 8))
+    x, y = F32 * 64, F32 * 256
+    assert mem.method == "layers"
+    assert mem.steps == (("input", x), ("conv", x + y), ("relu", 2 * y))
+    assert (mem.peak_bytes, mem.peak_at) == (2 * y, "relu")
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+
+
+def test_untraceable_submodule_becomes_a_leaf():
+    # LeNet-5's FitSize branches on the input size; it becomes an fx leaf and the rest is traced
+    mem = peak_activation_bytes(create_model("lenet5", in_channels=1), torch.zeros(1, 1, 28, 28))
+    assert mem.method == "graph" and "fit" in dict(mem.steps)
+    assert (mem.peak_bytes, mem.peak_at) == (F32 * (20 * 24 * 24 + 20 * 12 * 12), "pool1")
+    assert dict(mem.steps)["fit"] == F32 * 50 * 4 * 4  # an identity here: its output is its input
+
+
+def test_peak_memory_bad_input_raises_config_error():
+    model = create_model("lenet5", in_channels=1)
+    with pytest.raises(ConfigError, match=r"\[N, 1, H, W\]"):
+        peak_activation_bytes(model, torch.zeros(1, 3, 28, 28))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def _largest_leaf_in_plus_out(model, x):
+    """Max over leaf-module calls of the bytes of their distinct input and output tensors (by storage)."""
+    sizes = []
+
+    def hook(module, inputs, output):
+        tensors = {t.untyped_storage().data_ptr(): t for t in (*inputs, output)}
+        sizes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes)
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("lenet5", F32 * (20 * 24 * 24 + 20 * 12 * 12)),  # conv1's output and pool1's
+    ("resnet20-cifar", F32 * 3 * 16 * 28 * 28),  # a block's input (the skip), conv1's and bn1's outputs
+    ("mobilenet_v2", F32 * 2 * 96 * 14 * 14),  # the first expansion to 96 channels and its BN
+    ("shufflenet_v2_x0_5", None),
+    ("squeezenet1_1", None),
+    ("vgg11-cifar", F32 * 2 * 64 * 28 * 28),  # the first conv's output and its BN's
+])
+def test_peak_memory_of_zoo_models(name, peak):
+    model = create_model(name, num_classes=10, in_channels=1)
+    x = torch.zeros(1, 1, 28, 28)
+    mem = peak_activation_bytes(model, x)
+    assert mem.method == "graph"
+    assert mem.peak_bytes == max(size for _, size in mem.steps)
+    assert mem.peak_bytes >= _largest_leaf_in_plus_out(model, x)
+    largest_output = max(F32 * math.prod(la.output_shape) for la in layer_profiles(model, x) if la.output_shape)
+    assert mem.peak_bytes >= F32 * 28 * 28 and mem.peak_bytes >= largest_output
+    if peak is not None:
+        assert mem.peak_bytes == peak
+
+
+def test_skip_connections_raise_the_peak_above_any_single_layer():
+    model = create_model("resnet20-cifar", num_classes=10, in_channels=1)
+    x = torch.zeros(1, 1, 28, 28)
+    assert peak_activation_bytes(model, x).peak_bytes > _largest_leaf_in_plus_out(model, x)

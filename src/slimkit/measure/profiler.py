@@ -10,6 +10,7 @@ from torch import nn
 from slimkit.measure._inputs import as_args, batch_size_of, num_threads
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.macs import LayerProfile, layer_profiles
+from slimkit.measure.memory import peak_activation_bytes
 from slimkit.measure.size import count_nonzeros, count_params, state_dict_bytes
 
 
@@ -21,6 +22,9 @@ class Profile:
     - ``macs``: multiply-accumulates of one forward of the whole example batch
       (:mod:`slimkit.measure.macs` says what counts); ``flops`` = 2 * ``macs``;
     - ``bytes``: the fp32 state dict (:func:`slimkit.measure.size.state_dict_bytes`);
+    - ``peak_activation_bytes``: bytes of activations alive at once in one forward of the batch,
+      input included, at the tensors' dtypes, and ``peak_activation_at`` the node or layer
+      running then (:func:`slimkit.measure.memory.peak_activation_bytes`);
     - ``latency_ms`` (median), ``latency_p99_ms``: one forward of the batch, milliseconds;
       ``throughput``: samples per second at the median; all three None when not timed;
     - ``batch_size``, ``threads`` (torch intra-op threads during the measurement),
@@ -31,6 +35,8 @@ class Profile:
     nonzeros: int
     macs: int
     bytes: int
+    peak_activation_bytes: int
+    peak_activation_at: str
     latency_ms: float | None
     latency_p99_ms: float | None
     throughput: float | None
@@ -81,21 +87,22 @@ def profile(
     """Measure ``model`` on ``example_inputs`` (a Tensor or a tuple of Tensors: one batch).
 
     Counts params, non-zeros, MACs (one forward, whole batch, eval mode, no grad), fp32
-    state-dict bytes and, when ``latency``, the median and p99 of ``runs`` timed forwards
-    after ``warmup`` (see :func:`slimkit.measure.latency.measure_latency`) with ``threads``
-    torch threads (None: the current setting). The model's weights, train/eval modes and
-    the thread count are left as they were. Raises ConfigError when ``example_inputs`` do
-    not fit the model.
+    state-dict bytes, peak activation bytes (one more forward) and, when ``latency``, the
+    median and p99 of ``runs`` timed forwards after ``warmup`` (see
+    :func:`slimkit.measure.latency.measure_latency`) with ``threads`` torch threads (None:
+    the current setting). The model's weights, train/eval modes and the thread count are
+    left as they were. Raises ConfigError when ``example_inputs`` do not fit the model.
 
     >>> import torch
     >>> from slimkit.models import create_model
     >>> p = profile(create_model("lenet5", in_channels=1), torch.zeros(1, 1, 28, 28), latency=False)
-    >>> p.params, p.macs, p.bytes, p.latency_ms
-    (431080, 2293000, 1724320, None)
+    >>> p.params, p.macs, p.bytes, p.peak_activation_bytes, p.latency_ms
+    (431080, 2293000, 1724320, 57600, None)
     """
     args = as_args(example_inputs)
     with num_threads(threads) as used:
         layers = layer_profiles(model, args)
+        memory = peak_activation_bytes(model, args)
         stats = measure_latency(model, args, warmup=warmup, runs=runs) if latency else None
     batch = batch_size_of(args)
     return Profile(
@@ -103,6 +110,8 @@ def profile(
         nonzeros=count_nonzeros(model),
         macs=sum(layer.macs for layer in layers),
         bytes=state_dict_bytes(model),
+        peak_activation_bytes=memory.peak_bytes,
+        peak_activation_at=memory.peak_at,
         latency_ms=stats.median_ms if stats else None,
         latency_p99_ms=stats.p99_ms if stats else None,
         throughput=batch / (stats.median_ms / 1e3) if stats and stats.median_ms > 0 else None,

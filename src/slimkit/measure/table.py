@@ -82,6 +82,8 @@ def format_summary(profile: Profile) -> str:
         f"non-zeros    {profile.nonzeros:,} ({100 * profile.density:.2f}% of params)",
         f"MACs         {profile.macs:,} ({human(profile.macs)}MAC, {human(profile.flops)}FLOP) per batch",
         f"bytes        {profile.bytes:,} ({human_bytes(profile.bytes)}, fp32 state dict without masks)",
+        f"activations  peak {human_bytes(profile.peak_activation_bytes)} ({profile.peak_activation_bytes:,} B) "
+        f"at {profile.peak_activation_at}, alive at once, input included, per batch",
     ]
     if profile.latency_ms is None:
         lines.append("latency      not measured")
