@@ -21,6 +21,9 @@ def test_sparsity_survives_a_later_stage_finetune(tmp_path):
     assert pruned["nonzeros"] < 0.25 * baseline["nonzeros"]
     assert tuned["nonzeros"] == pruned["nonzeros"], "the later fine-tune must not revive pruned weights"
     assert tuned["accuracy"] > 50
+    # zeroed weights do not shrink activations: same peak; lenet-300-100's largest pair is fc1's in + out
+    assert baseline["peak_activation_bytes"] == pruned["peak_activation_bytes"] == (784 + 300) * 4
+    assert "act. peak" in (tmp_path / "report.md").read_text()
     final = load_model(tmp_path / "model.pt")
     for layer in (final.fc1, final.fc2):
         assert int((layer.weight != 0).sum()) == int(layer.weight_mask.sum())

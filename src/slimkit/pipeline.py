@@ -67,6 +67,7 @@ def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput |
         "nonzeros": int(prof.nonzeros),
         "macs": int(prof.macs),
         "bytes": int(stored),
+        "peak_activation_bytes": int(prof.peak_activation_bytes),
         "bytes_counted": _bytes_counted(output),
         "latency_ms": round(float(latency), 4),
         "latency_p99_ms": round(float(prof.latency_p99_ms), 4),

@@ -1,11 +1,14 @@
 """Reports of a run: ``report.json`` (every figure), ``report.md`` (the table), a plot.
 
 >>> rows = [{"name": "baseline", "accuracy": 98.6, "params": 431080, "nonzeros": 431080, "macs": 2293000,
-...          "bytes": 1724320, "latency_ms": 0.21, "ratio": 1.0}]
+...          "bytes": 1724320, "peak_activation_bytes": 57600, "latency_ms": 0.21, "ratio": 1.0}]
 >>> print(format_stage_table(rows))
-| stage    | accuracy % |  params | non-zeros |  MACs | bytes | latency ms | ratio |
-|----------|-----------:|--------:|----------:|------:|------:|-----------:|-------|
-| baseline |      98.60 | 431,080 |   431,080 | 2.29M | 1.72M |      0.210 | 1.0x  |
+| stage    | accuracy % |  params | non-zeros |  MACs | bytes | act. peak | latency ms | ratio |
+|----------|-----------:|--------:|----------:|------:|------:|----------:|-----------:|-------|
+| baseline |      98.60 | 431,080 |   431,080 | 2.29M | 1.72M |    57.60k |      0.210 | 1.0x  |
+
+``act. peak``: peak activation memory of one batch-1 forward pass, bytes
+(:func:`slimkit.measure.peak_activation_bytes`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 from slimkit.atomic import atomic_open, atomic_write_bytes
 
-COLUMNS = ("stage", "accuracy %", "params", "non-zeros", "MACs", "bytes", "latency ms", "ratio")
+COLUMNS = ("stage", "accuracy %", "params", "non-zeros", "MACs", "bytes", "act. peak", "latency ms", "ratio")
 
 
 def _si(value: float) -> str:
@@ -34,6 +37,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         f"{row['nonzeros']:,}",
         _si(row["macs"]),
         _si(row["bytes"]),
+        _si(row["peak_activation_bytes"]) if row.get("peak_activation_bytes") is not None else "",
         f"{row['latency_ms']:.3f}",
         f"{row['ratio']:.1f}x",
     ]
@@ -43,7 +47,7 @@ def format_stage_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table, one line per stage, aligned for the terminal too."""
     body = [_cells(r) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(COLUMNS)]
-    right = [False, True, True, True, True, True, True, False]
+    right = [False, True, True, True, True, True, True, True, False]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
