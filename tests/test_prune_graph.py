@@ -1,7 +1,9 @@
 """Channel dependency graph and surgery: coupled groups, and pruning zero channels changes nothing."""
 
+import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -9,7 +11,8 @@ from torch import nn
 
 from slimkit.exceptions import UnsupportedModelError
 from slimkit.models import create_model
-from slimkit.prune.graph import build_graph
+from slimkit.prune import graph as graph_module
+from slimkit.prune.graph import build_graph, clear_graph_cache
 from slimkit.prune.surgery import prune_units_, removals_for
 
 
@@ -209,3 +212,37 @@ def test_pruning_zero_channels_preserves_outputs(name):
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in model.parameters()) < params
+
+
+def _same_graph(a, b):
+    assert [(g.name, g.units) for g in a.groups] == [(g.name, g.units) for g in b.groups]
+    assert list(a.units) == list(b.units) and a.fixed_reasons == b.fixed_reasons and a.warnings == b.warnings
+    for uid, unit in a.units.items():
+        other = b.units[uid]
+        assert unit.producers == other.producers and list(unit.members) == list(other.members)
+        assert all(np.array_equal(idx, other.members[axis]) for axis, idx in unit.members.items())
+
+
+def test_graph_cache_serves_copies_and_never_a_stale_graph(monkeypatch):
+    traced = []
+    real_trace = graph_module.trace
+    monkeypatch.setattr(graph_module, "trace", lambda *a: traced.append(1) or real_trace(*a))
+    net, x = create_model("resnet20-cifar").eval(), torch.randn(1, 3, 32, 32)
+    clear_graph_cache()
+    reference = build_graph(net, x, cache=False)
+    first = build_graph(net, x)
+    twin = copy.deepcopy(net)
+    again = build_graph(twin, x)  # same structure: served from the cache
+    assert len(traced) == 2
+    _same_graph(reference, first)
+    _same_graph(reference, again)
+    assert again.units[again.groups[0].units[0]] is not first.units[first.groups[0].units[0]]
+    assert again.modules[""] is twin
+    with pytest.raises(ValueError, match="read-only"):
+        next(iter(again.units[again.groups[0].units[0]].members.values()))[0] = 1
+    prune_units_(net, first, first.groups[0].units[:3])  # surgery changes the structure
+    _same_graph(build_graph(net, x, cache=False), build_graph(net, x))
+    assert len(traced) == 4
+    twin.conv1.stride = (2, 2)  # an attribute that changes shapes, same channel counts
+    _same_graph(build_graph(twin, x, cache=False), build_graph(twin, x))
+    assert len(traced) == 6

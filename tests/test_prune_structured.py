@@ -1,6 +1,7 @@
 """structured_: config, criteria, selection, save/load, ONNX, stages and model coverage."""
 
 import copy
+import math
 import warnings
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from slimkit.measure import count_macs
 from slimkit.models import create_model
 from slimkit.prune import StructuredConfig, structured_
 from slimkit.prune.criteria import CRITERIA, ScoreContext, filter_sparsity
-from slimkit.prune.graph import build_graph
+from slimkit.prune.graph import ChannelGraph, Unit, build_graph
 from slimkit.prune.sparse_training import BNL1Penalty, GroupLassoPenalty
+from slimkit.prune.structured import _candidates, _params, _solve_ratio
 from slimkit.stages import STAGES, StageContext
 from slimkit.train import TrainConfig
 
@@ -188,3 +190,125 @@ def test_coverage_torchvision(name, ratio):
     assert y.shape == (2, 10)
     assert report.macs_after < macs and report.params_after < params
     assert count_macs(model, x) == report.macs_after
+
+
+# -- pruning results pinned, and batched criteria equal to the per-unit formulas ----------
+
+def seeded(name: str) -> nn.Module:
+    """Zoo model with seeded weights and BatchNorm scales spread over [0, 1)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen))
+    return model
+
+
+PINNED = {  # conv out_channels after pruning, recorded before the graph/criteria speed-up
+    ("resnet20-cifar", 0.5, "bn_gamma"): [10, 10, 10, 8, 10, 7, 10, 18, 16, 16, 18, 16, 14, 16, 34, 34, 34, 30, 34, 25,
+                                          34],
+    ("vgg11-cifar", 0.4, "l1"): [7, 13, 26, 100, 225, 512, 512, 512],
+    ("mobilenet_v3_small", 0.5, "sparsity_gamma"): [
+        11, 11, 8, 11, 7, 35, 35, 12, 44, 44, 12, 40, 40, 24, 40, 23, 116, 116, 64, 116, 23, 123, 123, 64, 123, 23, 61,
+        61, 32, 61, 21, 66, 66, 40, 66, 21, 137, 137, 72, 137, 48, 276, 276, 144, 276, 48, 309, 309, 144, 309, 48, 299],
+}
+
+
+@pytest.mark.parametrize("name,ratio,criterion", list(PINNED))
+def test_pruned_channel_counts_are_pinned(name, ratio, criterion):
+    model = seeded(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        structured_(model, torch.zeros(1, 3, 32, 32), {"ratio": ratio, "criterion": criterion, "scope": "global"})
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == PINNED[name, ratio, criterion]
+
+
+class WideNet(nn.Module):
+    """Depthwise multiplier 2 (units with 2 rows in BN/depthwise) and a Linear with fan_in >= 32768."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 16, 3, groups=8)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 48 * 48, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.flatten(self.bn2(self.dw(self.bn(self.conv(x)))), 1))))
+
+
+def row_stat(criterion, rows, layer_weight):
+    if criterion == "l1":
+        return rows.abs().sum()
+    if criterion == "l2":
+        return rows.pow(2).sum().sqrt()
+    return (rows.abs() >= layer_weight.abs().mean()).float().mean(dim=1).mean()
+
+
+def reference_scores(model, graph, criterion):
+    """The per-unit formulas (one unit at a time) that the batched criteria reproduce bit for bit."""
+    modules = dict(model.named_modules())
+    result = {}
+    for uid, unit in graph.units.items():
+        values = []
+        for (name, role), idx in unit.members.items():
+            m, sel = modules[name], torch.tensor(idx)
+            if role != "out":
+                continue
+            if criterion == "bn_gamma" and isinstance(m, nn.BatchNorm2d):
+                values.append(m.weight.detach()[sel].abs())
+            elif criterion != "bn_gamma" and isinstance(m, (nn.Conv2d, nn.Linear)) and name in unit.producers:
+                w = m.weight.detach()
+                values.append(row_stat(criterion, w[sel].reshape(len(idx), -1), w))
+        if not values:
+            result[uid] = float("nan")
+        else:
+            result[uid] = float((torch.cat(values) if criterion == "bn_gamma" else torch.stack(values)).mean())
+    return result
+
+
+def merge_pairs(graph):
+    """The graph with the first two units of every group merged (producer rows with k = 2)."""
+    units = dict(graph.units)
+    for group in graph.groups:
+        if len(group.units) > 1:
+            a, b = units[group.units[0]], units.pop(group.units[1])
+            units[a.id] = Unit(a.id, {k: np.concatenate([v, b.members[k]]) for k, v in a.members.items()}, a.producers)
+    return ChannelGraph(graph.axes, units, graph.groups, graph.fixed_reasons)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_criteria_equal_per_unit_formulas(threads):
+    model, x = WideNet().eval(), torch.randn(1, 3, 50, 50)
+    with torch.no_grad():
+        model.bn.weight.uniform_(0, 1)
+        model.bn2.weight.uniform_(0, 1)
+    graph = build_graph(model, x)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for g in (graph, merge_pairs(graph)):
+            for name in ("l1", "l2", "bn_gamma", "sparsity"):
+                ours, ref = CRITERIA.get(name)(model, g, ScoreContext()), reference_scores(model, g, name)
+                assert list(ours) == list(ref)
+                assert all(ours[u] == ref[u] or (math.isnan(ours[u]) and math.isnan(ref[u])) for u in ref), name
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_ratio_search_leaves_the_model_as_it_was():
+    net, x = create_model("resnet20-cifar").eval(), torch.randn(1, 3, 32, 32)
+    params, before, layout = list(net.parameters()), copy.deepcopy(net.state_dict()), repr(net)
+    graph = build_graph(net, x)
+    scores = CRITERIA.get("l1")(net, graph, ScoreContext())
+    cfg = StructuredConfig(ratio=0.4, target="macs")
+    groups = _candidates(graph, cfg, net, scores, {})
+    ratio = _solve_ratio(net, x, graph, groups, scores, cfg, _params(net), count_macs(net, x))
+    assert 0 < ratio < 0.99
+    assert repr(net) == layout and all(a is b for a, b in zip(net.parameters(), params, strict=True))
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)

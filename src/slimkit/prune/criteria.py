@@ -25,6 +25,8 @@ coefficients with ``|w| >= M_l``, ``M_l`` the mean coefficient magnitude of laye
 
 from __future__ import annotations
 
+import functools
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.prune.graph import ChannelGraph, Unit
+from slimkit.prune.graph import ChannelGraph
 from slimkit.registry import Registry
 
 
@@ -52,34 +54,107 @@ CRITERIA: Registry[Criterion] = Registry("pruning criterion")
 
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 
+#: ATen reduces fewer elements than this in one thread: a row of a batched reduction over
+#: dim 1 then has the same float bits as the row reduced alone (above it, with several
+#: threads, a lone row is split between threads).
+_SERIAL_NUMEL = 32768
 
-def _producer_rows(modules: dict[str, nn.Module], unit: Unit):
-    """(module, weight rows of the unit as [k, fan_in]) for every conv/linear producer."""
-    for (name, role), idx in unit.members.items():
-        m = modules[name]
-        if role == "out" and isinstance(m, _PRODUCERS) and name in unit.producers:
-            w = m.weight.detach()
-            yield m, w[torch.as_tensor(idx)].reshape(len(idx), -1)
+#: a statistic of weight rows ``[k, fan_in]``: one scalar for ``one``, one per row for ``each``
+Stat = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _bn_gammas(modules: dict[str, nn.Module], unit: Unit) -> list[torch.Tensor]:
-    out = []
-    for (name, role), idx in unit.members.items():
-        m = modules[name]
-        if role == "out" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            out.append(m.weight.detach()[torch.as_tensor(idx)].abs())
-    return out
+def _row_table(t: torch.Tensor, one: Stat, each: Stat) -> tuple[list[float], torch.dtype]:
+    """``one`` of every single row of ``t`` (rows along dim 0), and its dtype.
+
+    Computed in one call of ``each`` where that gives the same bits, row by row otherwise.
+    """
+    rows = t.detach().reshape(t.shape[0], -1)
+    if rows.shape[1] < _SERIAL_NUMEL:
+        stat = each(rows)
+        return stat.tolist(), stat.dtype
+    stats = [one(rows[i:i + 1]) for i in range(rows.shape[0])]
+    return [float(v) for v in stats], stats[0].dtype
+
+
+def _rows_value(tables: dict[str, tuple[list[float], torch.dtype]], key: str, t: torch.Tensor, idx: np.ndarray,
+                one: Stat, each: Stat) -> tuple[float, torch.dtype]:
+    """``one`` of the rows ``idx`` of ``t``, and its dtype.
+
+    A single row is looked up in the row table of ``t``, built on first use under ``key``.
+    """
+    if len(idx) != 1:
+        stat = one(t.detach()[torch.tensor(idx)].reshape(len(idx), -1))
+        return float(stat), stat.dtype
+    if key not in tables:
+        tables[key] = _row_table(t, one, each)
+    table, dtype = tables[key]
+    return table[idx[0]], dtype
+
+
+#: per unit: the values to average and the dtype of each
+Values = dict[int, tuple[list[float], list[torch.dtype]]]
+
+
+def _means(values: Values) -> dict[int, float]:
+    """Mean of every unit's values as ``torch.stack(values).mean()`` computes it (NaN when none).
+
+    Units with as many values of the same dtype are averaged as the rows of one tensor.
+    """
+    result = dict.fromkeys(values, float("nan"))
+    batches: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
+    for uid, (vals, dtypes) in values.items():
+        if vals:
+            batches[len(vals), functools.reduce(torch.promote_types, dtypes)].append(uid)
+    for (n, dtype), uids in batches.items():
+        rows = torch.tensor([values[u][0] for u in uids], dtype=dtype)
+        means = rows.mean(1) if n < _SERIAL_NUMEL else torch.stack([row.mean() for row in rows])
+        result.update(zip(uids, means.tolist(), strict=True))
+    return result
+
+
+def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
+                     stat_for: Callable[[nn.Module], tuple[Stat, Stat]]) -> Values:
+    """Per unit, the statistic ``stat_for(layer)`` of its rows in every conv/linear producer."""
+    tables: dict[str, tuple[list[float], torch.dtype]] = {}
+    values: Values = {}
+    for uid, unit in graph.units.items():
+        vals, dtypes = [], []
+        for (name, role), idx in unit.members.items():
+            if role == "out" and name in unit.producers and isinstance(modules[name], _PRODUCERS):
+                m = modules[name]
+                value, dtype = _rows_value(tables, name, m.weight, idx, *stat_for(m))
+                vals.append(value)
+                dtypes.append(dtype)
+        values[uid] = (vals, dtypes)
+    return values
+
+
+def _bn_gammas(modules: dict[str, nn.Module], graph: ChannelGraph) -> Values:
+    """Per unit, |gamma| of its channels in every affine BatchNorm it passes through."""
+    tables: dict[str, list[float]] = {}
+    values: Values = {}
+    for uid, unit in graph.units.items():
+        vals, dtypes = [], []
+        for (name, role), idx in unit.members.items():
+            m = modules[name]
+            if role == "out" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                if name not in tables:
+                    tables[name] = m.weight.detach().abs().tolist()
+                table = tables[name]
+                vals.extend(table[i] for i in idx.tolist())
+                dtypes.append(m.weight.dtype)
+        values[uid] = (vals, dtypes)
+    return values
 
 
 def _norm(p: int) -> Criterion:
+    if p == 1:
+        stats = (lambda rows: rows.abs().sum(), lambda rows: rows.abs().sum(1))
+    else:
+        stats = (lambda rows: rows.pow(2).sum().sqrt(), lambda rows: rows.pow(2).sum(1).sqrt())
+
     def score(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
-        modules = dict(model.named_modules())
-        result = {}
-        for uid, unit in graph.units.items():
-            values = [rows.abs().sum() if p == 1 else rows.pow(2).sum().sqrt() for _, rows in
-                      _producer_rows(modules, unit)]
-            result[uid] = float(torch.stack(values).mean()) if values else float("nan")
-        return result
+        return _means(_producer_values(dict(model.named_modules()), graph, lambda m: stats))
 
     return score
 
@@ -91,26 +166,21 @@ CRITERIA.register("l2")(_norm(2))
 @CRITERIA.register("bn_gamma")
 def bn_gamma(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
     """Mean |gamma| of the BatchNorm layers the unit passes through (NaN when none)."""
-    modules = dict(model.named_modules())
-    result = {}
-    for uid, unit in graph.units.items():
-        gammas = _bn_gammas(modules, unit)
-        result[uid] = float(torch.cat(gammas).mean()) if gammas else float("nan")
-    return result
+    return _means(_bn_gammas(dict(model.named_modules()), graph))
 
 
 def filter_sparsity(model: nn.Module, graph: ChannelGraph) -> dict[int, float]:
     """``S``: mean over the unit's producers of the fraction of coefficients >= the layer mean."""
-    modules = dict(model.named_modules())
-    layer_mean: dict[int, torch.Tensor] = {}
-    result = {}
-    for uid, unit in graph.units.items():
-        values = []
-        for m, rows in _producer_rows(modules, unit):
-            mean = layer_mean.setdefault(id(m), m.weight.detach().abs().mean())
-            values.append((rows.abs() >= mean).float().mean(dim=1).mean())
-        result[uid] = float(torch.stack(values).mean()) if values else float("nan")
-    return result
+    stats: dict[int, tuple[Stat, Stat]] = {}
+
+    def stat_for(m: nn.Module) -> tuple[Stat, Stat]:
+        if id(m) not in stats:
+            mean = m.weight.detach().abs().mean()
+            stats[id(m)] = (lambda rows: (rows.abs() >= mean).float().mean(dim=1).mean(),
+                            lambda rows: (rows.abs() >= mean).float().mean(dim=1))
+        return stats[id(m)]
+
+    return _means(_producer_values(dict(model.named_modules()), graph, stat_for))
 
 
 @CRITERIA.register("sparsity")
@@ -132,6 +202,53 @@ def random(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int
     """Uniform random scores from ``ctx.seed`` (reproducible)."""
     rng = np.random.default_rng(ctx.seed)
     return {uid: float(v) for uid, v in zip(graph.units, rng.random(len(graph.units)), strict=True)}
+
+
+def _abs_sum(rows: torch.Tensor) -> torch.Tensor:
+    return rows.sum().abs()
+
+
+def _abs_row_sums(rows: torch.Tensor) -> torch.Tensor:
+    return rows.sum(1).abs()
+
+
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _accumulate(terms: list[tuple[float, torch.dtype]]) -> float:
+    """``torch.zeros(())`` plus every ``(value, dtype)`` term in order, with torch's dtype promotion."""
+    start = torch.get_default_dtype()
+    if start in _NUMPY_FLOATS and all(d in _NUMPY_FLOATS for _, d in terms):
+        total = _NUMPY_FLOATS[start](0)
+        for value, dtype in terms:
+            total = total + _NUMPY_FLOATS[dtype](value)
+        return float(total)
+    total = torch.zeros(())
+    for value, dtype in terms:
+        total = total + torch.tensor(value, dtype=dtype)
+    return float(total)
+
+
+def _taylor_scores(modules: dict[str, nn.Module], graph: ChannelGraph) -> dict[int, float]:
+    """``|sum of w * dL/dw|`` of every producer and BN parameter row of each unit, summed per unit."""
+    products: dict[str, torch.Tensor] = {}
+    tables: dict[str, tuple[list[float], torch.dtype]] = {}
+    result = {}
+    for uid, unit in graph.units.items():
+        terms = []
+        for (name, role), idx in unit.members.items():
+            m = modules[name]
+            if role != "out" or not isinstance(m, _PRODUCERS + (nn.modules.batchnorm._BatchNorm,)):
+                continue
+            for pname in ("weight", "bias"):
+                p = getattr(m, pname, None)
+                if p is not None and p.grad is not None:
+                    key = f"{name}.{pname}"
+                    if key not in products:
+                        products[key] = p.detach() * p.grad
+                    terms.append(_rows_value(tables, key, products[key], idx, _abs_sum, _abs_row_sums))
+        result[uid] = _accumulate(terms)
+    return result
 
 
 @CRITERIA.register("taylor")
@@ -157,19 +274,7 @@ def taylor(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int
     try:
         for x, y in batches:
             F.cross_entropy(model(x), y).backward()
-        modules = dict(model.named_modules())
-        result = {}
-        for uid, unit in graph.units.items():
-            total = torch.zeros(())
-            for (name, role), idx in unit.members.items():
-                m = modules[name]
-                if role != "out" or not (isinstance(m, _PRODUCERS + (nn.modules.batchnorm._BatchNorm,))):
-                    continue
-                for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-                    if p is not None and p.grad is not None:
-                        sel = torch.as_tensor(idx)
-                        total = total + (p.detach()[sel] * p.grad[sel]).sum().abs()
-            result[uid] = float(total)
+        result = _taylor_scores(dict(model.named_modules()), graph)
     finally:
         for p, g in zip(params, saved, strict=True):
             p.grad = g

@@ -29,10 +29,15 @@ form a **group** (the per-layer unit of selection).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import inspect
 import operator
+import threading
 import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +74,7 @@ class Group:
 
 @dataclass
 class ChannelGraph:
-    """Result of :func:`build_graph`; see the module docstring."""
+    """Result of :func:`build_graph`; see the module docstring. Its index arrays are read-only."""
 
     axes: dict[Axis, np.ndarray]
     units: dict[int, Unit]
@@ -89,18 +94,17 @@ class _UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.fixed: dict[int, str] = {}
-        self.producer: dict[int, Axis] = {}
+        #: (first slot, count, producer axis) for every block of slots created with a producer
+        self.produced: list[tuple[int, int, Axis]] = []
 
     def new(self, count: int, producer: Axis | None = None, fixed: str | None = None) -> np.ndarray:
         start = len(self.parent)
         self.parent.extend(range(start, start + count))
-        ids = np.arange(start, start + count, dtype=np.int64)
-        for i in ids:
-            if producer is not None:
-                self.producer[int(i)] = producer
-            if fixed is not None:
-                self.fixed[int(i)] = fixed
-        return ids
+        if producer is not None:
+            self.produced.append((start, count, producer))
+        if fixed is not None:
+            self.fixed.update(dict.fromkeys(range(start, start + count), fixed))
+        return np.arange(start, start + count, dtype=np.int64)
 
     def find(self, i: int) -> int:
         root = i
@@ -116,8 +120,17 @@ class _UnionFind:
             self.parent[rb] = ra
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
-        for s in np.unique(slots):
-            self.fixed.setdefault(int(s), reason)
+        for s in np.unique(slots).tolist():
+            self.fixed.setdefault(s, reason)
+
+    def roots(self) -> np.ndarray:
+        """Root of every slot (the value :meth:`find` returns), as one int64 array."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
 
 
 _PASS_MODULES = (
@@ -222,8 +235,8 @@ class _Builder:
             if old.shape != slots.shape:
                 self.uf.fix(np.concatenate([old, slots]), f"{axis[0]} is called with different channel counts")
             else:
-                for x, y in zip(old, slots, strict=True):
-                    self.uf.union(int(x), int(y))
+                for x, y in zip(old.tolist(), slots.tolist(), strict=True):
+                    self.uf.union(x, y)
             return
         self.axes[axis] = slots
 
@@ -461,8 +474,8 @@ class _Builder:
         if len(arrays) == 2:
             a, b = arrays
             pairs = np.unique(np.stack([a.reshape(-1), b.reshape(-1)], 1), axis=0)
-            for s, t in pairs:
-                self.uf.union(int(s), int(t))
+            for s, t in pairs.tolist():
+                self.uf.union(s, t)
         return _Ann(tuple(out_dims), np.ascontiguousarray(arrays[0]))
 
     def _dim_arg(self, node, index: int, name: str, default: Any) -> Any:
@@ -658,46 +671,71 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     return gm
 
 
-def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str = "error") -> ChannelGraph:
-    """Trace ``model`` on ``example_inputs`` and return its coupled channel units and groups.
+def _members_by_root(axes: dict[Axis, np.ndarray], roots: np.ndarray) -> dict[int, dict[Axis, np.ndarray]]:
+    """Positions every root's slots occupy on every axis.
 
-    ``on_unsupported``: ``error`` raises UnsupportedModelError naming an op the graph does
-    not understand when pruned channels reach it; ``skip`` keeps those channels (a warning
-    is recorded in ``graph.warnings`` and emitted). The model is not modified.
+    Roots come in the order their first slot appears when the axes are walked in insertion
+    order; inside a root, axes keep that order and positions ascend.
     """
-    if on_unsupported not in ("error", "skip"):
-        raise ConfigError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
-    if not isinstance(example_inputs, torch.Tensor):
-        raise ConfigError(f"example_inputs must be one tensor batch, got {type(example_inputs).__name__}")
-    was_training = model.training
-    model.eval()
-    try:
-        gm = trace(model, example_inputs)
-        builder = _Builder(model, on_unsupported)
-        builder.run(gm)
-    finally:
-        model.train(was_training)
+    names = [a for a, slots in axes.items() if len(slots)]
+    if not names:
+        return {}
+    sizes = [len(axes[a]) for a in names]
+    slot_roots = roots[np.concatenate([axes[a] for a in names])]
+    axis_ids = np.repeat(np.arange(len(names)), sizes)
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+    uniq, first, inverse = np.unique(slot_roots, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    order = np.argsort(rank[inverse.reshape(-1)], kind="stable")
+    run_roots, run_axes = slot_roots[order], axis_ids[order]
+    new_root = np.r_[True, np.diff(run_roots) != 0]
+    starts = np.flatnonzero(new_root | np.r_[True, np.diff(run_axes) != 0])
+    positions = positions[order]
+    positions.setflags(write=False)
+    bounds = np.r_[starts, len(positions)].tolist()
+    runs = [positions[a:b] for a, b in zip(bounds, bounds[1:])]
+    run_names = [names[a] for a in run_axes[starts].tolist()]
+    root_bounds = np.r_[np.flatnonzero(new_root[starts]), len(starts)].tolist()
+    return {root: dict(zip(run_names[a:b], runs[a:b], strict=True))
+            for root, a, b in zip(run_roots[starts][root_bounds[:-1]].tolist(), root_bounds, root_bounds[1:])}
+
+
+def _fixed_roots(uf: _UnionFind, roots: np.ndarray) -> dict[int, str]:
+    """Reason of every fixed root: that of its slot fixed first."""
+    if not uf.fixed:
+        return {}
+    slots = np.fromiter(uf.fixed, dtype=np.int64, count=len(uf.fixed))
+    reasons = list(uf.fixed.values())
+    fixed, first = np.unique(roots[slots], return_index=True)
+    return {r: reasons[i] for r, i in zip(fixed.tolist(), first.tolist(), strict=True)}
+
+
+def _producers_of(uf: _UnionFind, roots: np.ndarray) -> dict[int, set[str]]:
+    """Names of the layers whose fresh slots joined each root."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for start, count, (name, _) in uf.produced:
+        for root in np.unique(roots[start:start + count]).tolist():
+            out[root].add(name)
+    return out
+
+
+def _assemble(builder: _Builder, model: nn.Module) -> ChannelGraph:
+    """Units and groups from the builder's union-find classes, plus the unused-module warnings."""
     uf = builder.uf
-    by_root: dict[int, dict[Axis, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for axis, slots in builder.axes.items():
-        for pos, s in enumerate(slots):
-            by_root[uf.find(int(s))][axis].append(pos)
-    fixed_roots: dict[int, str] = {}
-    for s, reason in uf.fixed.items():
-        fixed_roots.setdefault(uf.find(s), reason)
-    producers_of: dict[int, set[str]] = defaultdict(set)
-    for s, (name, _) in uf.producer.items():
-        producers_of[uf.find(s)].add(name)
+    roots = uf.roots()
+    fixed_roots = _fixed_roots(uf, roots)
+    producers_of = _producers_of(uf, roots)
     units: dict[int, Unit] = {}
     fixed_reasons: dict[str, str] = {}
     grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for root, members in by_root.items():
+    for root, members in _members_by_root(builder.axes, roots).items():
         producers = tuple(sorted(producers_of.get(root, ())))
         if root in fixed_roots or not producers:
             for p in producers:
                 fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
             continue
-        units[root] = Unit(root, {a: np.asarray(v, dtype=np.int64) for a, v in members.items()}, producers)
+        units[root] = Unit(root, members, producers)
         grouped[producers].append(root)
     groups = [Group(",".join(p), p, sorted(u)) for p, u in grouped.items()]
     used = builder.used
@@ -706,6 +744,154 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
             name.startswith(k + ".") for k in used
         ):
             builder.warnings.append(f"module {name} has parameters but is not used by forward on the example inputs")
-    for w in builder.warnings:
+    for slots in builder.axes.values():
+        slots.setflags(write=False)
+    return ChannelGraph(builder.axes, units, groups, fixed_reasons, builder.warnings)
+
+
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_SKIPPED_ATTRS = {"training", "_parameters", "_buffers", "_modules"}
+
+
+def _freeze(value: Any, depth: int = 0) -> Any:
+    """Hashable stand-in for a module attribute: values for data, identities for objects."""
+    if isinstance(value, _ATOMS):
+        return value
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if depth < 8:
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(_freeze(v, depth + 1) for v in value))
+        if isinstance(value, dict):
+            return ("dict", tuple((_freeze(k, depth + 1), _freeze(v, depth + 1)) for k, v in value.items()))
+        if isinstance(value, (set, frozenset)):
+            return ("set", frozenset(_freeze(v, depth + 1) for v in value))
+        if isinstance(value, functools.partial):
+            return ("partial", _freeze(value.func, depth + 1), _freeze(value.args, depth + 1),
+                    _freeze(value.keywords, depth + 1))
+    return ("object", type(value).__qualname__, id(value))
+
+
+def _tensors(table: dict[str, torch.Tensor | None]) -> tuple:
+    return tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in table.items())
+
+
+def structure_key(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str) -> tuple:
+    """Hashable summary of everything the channel graph of ``model`` depends on.
+
+    The module tree; every module's class and its ``forward``, attributes (hooks included)
+    and parameter and buffer shapes; the input's shape, dtype and device; ``on_unsupported``.
+    Two models with equal keys (a model and its deep copy) trace to the same graph; any
+    change surgery makes (channel counts, parameter shapes, replaced modules) changes the key.
+    Weights' values are not part of it; attributes that are neither data nor tensors count
+    by identity.
+    """
+    parts: list[Any] = [on_unsupported, tuple(example_inputs.shape), example_inputs.dtype,
+                        example_inputs.device.type]
+    for name, m in model.named_modules():
+        attrs = tuple((k, _freeze(v)) for k, v in vars(m).items() if k not in _SKIPPED_ATTRS)
+        parts.append((name, type(m), type(m).forward, attrs, _tensors(m._parameters), _tensors(m._buffers)))
+    return tuple(parts)
+
+
+class _GraphCache:
+    """The last few graphs built, by :func:`structure_key`; hands out fresh containers only."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple, ChannelGraph] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> ChannelGraph | None:
+        with self.lock:
+            graph = self.entries.get(key)
+            if graph is None:
+                return None
+            self.entries.move_to_end(key)
+        return _share(graph)
+
+    def put(self, key: tuple, graph: ChannelGraph) -> None:
+        entry = _share(graph)
+        with self.lock:
+            self.entries[key] = entry
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+
+
+def _share(graph: ChannelGraph) -> ChannelGraph:
+    """Copy of ``graph`` with its own dicts, lists, units and groups; the read-only arrays are shared."""
+    return ChannelGraph(
+        dict(graph.axes), {uid: Unit(uid, dict(u.members), u.producers) for uid, u in graph.units.items()},
+        [Group(g.name, g.producers, list(g.units)) for g in graph.groups],
+        dict(graph.fixed_reasons), list(graph.warnings),
+    )
+
+
+_CACHE = _GraphCache()
+
+
+def clear_graph_cache() -> None:
+    """Forget every cached graph (the next :func:`build_graph` traces again)."""
+    _CACHE.clear()
+
+
+def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str = "error",
+                cache: bool = True) -> ChannelGraph:
+    """Trace ``model`` on ``example_inputs`` and return its coupled channel units and groups.
+
+    ``on_unsupported``: ``error`` raises UnsupportedModelError naming an op the graph does
+    not understand when pruned channels reach it; ``skip`` keeps those channels (a warning
+    is recorded in ``graph.warnings`` and emitted). The model is not modified.
+    ``cache``: reuse the graph of an earlier call whose :func:`structure_key` is equal (the
+    same model again, or a deep copy of it, as in a ratio search); the last 4 are kept.
+    The index arrays of the graph are read-only (graphs from the cache share them).
+    """
+    if on_unsupported not in ("error", "skip"):
+        raise ConfigError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+    if not isinstance(example_inputs, torch.Tensor):
+        raise ConfigError(f"example_inputs must be one tensor batch, got {type(example_inputs).__name__}")
+    key = structure_key(model, example_inputs, on_unsupported) if cache else None
+    graph = _CACHE.get(key) if cache else None
+    if graph is None:
+        graph = _build(model, example_inputs, on_unsupported)
+        if cache:
+            _CACHE.put(key, graph)
+    graph.modules = dict(model.named_modules())
+    for w in graph.warnings:
         warnings.warn(w, stacklevel=2)
-    return ChannelGraph(builder.axes, units, groups, fixed_reasons, builder.warnings, builder.modules)
+    return graph
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block.
+
+    Tracing and the unit tables allocate many short-lived containers; with the collector on,
+    they survive its young collections while in use and trigger full collections (about
+    0.2 s each in a process that imported torch). Paused, the garbage is reclaimed by a
+    cheap young collection afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str) -> ChannelGraph:
+    was_training = model.training
+    model.eval()
+    try:
+        with gc_paused():
+            gm = trace(model, example_inputs)
+            builder = _Builder(model, on_unsupported)
+            builder.run(gm)
+            return _assemble(builder, model)
+    finally:
+        model.train(was_training)

@@ -37,7 +37,7 @@ def _keep(size: int, drop: np.ndarray) -> torch.Tensor:
 
 
 def _param(t: torch.Tensor, keep: torch.Tensor, dim: int) -> nn.Parameter:
-    return nn.Parameter(t.data.index_select(dim, keep).clone(), requires_grad=t.requires_grad)
+    return nn.Parameter(t.data.index_select(dim, keep), requires_grad=t.requires_grad)
 
 
 def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[int, int]:
@@ -50,7 +50,7 @@ def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[i
         if isinstance(tensor, nn.Parameter):
             setattr(m, pname, _param(tensor, keep, axis))
         else:
-            setattr(m, pname, tensor.index_select(axis, keep).clone())
+            setattr(m, pname, tensor.index_select(axis, keep))
         return tensor.shape[axis], len(keep)
     if isinstance(m, nn.modules.conv._ConvNd):
         if role == "out":
@@ -89,8 +89,8 @@ def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[i
             m.weight = _param(m.weight, keep, 0)
             m.bias = _param(m.bias, keep, 0)
         if m.track_running_stats and m.running_mean is not None:
-            m.running_mean = m.running_mean.index_select(0, keep).clone()
-            m.running_var = m.running_var.index_select(0, keep).clone()
+            m.running_mean = m.running_mean.index_select(0, keep)
+            m.running_var = m.running_var.index_select(0, keep)
         m.num_features = len(keep)
         return before, len(keep)
     if isinstance(m, nn.PReLU):
