@@ -121,11 +121,74 @@ def test_depthwise_grouped_groupnorm_prelu():
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(8, 8), nn.PReLU(8), nn.Conv2d(8, 8, 3, groups=8),
                         nn.Conv2d(8, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
     g, groups = _groups(net, X)
-    assert groups == {"0": 8}  # GroupNorm(2 groups) and grouped conv keep the rest
+    assert groups == {"0": 8, "6": 8}  # GroupNorm(2 groups) keeps conv 4 and the grouped conv's input
+    assert g.groups[1].partitions == [g.groups[1].units[:4], g.groups[1].units[4:]]
     assert set(g.units[g.groups[0].units[0]].members) == {("0", "out"), ("1", "out"), ("2", "out"),
                                                           ("3", "out"), ("4", "in")}
     prune_units_(net, g, g.groups[0].units[:3])
     assert net[3].groups == net[3].in_channels == 5 and net(X).shape == (1, 4, 4, 4)
+
+
+class ResNeXtBlock(nn.Module):
+    """Bottleneck with a grouped 3x3 (groups=4) and a projection shortcut."""
+
+    def __init__(self, cin=8, width=16, cout=12, groups=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(self.bn3(self.conv3(y)) + self.down(x))
+
+
+class ResNeXtNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(ResNeXtBlock(8, 16, 12, 4), ResNeXtBlock(12, 24, 16, 8))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def grouped_chain():
+    """1x1 -> grouped 3x3 (groups=4) -> grouped 3x3 (groups=2, refined by 4) -> grouped 1x1 (groups=6)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1, groups=4),
+                         nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=2), nn.ReLU(),
+                         nn.Conv2d(12, 12, 1, groups=6), nn.BatchNorm2d(12), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(12, 10))
+
+
+def test_grouped_conv_channels_are_partitioned_per_group():
+    g, groups = _groups(grouped_chain(), X)
+    assert groups == {"0": 8, "3": 12, "6": 12, "8": 12}
+    parts = {grp.name: [len(p) for p in grp.partitions] for grp in g.groups}
+    # conv 3's output: 4 blocks (its groups) and 2 (conv 6's); conv 6's: 2 and 6; the finer holds
+    assert parts == {"0": [2] * 4, "3": [3] * 4, "6": [2] * 6, "8": [2] * 6}
+    g, groups = _groups(ResNeXtNet(), X)
+    assert {name: len(grp.partitions or []) for name, grp in zip(groups, g.groups, strict=True)} == {
+        "stem.0": 0, "blocks.0.conv1": 4, "blocks.0.conv2": 4, "blocks.0.conv3,blocks.0.down.0": 0,
+        "blocks.1.conv1": 8, "blocks.1.conv2": 8, "blocks.1.conv3,blocks.1.down.0": 0}
+
+
+def test_grouped_conv_keeps_channels_it_cannot_split_evenly():
+    net = nn.Sequential(nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 3, groups=2), nn.Conv2d(6, 6, 3, groups=3),
+                        nn.Conv2d(6, 2, 1))
+    g, groups = _groups(net, X)
+    assert groups == {"0": 6, "2": 6}  # conv 1's output: 2 groups of 3 and 3 groups of 2
+    assert g.fixed_reasons == {"1": "input of grouped conv 2 (groups=3)", "3": "reaches the model output"}
+
+
+def test_surgery_refuses_uneven_group_removal():
+    net = grouped_chain()
+    g = build_graph(net, X)
+    with pytest.raises(UnsupportedModelError, match="groups would lose different channel counts"):
+        prune_units_(net, g, g.groups[0].partitions[0][:1])
 
 
 def test_unknown_op_errors_or_skips():
@@ -186,10 +249,21 @@ EQUIV = {
     "mnasnet0_5": (_tv("mnasnet0_5"), 32), "efficientnet_b0": (_tv("efficientnet_b0"), 32),
     "regnet_x_400mf": (_tv("regnet_x_400mf"), 32), "googlenet": (_tv("googlenet"), 32),
     "densenet121": (_tv("densenet121"), 32), "convnext_tiny": (_tv("convnext_tiny"), 32),
+    "regnet_y_400mf": (_tv("regnet_y_400mf"), 32), "resnext-block": (ResNeXtNet, 16),
+    "grouped-chain": (grouped_chain, 8),
+    "resnext50_32x4d": (_tv("resnext50_32x4d"), 32),
 }
 
 
-@pytest.mark.parametrize("name", list(EQUIV))
+def half_of_each(group):
+    """The first half of a group's units, taken per partition when it reaches a grouped conv."""
+    if group.partitions:
+        return [u for p in group.partitions for u in p[: len(p) // 2]]
+    return group.units[: len(group.units) // 2]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "resnext50_32x4d" else n
+                                  for n in EQUIV])
 def test_pruning_zero_channels_preserves_outputs(name):
     build, size = EQUIV[name]
     model = build().eval()
@@ -198,7 +272,7 @@ def test_pruning_zero_channels_preserves_outputs(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         g = build_graph(model, x[:1])
-    uids = [u for grp in g.groups for u in grp.units[: len(grp.units) // 2]]
+    uids = [u for grp in g.groups for u in half_of_each(grp)]
     assert uids, "nothing prunable"
     _randomize_bn(model)
     zero_units(model, g, uids)

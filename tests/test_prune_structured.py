@@ -123,14 +123,56 @@ def test_targets_in_macs_and_params(target):
     assert 0.38 <= 1 - after / before <= 0.5
 
 
-def test_save_load_and_onnx(tmp_path: Path):
-    model = create_model("mobilenet_v3_small").eval()
+def grouped_net():
+    """1x1 -> grouped 3x3 (4 groups of 4) -> 1x1 -> grouped 3x3 (2 groups of 4), BN after each."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+
+
+def _kept(before: nn.BatchNorm2d, after: nn.BatchNorm2d) -> list[int]:
+    """Positions of ``before`` that survive in ``after`` (BN scales are all different)."""
+    return [int(i) for i in torch.nonzero(after.weight[:, None] == before.weight[None])[:, 1]]
+
+
+def _per_group(kept: list[int], size: int, groups: int) -> list[int]:
+    return [sum(1 for i in kept if i // (size // groups) == k) for k in range(groups)]
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_grouped_convs_lose_the_same_channels_in_every_group(scope):
+    torch.manual_seed(0)
+    net = grouped_net()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([16, 1, 15, 14, 13, 12, 2, 3, 4, 11, 10, 5, 6, 7, 8, 9]) / 20)
+        for i in (4, 7, 10):
+            net[i].weight.uniform_(0.1, 1)
+    ref = copy.deepcopy(net)
+    structured_(net, X, {"ratio": 0.5, "criterion": "bn_gamma", "scope": scope})
+    assert net[3].groups == 4 and net[9].groups == 2
+    for bn, groups in ((1, 4), (4, 4), (7, 2), (10, 2)):
+        counts = _per_group(_kept(ref[bn], net[bn]), ref[bn].num_features, groups)
+        assert len(set(counts)) == 1 and 0 < counts[0] < ref[bn].num_features // groups
+    assert net[3].in_channels == net[0].out_channels and net[9].in_channels == net[6].out_channels
+    if scope == "local":
+        assert (net[3].in_channels, net[3].out_channels, net[9].in_channels, net[9].out_channels) == (8, 8, 4, 4)
+        assert _kept(ref[1], net[1]) == [0, 2, 4, 5, 9, 10, 14, 15]  # the 2 largest gammas of each group of 4
+    assert net(X).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "regnet_x_400mf"])
+def test_save_load_and_onnx(tmp_path: Path, name):
+    model = create_model(name).eval() if name == "mobilenet_v3_small" else build_torchvision(name)
     x = torch.randn(1, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        structured_(model, x, {"ratio": 0.5})
+        report = structured_(model, x, {"ratio": 0.5})
+    assert name != "regnet_x_400mf" or any(r["layer"] == "trunk_output.block1.block1-0.f.b.0" for r in report.layers)
     path = save_model(model, tmp_path / "m.pt")
-    loaded = load_model(path)
+    loaded = load_model(path) if name == "mobilenet_v3_small" else load_model(path, model=build_torchvision(name))
     torch.testing.assert_close(loaded(x), model(x))
     onnx_path = tmp_path / "m.onnx"
     kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}

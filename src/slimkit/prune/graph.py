@@ -11,7 +11,11 @@ arrays (index offsets); reshapes, permutes and flatten move them (flatten -> lin
 one channel onto ``H*W`` input features). Slots reaching something whose meaning would
 change when a channel disappears (the model output, LayerNorm/GroupNorm statistics,
 ``chunk``/``split``/slices with fixed sizes, a view that splits a channel dim as in a
-channel shuffle, grouped convolutions, reductions over channels) are *fixed*.
+channel shuffle, reductions over channels) are *fixed*. A grouped convolution
+(``1 < groups < in_channels``) records its input and output slots split into ``groups``
+equal blocks: a group whose units are exactly those slots gets ``partitions`` (every block
+must lose as many units); where that fails (the slots span several groups, or two grouped
+convs split one group in ways neither of which refines the other) the slots are fixed.
 
 The union-find classes of slots are the prunable **units**: removing a unit removes one
 position from every member axis it touches. Units whose producers are the same layers
@@ -65,11 +69,16 @@ class Unit:
 
 @dataclass
 class Group:
-    """Units produced by the same layers (one residual stream, one conv's filters)."""
+    """Units produced by the same layers (one residual stream, one conv's filters).
+
+    ``partitions``: set where the units reach a grouped conv: ``g`` lists of ``len(units) / g``
+    unit ids (the conv's groups, in channel order); every list must lose as many units.
+    """
 
     name: str
     producers: tuple[str, ...]
     units: list[int]
+    partitions: list[list[int]] | None = None
 
 
 @dataclass
@@ -226,6 +235,8 @@ class _Builder:
         self.axes: dict[Axis, np.ndarray] = {}
         self.warnings: list[str] = []
         self.used: set[str] = set()
+        #: (slots ``[C]``, groups g, reason): channel ``i`` is in conv group ``i // (C // g)``
+        self.grouped: list[tuple[np.ndarray, int, str]] = []
 
     # -- helpers -----------------------------------------------------------------
     def member(self, axis: Axis, slots: np.ndarray) -> None:
@@ -313,10 +324,10 @@ class _Builder:
                 out = np.repeat(in_slots, mult)
                 self.member((name, "out"), out)
                 return _Ann((1,), out)
-            # grouped convolution: keep the group structure by keeping its channels
-            self.uf.fix(in_slots, f"input of grouped conv {name} (groups={m.groups})")
+            self.member((name, "in"), in_slots)
+            self.grouped.append((in_slots, m.groups, f"input of grouped conv {name} (groups={m.groups})"))
             ann = self.fresh_out(name, shape, 1)
-            self.uf.fix(ann.slots, f"output of grouped conv {name} (groups={m.groups})")
+            self.grouped.append((ann.slots, m.groups, f"output of grouped conv {name} (groups={m.groups})"))
             return ann
         if isinstance(m, nn.Linear):
             last = len(shape) - 1
@@ -720,6 +731,67 @@ def _producers_of(uf: _UnionFind, roots: np.ndarray) -> dict[int, set[str]]:
     return out
 
 
+def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str],
+                  producers_of: dict[int, set[str]], members: dict[tuple[str, ...], set[int]]):
+    """(producers, partition) of one grouped-conv constraint, or None when it cannot hold.
+
+    ``slots``: ``[C]`` channel slots of a grouped conv's input or output; ``g``: its groups.
+    It holds when every channel is its own free unit and the units are exactly one group's.
+    """
+    r = roots[slots]
+    if len(np.unique(r)) != len(r) or any(x in fixed for x in r.tolist()):
+        return None
+    producers = {tuple(sorted(producers_of.get(x, ()))) for x in r.tolist()}
+    if len(producers) != 1:
+        return None
+    (p,) = producers
+    if not p or set(r.tolist()) != members.get(p, set()):
+        return None
+    return p, [sorted(row) for row in r.reshape(g, -1).tolist()]
+
+
+def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
+    """The partition of ``a`` and ``b`` that refines the other (equal removal there holds for both), or None."""
+    if a == b or all(any(set(x) <= set(y) for y in b) for x in a):
+        return a
+    if all(any(set(y) <= set(x) for x in a) for y in b):
+        return b
+    return None
+
+
+def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.ndarray, fixed: dict[int, str],
+                      producers_of: dict[int, set[str]], by_root: dict) -> dict[tuple[str, ...], list[list[int]]]:
+    """Partition of each group that reaches grouped convs; fixes (in ``fixed``) the roots of the others.
+
+    A constraint fails when its channels are not exactly one group's free units, or when two
+    grouped convs split one group in ways neither of which refines the other (the finer one
+    is kept otherwise); fixing its roots may break others, so repeat.
+    """
+    while True:
+        members: dict[tuple[str, ...], set[int]] = defaultdict(set)
+        for root in by_root:
+            if root not in fixed:
+                members[tuple(sorted(producers_of.get(root, ())))].add(root)
+        partitions: dict[tuple[str, ...], list[list[int]]] = {}
+        failed = None
+        for slots, g, reason in constraints:
+            r = roots[slots]
+            if all(x in fixed for x in r.tolist()):
+                continue
+            found = _partition_of(slots, g, roots, fixed, producers_of, members)
+            if found is not None:
+                finer = _finer(partitions.setdefault(found[0], found[1]), found[1])
+                if finer is not None:
+                    partitions[found[0]] = finer
+                    continue
+            failed = (r, reason)
+            break
+        if failed is None:
+            return partitions
+        for x in np.unique(failed[0]).tolist():
+            fixed.setdefault(x, failed[1])
+
+
 def _assemble(builder: _Builder, model: nn.Module) -> ChannelGraph:
     """Units and groups from the builder's union-find classes, plus the unused-module warnings."""
     uf = builder.uf
@@ -729,7 +801,9 @@ def _assemble(builder: _Builder, model: nn.Module) -> ChannelGraph:
     units: dict[int, Unit] = {}
     fixed_reasons: dict[str, str] = {}
     grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for root, members in _members_by_root(builder.axes, roots).items():
+    by_root = _members_by_root(builder.axes, roots)
+    partitions = _group_partitions(builder.grouped, roots, fixed_roots, producers_of, by_root)
+    for root, members in by_root.items():
         producers = tuple(sorted(producers_of.get(root, ())))
         if root in fixed_roots or not producers:
             for p in producers:
@@ -737,7 +811,7 @@ def _assemble(builder: _Builder, model: nn.Module) -> ChannelGraph:
             continue
         units[root] = Unit(root, members, producers)
         grouped[producers].append(root)
-    groups = [Group(",".join(p), p, sorted(u)) for p, u in grouped.items()]
+    groups = [Group(",".join(p), p, sorted(u), partitions.get(p)) for p, u in grouped.items()]
     used = builder.used
     for name, module in model.named_modules():
         if name and name not in used and any(True for _ in module.parameters(recurse=False)) and not any(
@@ -826,7 +900,8 @@ def _share(graph: ChannelGraph) -> ChannelGraph:
     """Copy of ``graph`` with its own dicts, lists, units and groups; the read-only arrays are shared."""
     return ChannelGraph(
         dict(graph.axes), {uid: Unit(uid, dict(u.members), u.producers) for uid, u in graph.units.items()},
-        [Group(g.name, g.producers, list(g.units)) for g in graph.groups],
+        [Group(g.name, g.producers, list(g.units), g.partitions and [list(p) for p in g.partitions])
+         for g in graph.groups],
         dict(graph.fixed_reasons), list(graph.warnings),
     )
 

@@ -129,11 +129,57 @@ def _round_keep(keep: int, n: int, round_to: int) -> int:
     return min(n, int(math.ceil(keep / round_to) * round_to)) if round_to > 1 else keep
 
 
+def _partition_keep(m: int, kept: int, groups: int, round_to: int) -> int:
+    """Units to keep in each of ``groups`` partitions of ``m``: at least ``kept``, total a multiple of ``round_to``."""
+    while kept < m and (kept * groups) % round_to:
+        kept += 1
+    return kept
+
+
+def _rows(group: Group, scores: dict[int, float]) -> list[list[int]]:
+    """Row ``j``: the ``j``-th lowest-scored unit of every partition (``len(partitions)`` ids)."""
+    ordered = [sorted(p, key=lambda u: (scores[u], u)) for p in group.partitions]
+    return [list(row) for row in zip(*ordered, strict=True)]
+
+
+def _local_rows(group: Group, scores: dict[int, float], ratio: float, cfg: StructuredConfig) -> list[int]:
+    """Per-partition local selection: every partition of ``m`` units loses its lowest ``floor(ratio * m)``."""
+    m = len(group.partitions[0])
+    kept = max(m - int(math.floor(ratio * m + 1e-9)), _min_keep(m, cfg))
+    kept = _partition_keep(m, kept, len(group.partitions), cfg.round_to)
+    return [u for row in _rows(group, scores)[: m - kept] for u in row]
+
+
+def _entries(group: Group, scores: dict[int, float], scale: float) -> list[tuple[float, int, str, tuple[int, ...]]]:
+    """Global candidates of ``group``: one per unit, or one per row (mean score) when partitioned."""
+    if not group.partitions:
+        return [(scores[u] * scale, u, group.name, (u,)) for u in group.units]
+    return [(float(np.mean([scores[u] for u in row])) * scale, row[0], group.name, tuple(row))
+            for row in _rows(group, scores)]
+
+
+def _global_keep(g: Group, taken: list[tuple[int, ...]], cfg: StructuredConfig) -> list[tuple[int, ...]]:
+    """The taken entries of ``g`` after rounding its kept count up to ``round_to``."""
+    if not g.partitions:
+        n = len(g.units)
+        return taken[: n - _round_keep(n - len(taken), n, cfg.round_to)]
+    m = len(g.partitions[0])
+    return taken[: m - _partition_keep(m, m - len(taken), len(g.partitions), cfg.round_to)]
+
+
 def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cfg: StructuredConfig) -> list[int]:
-    """Units to prune: the lowest-scored ``ratio`` of the candidates, per group or globally."""
+    """Units to prune: the lowest-scored ``ratio`` of the candidates, per group or globally.
+
+    A partitioned group (it reaches a grouped conv) loses as many units from every partition:
+    locally the lowest ``floor(ratio * m)`` of each partition of ``m``; globally whole rows
+    (the ``j``-th lowest of every partition), ranked by their mean score.
+    """
     pruned: list[int] = []
     if cfg.scope == "local":
         for g in groups:
+            if g.partitions:
+                pruned += _local_rows(g, scores, ratio, cfg)
+                continue
             n = len(g.units)
             keep = max(n - int(math.floor(ratio * n + 1e-9)), _min_keep(n, cfg))
             keep = _round_keep(keep, n, cfg.round_to)
@@ -145,21 +191,25 @@ def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cf
         vals = np.array([scores[u] for u in g.units])
         denom = {"none": 1.0, "mean": vals.mean(), "max": vals.max()}[cfg.normalize]
         scale[g.name] = 1.0 / denom if denom > 0 else 1.0
-    entries = sorted((scores[u] * scale[g.name], u, g.name) for g in groups for u in g.units)
-    budget = int(math.floor(ratio * len(entries) + 1e-9))
-    limit = {g.name: len(g.units) - _min_keep(len(g.units), cfg) for g in groups}
-    taken: dict[str, list[int]] = {g.name: [] for g in groups}
-    for _, uid, name in entries:
+    entries = sorted(e for g in groups for e in _entries(g, scores, scale[g.name]))
+    budget = int(math.floor(ratio * sum(len(g.units) for g in groups) + 1e-9))
+    limit = {g.name: _global_limit(g, cfg) for g in groups}
+    taken: dict[str, list[tuple[int, ...]]] = {g.name: [] for g in groups}
+    for _, _, name, ids in entries:
         if budget <= 0:
             break
-        if len(taken[name]) < limit[name]:
-            taken[name].append(uid)
-            budget -= 1
+        if len(taken[name]) < limit[name] and len(ids) <= budget:
+            taken[name].append(ids)
+            budget -= len(ids)
     for g in groups:
-        n = len(g.units)
-        keep = _round_keep(n - len(taken[g.name]), n, cfg.round_to)
-        pruned += taken[g.name][: n - keep]  # taken is ascending: give back the best
+        pruned += [u for ids in _global_keep(g, taken[g.name], cfg) for u in ids]  # ascending: give back the best
     return pruned
+
+
+def _global_limit(g: Group, cfg: StructuredConfig) -> int:
+    """Most entries (units, or rows when partitioned) global selection may take from ``g``."""
+    m = len(g.partitions[0]) if g.partitions else len(g.units)
+    return m - _min_keep(m, cfg)
 
 
 def structured_(

@@ -3,9 +3,11 @@
 Each member axis of the pruned units (see :mod:`slimkit.prune.graph`) loses the positions
 the units occupy there: a conv loses filters (``out``) or input channels (``in``), a
 BatchNorm its scale, shift and running statistics, a depthwise conv its filters and
-groups, a parameter used in forward (``param:<name>:<axis>``) its slices. Modules keep
-their class and are edited in place, so the model stays an ordinary ``nn.Module`` that
-:func:`slimkit.manifest.save_model` can store and ONNX can export.
+groups, a grouped conv the same number of filters and of input channels in every group
+(``groups`` stays, channels per group shrink), a parameter used in forward
+(``param:<name>:<axis>``) its slices. Modules keep their class and are edited in place,
+so the model stays an ordinary ``nn.Module`` that :func:`slimkit.manifest.save_model` can
+store and ONNX can export.
 """
 
 from __future__ import annotations
@@ -40,8 +42,37 @@ def _param(t: torch.Tensor, keep: torch.Tensor, dim: int) -> nn.Parameter:
     return nn.Parameter(t.data.index_select(dim, keep), requires_grad=t.requires_grad)
 
 
-def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[int, int]:
-    """Delete positions ``drop`` of ``m``'s ``role`` axis; returns (before, after)."""
+def _per_group_drops(name: str, size: int, groups: int, drop: np.ndarray) -> list[np.ndarray]:
+    """Local positions to delete in each of ``groups`` equal blocks of ``size`` channels.
+
+    ``drop``: global positions ``[k]``; raises when the blocks would lose different counts.
+    """
+    per = size // groups
+    local = [drop[(drop >= k * per) & (drop < (k + 1) * per)] - k * per for k in range(groups)]
+    if len({len(x) for x in local}) > 1:
+        raise UnsupportedModelError(f"grouped conv {name!r}: groups would lose different channel counts")
+    return local
+
+
+def _cut_grouped_inputs(name: str, weight: nn.Parameter, size: int, groups: int, drop: np.ndarray) -> nn.Parameter:
+    """Weight ``[C_out, size/groups, *k]`` without the inputs ``drop``, chosen per group.
+
+    Output block ``k`` (``C_out/groups`` filters) keeps group ``k``'s remaining inputs:
+    result ``[C_out, (size - len(drop))/groups, *k]``.
+    """
+    rows = weight.shape[0] // groups
+    blocks = [
+        weight.data[k * rows:(k + 1) * rows].index_select(1, _keep(size // groups, local))
+        for k, local in enumerate(_per_group_drops(name, size, groups, drop))
+    ]
+    return nn.Parameter(torch.cat(blocks, 0), requires_grad=weight.requires_grad)
+
+
+def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray, depthwise: bool = False) -> tuple[int, int]:
+    """Delete positions ``drop`` of ``m``'s ``role`` axis; returns (before, after).
+
+    ``depthwise``: ``m`` was a depthwise conv before any cut (its groups follow its channels).
+    """
     if role.startswith("param:"):
         _, pname, axis = role.split(":")
         axis = int(axis)
@@ -56,7 +87,8 @@ def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[i
         if role == "out":
             before = m.out_channels
             keep = _keep(before, drop)
-            depthwise = m.groups > 1 and m.groups == m.in_channels
+            if m.groups > 1 and not depthwise:
+                _per_group_drops(name, before, m.groups, drop)
             m.weight = _param(m.weight, keep, 0)
             if m.bias is not None:
                 m.bias = _param(m.bias, keep, 0)
@@ -66,6 +98,10 @@ def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray) -> tuple[i
                 m.groups = m.in_channels = len(keep) // mult
             return before, len(keep)
         before = m.in_channels
+        if m.groups > 1:
+            m.weight = _cut_grouped_inputs(name, m.weight, before, m.groups, drop)
+            m.in_channels = m.weight.shape[1] * m.groups
+            return before, m.in_channels
         keep = _keep(before, drop)
         m.weight = _param(m.weight, keep, 1)
         m.in_channels = len(keep)
@@ -118,8 +154,10 @@ def prune_units_(model: nn.Module, graph: ChannelGraph, unit_ids: Iterable[int])
     describes the model as it was; build a new one before pruning again.
     """
     modules = dict(model.named_modules())
+    depthwise = {name for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)
+                 and m.groups > 1 and m.groups == m.in_channels}
     changes = []
     for (name, role), drop in sorted(removals_for(graph, unit_ids).items()):
-        before, after = _cut_module(name, modules[name], role, drop)
+        before, after = _cut_module(name, modules[name], role, drop, name in depthwise)
         changes.append({"layer": name, "axis": role, "before": int(before), "after": int(after)})
     return changes
