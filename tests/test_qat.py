@@ -108,6 +108,22 @@ def test_zero_gamma_channel_gives_beta_not_nan():
     assert torch.allclose(model.eval()(x)[:, 1], torch.full_like(out[:, 1], 0.7))
 
 
+def test_non_affine_bn_is_kept_and_folded():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 1, 6, 6)
+    ptq = copy.deepcopy(model)
+    quantize_(ptq, {"reduce_range": False}, calibration=[x])
+    model, attached = _qat_model(model, x)
+    assert attached == ["0"] and not model[0].bn.affine
+    with torch.no_grad():
+        kept = model.eval()(x)
+        _assert_same_integer_model(kept, ptq(x))
+        fold_qat_bn_(model)
+        _assert_same_integer_model(model(x), kept)
+
+
 def test_gradients_reach_weights_and_bn_affine():
     model, attached = _qat_model(_trained_bn("plaincnn-3"), torch.randn(8, 1, 28, 28), bits=4)
     model.train()(torch.randn(8, 1, 28, 28)).sum().backward()

@@ -47,14 +47,16 @@ class QuantConvBn2d(QuantConv2d):
     statistics in training. The weight grid (``w_scale``, ``w_zero``) is that of the folded weight.
     """
 
-    def __init__(self, *args, bn_eps: float = 1e-5, bn_momentum: float | None = 0.1, **kwargs) -> None:
+    def __init__(self, *args, bn_eps: float = 1e-5, bn_momentum: float | None = 0.1, bn_affine: bool = True,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.bn = nn.BatchNorm2d(self.out_channels, eps=bn_eps, momentum=bn_momentum)
+        self.bn = nn.BatchNorm2d(self.out_channels, eps=bn_eps, momentum=bn_momentum, affine=bn_affine)
         self.bn_frozen = False
 
     @classmethod
     def from_quant(cls, conv: QuantConv2d, bn: nn.BatchNorm2d) -> QuantConvBn2d:
-        new = cls(**_conv_spec(conv), **conv.quant_args(), bn_eps=bn.eps, bn_momentum=bn.momentum)
+        new = cls(**_conv_spec(conv), **conv.quant_args(), bn_eps=bn.eps, bn_momentum=bn.momentum,
+                  bn_affine=bn.affine)
         new.load_state_dict(conv.state_dict(), strict=False)
         new.bn.load_state_dict(bn.state_dict())
         new.train_observer = conv.train_observer
@@ -95,7 +97,7 @@ class QuantConvBn2d(QuantConv2d):
 
 
 register_module_spec(QuantConvBn2d, lambda m: {**_conv_spec(m), **m.quant_args(), "bn_eps": m.bn.eps,
-                                               "bn_momentum": m.bn.momentum})
+                                               "bn_momentum": m.bn.momentum, "bn_affine": m.bn.affine})
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
