@@ -53,3 +53,9 @@ def classifier_name(model: nn.Module) -> str:
         elif isinstance(module, nn.Conv2d):
             last_conv = name
     return last_linear or last_conv
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``root``'s submodule ``name`` (a qualified name, e.g. ``features.3``) is."""
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)

@@ -28,7 +28,7 @@ from slimkit.config import Config
 from slimkit.decompose.methods import METHODS, Method
 from slimkit.decompose.ranks import energy_rank, fraction_rank, vbmf_rank
 from slimkit.exceptions import ConfigError
-from slimkit.selection import matches
+from slimkit.selection import matches, replace_module
 
 _GLOB = set("*?[")
 
@@ -201,11 +201,6 @@ def _input_shapes(model: nn.Module, example_inputs: torch.Tensor, names: set[str
     return shapes
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
-
-
 # ---------------------------------------------------------------- rank rules
 
 
@@ -374,7 +369,7 @@ def decompose_(model: nn.Module, example_inputs: torch.Tensor, config: Decompose
         options._layer_name = name
         fit = method.build(module, ranks, options)
         fit.module.train(module.training)
-        _set_module(model, name, fit.module)
+        replace_module(model, name, fit.module)
         report.layers.append(LayerReport(name, cfg.method, tuple(ranks), method.full_ranks(module), params_before,
                                          params_after, macs_before, macs_after, round(fit.rel_error, 6), fit.notes))
     report.model_params_after = sum(p.numel() for p in model.parameters())

@@ -33,7 +33,7 @@ from torch import nn
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
 from slimkit.manifest import register_module_spec
-from slimkit.selection import matches
+from slimkit.selection import matches, replace_module
 
 _SUPPORTED = (nn.Conv2d, nn.Linear)
 
@@ -147,12 +147,6 @@ def binary_layers(model: nn.Module) -> dict[str, BinaryMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BINARY_LAYERS)}
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
-
-
 def binarize_(model: nn.Module, config: BinarizeConfig | dict | None = None) -> dict:
     """Replace the selected Conv2d/Linear layers by binary ones, in place; returns a report.
 
@@ -185,7 +179,7 @@ def binarize_(model: nn.Module, config: BinarizeConfig | dict | None = None) -> 
                                clip=config.clip)
         new.load_state_dict(old.state_dict(), strict=False)
         new.train(old.training)
-        _set(model, name, new)
+        replace_module(model, name, new)
         report["layers"][name] = {"type": type(old).__name__, "weights": old.weight.numel()}
     return report
 

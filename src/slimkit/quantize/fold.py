@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimkit.selection import replace_module
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -95,12 +97,6 @@ def fold_into(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
-
-
 def fold_bn_(model: nn.Module) -> list[str]:
     """Fold every BN that directly follows a conv into it, in place; BNs become Identity.
 
@@ -113,6 +109,6 @@ def fold_bn_(model: nn.Module) -> list[str]:
         if not bn.track_running_stats or bn.running_mean is None:
             continue
         fold_into(model.get_submodule(conv_name), bn)
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, bn_name, nn.Identity())
         folded.append(conv_name)
     return folded

@@ -38,6 +38,7 @@ from torch import nn
 from slimkit.manifest import register_module_spec
 from slimkit.quantize.fake import QuantConv2d, _conv_spec
 from slimkit.quantize.fold import conv_bn_pairs
+from slimkit.selection import replace_module
 
 
 class QuantConvBn2d(QuantConv2d):
@@ -100,12 +101,6 @@ register_module_spec(QuantConvBn2d, lambda m: {**_conv_spec(m), **m.quant_args()
                                                "bn_momentum": m.bn.momentum, "bn_affine": m.bn.affine})
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
-
-
 def attach_bn_(model: nn.Module, pairs: list[tuple[str, str]], observer: str = "minmax") -> list[str]:
     """Move each BatchNorm2d of ``pairs`` (from :func:`~slimkit.quantize.fold.conv_bn_pairs` on the
     float model) into its QuantConv2d (as a QuantConvBn2d); the BN becomes Identity and the
@@ -118,8 +113,8 @@ def attach_bn_(model: nn.Module, pairs: list[tuple[str, str]], observer: str = "
             continue
         new = QuantConvBn2d.from_quant(conv, bn)
         new.set_weight_qparams(observer)
-        _set(model, conv_name, new)
-        _set(model, bn_name, nn.Identity())
+        replace_module(model, conv_name, new)
+        replace_module(model, bn_name, nn.Identity())
         attached.append(conv_name)
     return attached
 
@@ -135,7 +130,7 @@ def fold_qat_bn_(model: nn.Module) -> list[str]:
     """Replace every QuantConvBn2d by its folded QuantConv2d (same eval outputs); returns their names."""
     names = [n for n, m in model.named_modules() if isinstance(m, QuantConvBn2d)]
     for name in names:
-        _set(model, name, model.get_submodule(name).folded())
+        replace_module(model, name, model.get_submodule(name).folded())
     return names
 
 

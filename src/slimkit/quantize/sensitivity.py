@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from slimkit.exceptions import ConfigError
 from slimkit.quantize.packing import packed_nbytes
-from slimkit.selection import select_modules
+from slimkit.selection import replace_module, select_modules
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,6 @@ class Sensitivity:
 
     drop: float  # accuracy lost, in points (float accuracy minus trial accuracy, same samples)
     kl: float  # mean over samples of KL(p_float || p_trial) of the softmax outputs, in nats
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
 
 
 def _samples(data: torch.Tensor | Dataset, batch_size: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -127,11 +121,11 @@ def layer_sensitivity(model: nn.Module, data: torch.Tensor | Dataset, candidates
             for bits in sorted(set(candidates), reverse=True):
                 trial = cls.from_float(module, bits=bits, act_bits=None, per_channel=per_channel, symmetric=symmetric)
                 trial.to(module.weight.device).set_weight_qparams(weight_observer)
-                _set(model, name, trial.eval())
+                replace_module(model, name, trial.eval())
                 try:
                     logits = _logits(model, batches)
                 finally:
-                    _set(model, name, module)
+                    replace_module(model, name, module)
                 table[name][bits] = Sensitivity(round(float_acc - _accuracy(logits, labels), 4),
                                                 mean_kl(reference, logits))
     finally:

@@ -36,7 +36,7 @@ from slimkit.quantize.fake import QuantConv2d, QuantLinear, QuantMixin, quant_la
 from slimkit.quantize.fold import fold_bn_
 from slimkit.quantize.observers import is_fp16_exact, make_observer
 from slimkit.quantize.packing import packed_nbytes, storage_bits
-from slimkit.selection import matches, select_modules
+from slimkit.selection import matches, replace_module, select_modules
 
 ObserverName = Literal["minmax", "ema", "percentile", "mse"]
 
@@ -110,12 +110,6 @@ def calibration_batches(source, config: QuantConfig) -> Iterable[torch.Tensor]:
         yield batch[0] if isinstance(batch, (list, tuple)) else batch
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
-
-
 @torch.no_grad()
 def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor], observer: str = "minmax", **options) -> int:
     """Run ``batches`` through ``model`` (eval) and set every quantized layer's activation grid."""
@@ -180,7 +174,7 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibr
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         new = cls.from_float(module, **quant)
         new.set_weight_qparams(config.weight_observer, **_observer_options(config.weight_observer, config))
-        _set(model, name, new)
+        replace_module(model, name, new)
         report["layers"][name] = {"type": type(module).__name__, **quant}
     if config.act_bits:
         if calibration is None:
