@@ -11,11 +11,11 @@ ratios vs dense (> 1 = faster than dense).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
+
+from slimkit.export.onnx import median_ms
 
 LAYERS = {  # name: (out, in, sparsity) as in the recipes
     "lenet300.fc1": (300, 784, 0.96), "lenet300.fc2": (100, 300, 0.92), "lenet300.fc3": (10, 100, 0.75),
@@ -24,14 +24,8 @@ LAYERS = {  # name: (out, in, sparsity) as in the recipes
 
 
 def timed(fn, runs: int) -> float:
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
+    """Median wall time of ``fn()`` in microseconds (5 warm-up calls)."""
+    return median_ms(fn, warmup=5, repeats=runs) * 1e3
 
 
 def layers_from(path: str) -> dict[str, torch.Tensor]:

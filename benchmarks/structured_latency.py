@@ -22,26 +22,11 @@ from slimkit.prune import structured_
 
 
 def ort_latency(model, x, runs: int) -> float:
-    import time
-
-    import onnxruntime as ort
+    """Median batch latency (ms) of ``model`` exported to ONNX and run by ONNX Runtime on one thread."""
+    from slimkit.export import OnnxRunner, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        kwargs = {"dynamo": False} if "dynamo" in torch.onnx.export.__code__.co_varnames else {}
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], **kwargs)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy()}
-        for _ in range(3):
-            sess.run(None, feed)
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            sess.run(None, feed)
-            times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+        return OnnxRunner(export_onnx(model, x, Path(tmp) / "m.onnx")).latency_ms(x, warmup=3, repeats=runs)
 
 
 def main() -> None:
