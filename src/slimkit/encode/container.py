@@ -191,6 +191,7 @@ def _packed_kind(module: nn.Module | None) -> int | None:
 
 def _packed_payload(module: nn.Module, sub: int) -> tuple[bytes, int]:
     """(payload, bits) of a bit-packed weight: integer codes of a uniform grid, or 1-bit signs + alpha."""
+    from slimkit.quantize.observers import is_fp16_exact
     from slimkit.quantize.packing import pack_bits, storage_bits, to_unsigned
 
     w = _Writer()
@@ -209,7 +210,7 @@ def _packed_payload(module: nn.Module, sub: int) -> tuple[bytes, int]:
         bits, signed, scalar = 1, False, False
         scale = module.alpha().detach().float().numpy()
         zero = np.zeros(0, np.int32)
-    half = bool(np.array_equal(scale.astype("<f2").astype(np.float32), scale)) and bool(np.isfinite(scale).all())
+    half = is_fp16_exact(torch.from_numpy(scale))  # the same test stored_bytes counts 2 bytes by
     small_zeros = bool(zero.size) and int(zero.min()) >= 0 and int(zero.max()) <= 255
     flags = ((PACKED_SIGNED if signed else 0) | (PACKED_SCALAR if scalar else 0)
              | (PACKED_FP16_SCALES if half else 0) | (PACKED_U8_ZEROS if small_zeros else 0))

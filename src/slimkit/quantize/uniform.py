@@ -15,7 +15,7 @@ into an ONNX QDQ model that ONNX Runtime executes in int8.
 >>> report = quantize_(m, {"bits": 8, "overrides": {"4": 4}, "reduce_range": False}, calibration=[x])
 >>> report["layers"]["0"]["bits"], report["layers"]["4"]["bits"], report["folded_bn"]
 (8, 4, ['0'])
->>> quantize_(m2 := nn.Sequential(nn.Linear(3, 2)), {"reduce_range": True}, [torch.randn(4, 3)])["layers"]["0"]["bits"]
+>>> quantize_(nn.Sequential(nn.Linear(3, 2)), {"reduce_range": True}, [torch.randn(4, 3)])["layers"]["0"]["bits"]
 7
 >>> stored_bytes(m) < 4 * sum(p.numel() for p in m.parameters())
 True
