@@ -104,6 +104,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from slimkit.data import load_data
+    from slimkit.measure import state_dict_bytes
     from slimkit.models import create_model
     from slimkit.train import TrainConfig, evaluate, fit
 
@@ -118,10 +119,10 @@ def main() -> None:
             trained = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels)
             fit(trained, data.train, TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed), progress=False)
             trained.eval()
-            if seed == args.seeds[0]:
-                model, first_pc = trained, None
             seed_fp32 = evaluate(trained, data.test)
-            fp32_bytes = sum(t.numel() * t.element_size() for t in trained.state_dict().values())
+            fp32_bytes = state_dict_bytes(trained)  # the same for every seed of one architecture
+            if seed == args.seeds[0]:  # the other tables use the first seed's model
+                model, fp32, first_pc = trained, seed_fp32, None
             for observer in args.observers:
                 for reduce in settings:
                     pc = ptq(trained, data, True, reduce, out_dir=out, observer=observer)
@@ -133,8 +134,6 @@ def main() -> None:
                     rows.append((f"{label}, seed {seed}", seed_fp32, pc["fakequant"], pc["ort_int8"],
                                  pc["ort_int8"] - seed_fp32, fp32_bytes / pc["bytes"], pc["agreement"],
                                  pc["ort_fp32_ms"] / pc["ort_int8_ms"]))
-        fp32 = evaluate(model, data.test)
-        fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if "per-tensor" not in args.skip:
             pt = ptq(model, data, False, settings[0], out_dir=out, observer=args.observers[0])
             tensor_rows.append((name, fp32, pt["fakequant"], pt["ort_int8"], first_pc["fakequant"],

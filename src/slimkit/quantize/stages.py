@@ -19,6 +19,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from slimkit.measure import state_dict_bytes
 from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
 from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, resolve_reduce_range, stored_bytes
 from slimkit.stages import StageContext, StageOutput, register_stage
@@ -113,7 +114,7 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
             if matches(name, (glob,)):
                 fixed[name] = bits
                 break
-    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    float_bytes = state_dict_bytes(model)
     budget = config.size_budget_bytes or int(float_bytes / config.size_ratio)
     plan = choose_bits(folded, table, budget, config.act_bits, config.per_channel, config.symmetric, fixed,
                        scale_bytes=2 if config.scale_dtype == "float16" else 4)
@@ -165,7 +166,7 @@ def _vs_dense(ctx: StageContext, results: dict, engine: str | None, deployed_byt
                 dense_ms = median_ms(lambda: dense(example))
     except Exception as err:  # the dense model may hold ops ONNX cannot export
         return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    dense_bytes = sum(t.numel() * t.element_size() for t in dense.state_dict().values())
+    dense_bytes = state_dict_bytes(dense)
     deployed_ms = results[engine]["latency_ms"]
     return {"dense_engine": fp32_engine, "dense_fp32_ms": dense_ms, "deployed_engine": engine,
             "deployed_ms": deployed_ms, "speedup": dense_ms / deployed_ms, "dense_fp32_bytes": dense_bytes,
