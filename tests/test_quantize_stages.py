@@ -70,6 +70,8 @@ def test_int8_stage_reports_deployed_integer_model(tmp_path, baseline_path):
     assert dense["dense_engine"] == "onnxruntime-fp32" and dense["deployed_engine"] == "onnxruntime-int8"
     assert dense["dense_fp32_bytes"] == 431_080 * 4 and dense["deployed_bytes"] == row["bytes"]
     assert dense["speedup"] == pytest.approx(dense["dense_fp32_ms"] / dense["deployed_ms"])
+    # the first stage's float input is the baseline: its ORT fp32 timing is reused, not measured again
+    assert dense["dense_fp32_ms"] == row["details"]["engines"]["onnxruntime-fp32"]["latency_ms"]
     markdown = (tmp_path / "run" / "report.md").read_text()
     ort = row["details"]["engines"]["onnxruntime-int8"]
     assert "## int8: engines" in markdown and "Against the dense fp32 baseline: onnxruntime-int8" in markdown

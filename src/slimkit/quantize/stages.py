@@ -156,12 +156,13 @@ def _vs_dense(ctx: StageContext, results: dict, engine: str | None, deployed_byt
     if engine is None or ctx.baseline is None or "latency_ms" not in results.get(engine, {}):
         return {"skipped": "no integer engine was chosen"}
     dense, example = ctx.baseline.eval(), ctx.example_inputs[:1]
+    fp32_engine = "onnxruntime-fp32" if engine.startswith("onnxruntime") else "torch-fp32"
     try:
-        if engine.startswith("onnxruntime"):
-            fp32_engine = "onnxruntime-fp32"
+        if ctx.stage_index == 1 and "latency_ms" in results.get(fp32_engine, {}):
+            dense_ms = results[fp32_engine]["latency_ms"]  # the first stage's input is the baseline itself
+        elif fp32_engine == "onnxruntime-fp32":
             dense_ms = OnnxRunner(export_onnx(dense, example, ctx.stage_dir / "baseline.fp32.onnx")).latency_ms(example)
         else:
-            fp32_engine = "torch-fp32"
             with torch.no_grad():
                 dense_ms = median_ms(lambda: dense(example))
     except Exception as err:  # the dense model may hold ops ONNX cannot export
