@@ -71,12 +71,23 @@ def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput |
         "bytes_counted": _bytes_counted(output),
         "latency_ms": round(float(latency), 4),
         "latency_p99_ms": round(float(prof.latency_p99_ms), 4),
+        **_energy_cells(prof, int(stored)),
         "engine": (output.engine if output and output.engine else "pytorch-eager"),
         "phase": output.phase if output else "materialized",
         "ratio": round(baseline_bytes / max(int(stored), 1), 3),
         "details": output.details if output else {},
         "artifacts": output.artifacts if output else {},
     }
+
+
+def _energy_cells(prof: Any, stored: int) -> dict:
+    """``energy_uj`` (45 nm estimate of one batch-1 forward, the stored bytes as weight traffic) and its breakdown."""
+    if getattr(prof, "energy", None) is None:
+        return {}
+    from slimkit.measure.energy import with_weight_bytes
+
+    energy = with_weight_bytes(prof.energy, stored)
+    return {"energy_uj": round(energy.total_uj, 4), "energy": energy.to_dict()}
 
 
 def _bytes_counted(output: StageOutput | None) -> str:

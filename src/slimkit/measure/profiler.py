@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -28,7 +28,9 @@ class Profile:
     - ``latency_ms`` (median), ``latency_p99_ms``: one forward of the batch, milliseconds;
       ``throughput``: samples per second at the median; all three None when not timed;
     - ``batch_size``, ``threads`` (torch intra-op threads during the measurement),
-      ``input_shapes`` (of the example inputs), ``layers`` (per-layer :class:`LayerProfile`).
+      ``input_shapes`` (of the example inputs), ``layers`` (per-layer :class:`LayerProfile`);
+    - ``energy``: the 45 nm estimate of one forward of the batch
+      (:class:`~slimkit.measure.energy.EnergyEstimate`, :mod:`slimkit.measure.energy`).
     """
 
     params: int
@@ -44,6 +46,7 @@ class Profile:
     threads: int
     input_shapes: tuple[tuple[int, ...], ...]
     layers: tuple[LayerProfile, ...]
+    energy: Any = None
 
     @property
     def flops(self) -> int:
@@ -65,6 +68,7 @@ class Profile:
         data = asdict(self)
         data["flops"] = self.flops
         data["input_shapes"] = [list(s) for s in self.input_shapes]
+        data["energy"] = self.energy.to_dict() if self.energy is not None else None
         if layers:
             data["layers"] = [
                 {**asdict(layer), "output_shape": list(layer.output_shape) if layer.output_shape else None}
@@ -83,6 +87,7 @@ def profile(
     warmup: int = 5,
     runs: int = 30,
     threads: int | None = None,
+    sram_bytes: int | None = None,
 ) -> Profile:
     """Measure ``model`` on ``example_inputs`` (a Tensor or a tuple of Tensors: one batch).
 
@@ -90,7 +95,8 @@ def profile(
     state-dict bytes, peak activation bytes (one more forward) and, when ``latency``, the
     median and p99 of ``runs`` timed forwards after ``warmup`` (see
     :func:`slimkit.measure.latency.measure_latency`) with ``threads`` torch threads (None:
-    the current setting). The model's weights, train/eval modes and the thread count are
+    the current setting), and the energy estimate with ``sram_bytes`` of on-chip SRAM (None:
+    :data:`~slimkit.measure.energy.DEFAULT_SRAM_BYTES`). The model's weights, train/eval modes and the thread count are
     left as they were. Raises ConfigError when ``example_inputs`` do not fit the model.
 
     >>> import torch
@@ -105,7 +111,7 @@ def profile(
         memory = peak_activation_bytes(model, args)
         stats = measure_latency(model, args, warmup=warmup, runs=runs) if latency else None
     batch = batch_size_of(args)
-    return Profile(
+    result = Profile(
         params=count_params(model),
         nonzeros=count_nonzeros(model),
         macs=sum(layer.macs for layer in layers),
@@ -120,4 +126,8 @@ def profile(
         input_shapes=tuple(tuple(t.shape) for t in args),
         layers=layers,
     )
+    from slimkit.measure.energy import DEFAULT_SRAM_BYTES, estimate_energy
+
+    sram = DEFAULT_SRAM_BYTES if sram_bytes is None else sram_bytes
+    return replace(result, energy=estimate_energy(model, result, sram_bytes=sram))
 

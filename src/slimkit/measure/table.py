@@ -85,6 +85,12 @@ def format_summary(profile: Profile) -> str:
         f"activations  peak {human_bytes(profile.peak_activation_bytes)} ({profile.peak_activation_bytes:,} B) "
         f"at {profile.peak_activation_at}, alive at once, input included, per batch",
     ]
+    if profile.energy is not None:
+        e = profile.energy
+        lines.append(f"energy       {e.total_uj:,.3f} uJ estimated (arithmetic {e.arithmetic_pj * 1e-6:,.3f}, "
+                     f"weights {e.weight_pj * 1e-6:,.3f} from {e.weights_in.upper()}, activations "
+                     f"{e.activation_pj * 1e-6:,.3f} from {e.activations_in.upper()}; Horowitz 2014 45 nm, "
+                     f"SRAM {human_bytes(e.sram_bytes)}) per batch")
     if profile.latency_ms is None:
         lines.append("latency      not measured")
     else:

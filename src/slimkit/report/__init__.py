@@ -44,16 +44,25 @@ def _cells(row: dict[str, Any]) -> list[str]:
 
 
 def format_stage_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table, one line per stage, aligned for the terminal too."""
+    """A Markdown table, one line per stage, aligned for the terminal too.
+
+    Rows with ``energy_uj`` (:mod:`slimkit.measure.energy`) add an ``energy uJ`` column.
+    """
+    columns = list(COLUMNS)
     body = [_cells(r) for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(COLUMNS)]
     right = [False, True, True, True, True, True, True, True, False]
+    if any("energy_uj" in r for r in rows):
+        columns.insert(8, "energy uJ")
+        right.insert(8, True)
+        for cells, row in zip(body, rows):
+            cells.insert(8, f"{row['energy_uj']:,.2f}" if row.get("energy_uj") is not None else "")
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(columns)]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)) + " |"
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if r else "-" * (w + 2) for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(list(COLUMNS)), rule, *(line(b) for b in body)])
+    return "\n".join([line(columns), rule, *(line(b) for b in body)])
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -75,6 +84,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "![accuracy vs size](accuracy_vs_size.png)",
     ]
+    energy = [r for r in rows if isinstance(r.get("energy"), dict)]
+    if energy:
+        lines[6:6] = ["`energy uJ`: estimated energy of one batch-1 inference from the 45 nm table of Horowitz 2014 "
+                      "(arithmetic by precision, non-zero weights only; stored bytes as weight traffic):", ""]
+        lines[8:8] = [f"- {r['name']}: {r['energy']['assumptions']}" for r in energy] + [""]
     for row in rows:
         lines += _engine_lines(row)
         layers = row.get("details", {}).get("layers")
