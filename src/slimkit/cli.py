@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="per-layer table")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--deadline-ms", type=float, help="real-time view: p50/p99/max, jitter, misses of this deadline")
+    p.add_argument("--fps", type=float, help="real-time view at this frame rate (deadline 1000/FPS ms)")
+    p.add_argument("--engine", default="eager", help="real-time view engine: eager, onnxruntime, onnxruntime-int8")
+    p.add_argument("--runs", type=int, default=500, help="batch-1 runs of the real-time view")
+    p.add_argument("--sram-bytes", type=int, help="on-chip SRAM assumed by the energy estimate (default 512 KiB)")
 
     sub.add_parser("recipes", help="list built-in recipes")
     sub.add_parser("models", help="list zoo models")
@@ -140,11 +145,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
         from slimkit.models import create_model
 
         model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[1])
-    result = profile(model, torch.zeros(shape), latency=not args.no_latency, threads=args.threads)
+    from slimkit.measure.realtime import deadline_from, realtime_profile
+
+    deadline = deadline_from(args.deadline_ms, args.fps)
+    result = profile(model, torch.zeros(shape), latency=not args.no_latency, threads=args.threads,
+                     sram_bytes=args.sram_bytes)
     if args.layers:
         print(format_layer_table(result))
         print()
     print(format_summary(result))
+    if deadline is not None:
+        stats = realtime_profile(model, torch.zeros(shape), args.engine, args.runs, deadline, args.threads or 1)
+        print(stats.summary())
     return 0
 
 
