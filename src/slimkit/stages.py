@@ -33,8 +33,10 @@ STAGE_MODULES = (
     "slimkit.prune.unstructured_stages",
     "slimkit.prune.structured_stages",
     "slimkit.quantize.sharing_stages",
+    "slimkit.quantize.hashed_stages",
     "slimkit.quantize.stages",
     "slimkit.encode.stages",
+    "slimkit.encode.dct_stages",
     "slimkit.decompose.stages",
     "slimkit.distill.stages",
 )

@@ -41,11 +41,13 @@ from slimkit.exceptions import ConfigError, CorruptFileError
 MAGIC = b"SLIM"
 VERSION = 2  # 2: PACKED scales may be float16 and zero points uint8 or absent (flags 4, 8)
 KIND_META, KIND_RAW, KIND_SHARED, KIND_PACKED = 0, 1, 2, 3
+KIND_DCT = 4  # frequency-domain shared weight (slimkit.encode.dct, CNNpack)
 FLAG_MASK, FLAG_SHARED_BUFFERS = 1, 2
 PACKED_UNIFORM, PACKED_BINARY = 0, 1  # KIND_PACKED sub-kinds
 PACKED_SIGNED, PACKED_SCALAR, PACKED_FP16_SCALES, PACKED_U8_ZEROS = 1, 2, 4, 8  # PACKED flags
 GRID_BUFFERS = ("w_scale", "w_zero")  # rebuilt from a uniform PACKED record
 DERIVED = ("weight_mask", "weight_codebook", "weight_index")
+DCT_BUFFERS = ("dct_codebook", "dct_index")  # rebuilt from a DCT record
 
 
 @dataclass
@@ -266,10 +268,9 @@ def _decode_packed(payload: bytes, what: str, prefix: str) -> dict[str, torch.Te
 
 
 def _meta(model: nn.Module) -> bytes:
-    from slimkit.manifest import module_manifest
-    from slimkit.models import arch_of
+    from slimkit.manifest import model_meta
 
-    meta = {"arch": arch_of(model), "modules": module_manifest(model)}
+    meta = model_meta(model)  # source, data spec and module manifest, as in a model.pt
     return zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 9)
 
 
@@ -288,6 +289,8 @@ def encode_model(model: nn.Module, formats: tuple[str, ...] = FORMATS) -> tuple[
             skip.add(key)
         if leaf in GRID_BUFFERS and _packed_kind(module) == PACKED_UNIFORM:
             skip.add(key)
+        if leaf in DCT_BUFFERS and module is not None and "dct_codebook" in module._buffers:
+            skip.add(key)
     for key, tensor in state.items():
         if key in skip:
             continue
@@ -300,6 +303,14 @@ def encode_model(model: nn.Module, formats: tuple[str, ...] = FORMATS) -> tuple[
             record = _record(KIND_PACKED, key, payload)
             infos.append(TensorInfo(key, "packed", "binary" if packed == PACKED_BINARY else f"int{bits}",
                                     tensor.numel(), int((tensor != 0).sum()), float(bits), 0.0, 0, len(record)))
+        elif leaf == "weight" and module is not None and "dct_codebook" in module._buffers:
+            from slimkit.encode.dct import dct_payload
+
+            payload, layout, kept = dct_payload(module, formats)
+            record = _record(KIND_DCT, key, payload)
+            infos.append(TensorInfo(key, "dct", layout.format, tensor.numel(), kept,
+                                    round(8 * len(layout.values) / max(layout.value_count, 1), 3), 0.0,
+                                    layout.gap_bits, len(record)))
         elif leaf == "weight" and module is not None and "weight_codebook" in module._buffers:
             flags = FLAG_SHARED_BUFFERS | (FLAG_MASK if has_mask else 0)
             payload, layout, nonzeros = _shared_payload(module, flags, formats)
@@ -438,6 +449,10 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch
                 state[prefix + "weight_mask"] = (tensor != 0).to(tensor.dtype)
         elif kind == KIND_PACKED:
             state.update(_decode_packed(payload, what, prefix))
+        elif kind == KIND_DCT:
+            from slimkit.encode.dct import decode_dct_record
+
+            state.update(decode_dct_record(payload, what, prefix))
         elif kind == KIND_SHARED:
             codebook, index, flags = _decode_shared(payload, what)
             weight = np.where(index >= 0, codebook[np.clip(index, 0, None)], 0).astype(np.float32)
@@ -461,7 +476,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     from slimkit.manifest import restore
 
     meta, state = read_state(path)
-    return restore(path, meta.get("arch"), meta["modules"], state, model)
+    return restore(path, meta.get("arch"), meta["modules"], state, model, data=meta.get("data"))
 
 
 def decode(path: str | os.PathLike, out: str | os.PathLike, model: nn.Module | None = None) -> Path:
