@@ -140,7 +140,7 @@ class DistillSpec(Config):
 
 #: method name -> build(spec, student, teacher, ctx) -> TrainHooks
 DISTILL_METHODS: Registry[Callable[..., TrainHooks]] = Registry(
-    "distillation method", lazy_modules=("slimkit.distill.methods",)
+    "distillation method", lazy_modules=("slimkit.distill.methods", "slimkit.distill.fsp", "slimkit.distill.crd")
 )
 
 
