@@ -25,18 +25,18 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from slimkit.kernels._threads import parallel_for
+
 
 @lru_cache(maxsize=1)
 def _kernels():
-    """Compile the numba kernels on first use (keeps ``import slimkit.kernels`` light)."""
-    import os
+    """Compile the numba kernels on first use (keeps ``import slimkit.kernels`` light).
 
+    Both are serial ``nogil`` loops over a ``[start, stop)`` range of (image, row) jobs, run
+    on torch's thread count by :func:`slimkit.kernels._threads.parallel_for` (no numba
+    threading layer: see that module for the measured reason).
+    """
     import numba
-
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        # numba's default OpenMP layer spin-waits after every parallel region and fights torch's
-        # own OpenMP threads: 10-20x slower batch-1 binary models on a shared CPU (docs/quantization.md)
-        numba.config.THREADING_LAYER = "workqueue"
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
@@ -51,30 +51,27 @@ def _kernels():
 
         return sig, codegen
 
-    @numba.njit(parallel=True)
-    def pack_nhwc(x):
-        # x: float32 [N, C, H, W] -> uint64 [N, H, W, words]; bit c%64 of word c//64 set when x < 0
+    @numba.njit(nogil=True)
+    def pack_nhwc(x, out, start, stop):
+        # x: float32 [N, C, H, W] -> out uint64 [N, H, W, words] (zeroed); bit c%64 of word c//64 set when x < 0
         n, c, h, w = x.shape
-        words = (c + 63) // 64
-        out = np.zeros((n, h, w, words), dtype=np.uint64)
-        for img_row in numba.prange(n * h):
+        for img_row in range(start, stop):
             img, row = img_row // h, img_row % h
             for col in range(w):
                 for ch in range(c):
                     if x[img, ch, row, col] < 0:
                         out[img, row, col, ch >> 6] |= np.uint64(1) << np.uint64(ch & 63)
-        return out
 
-    @numba.njit(parallel=True, fastmath=True)
-    def conv(xp, wt, channels, sh, sw, ph, pw, out_h, out_w):
+    @numba.njit(nogil=True, fastmath=True)
+    def conv(xp, wt, channels, sh, sw, ph, pw, out, start, stop):
         # xp: [N, H, W, words]; wt: [kh, kw, words, O] (output channels innermost, so the
-        # popcount loop over output channels vectorizes)
+        # popcount loop over output channels vectorizes); out: [N, O, out_h, out_w]
         n, h, w, words = xp.shape
         kh, kw, _, o = wt.shape
-        out = np.zeros((n, o, out_h, out_w), dtype=np.float32)
-        for job in numba.prange(n * out_h):
+        out_h, out_w = out.shape[2], out.shape[3]
+        acc = np.zeros(o, dtype=np.uint64)
+        for job in range(start, stop):
             img, oy = job // out_h, job % out_h
-            acc = np.zeros(o, dtype=np.uint64)
             for ox in range(out_w):
                 acc[:] = 0
                 taps = 0
@@ -95,7 +92,6 @@ def _kernels():
                 full = taps * channels
                 for oc in range(o):
                     out[img, oc, oy, ox] = np.float32(full - 2 * np.int64(acc[oc]))
-        return out
 
     return pack_nhwc, conv
 
@@ -104,10 +100,14 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def pack_signs(x: torch.Tensor) -> np.ndarray:
+def pack_signs(x: torch.Tensor, threads: int | None = None) -> np.ndarray:
     """Signs of a float ``[N, C, H, W]`` tensor packed to uint64 ``[N, H, W, ceil(C/64)]``."""
     pack_nhwc, _ = _kernels()
-    return pack_nhwc(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))
+    array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    n, c, h, w = array.shape
+    out = np.zeros((n, h, w, (c + 63) // 64), dtype=np.uint64)
+    parallel_for(pack_nhwc, n * h, array, out, threads=threads, min_jobs_per_thread=4)
+    return out
 
 
 class PackedWeight:
@@ -122,11 +122,13 @@ class PackedWeight:
         self.nbytes = int(self.bits.nbytes)
 
 
-def xnor_conv2d(x: torch.Tensor, weight: torch.Tensor | PackedWeight, stride=1, padding=0) -> torch.Tensor:
+def xnor_conv2d(x: torch.Tensor, weight: torch.Tensor | PackedWeight, stride=1, padding=0, *,
+                threads: int | None = None) -> torch.Tensor:
     """``conv2d(sign(x), sign(weight), stride, padding)`` by XNOR-popcount, bit-exact (float32 result).
 
     ``x``: [N, C, H, W]; ``weight``: [O, C, kh, kw] tensor or a :class:`PackedWeight`;
     ``stride``/``padding``: int or pair (zero padding). Groups and dilation are not supported.
+    ``threads``: default ``torch.get_num_threads()``, the threads the rest of the model runs on.
     """
     packed = weight if isinstance(weight, PackedWeight) else PackedWeight(weight)
     if x.dim() != 4 or x.shape[1] != packed.shape[1]:
@@ -138,5 +140,9 @@ def xnor_conv2d(x: torch.Tensor, weight: torch.Tensor | PackedWeight, stride=1, 
     h, w = x.shape[2], x.shape[3]
     kh, kw = packed.shape[2], packed.shape[3]
     out_h, out_w = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    out = conv(pack_signs(x), packed.bits, packed.shape[1], sh, sw, ph, pw, out_h, out_w)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"xnor_conv2d: input {h}x{w} is smaller than the kernel {kh}x{kw} after padding {padding}")
+    out = np.empty((x.shape[0], packed.shape[0], out_h, out_w), dtype=np.float32)
+    parallel_for(conv, x.shape[0] * out_h, pack_signs(x, threads), packed.bits, packed.shape[1], sh, sw, ph, pw, out,
+                 threads=threads)
     return torch.from_numpy(out)
