@@ -1,15 +1,27 @@
-"""Coverage of structured pruning over torchvision classification models and our zoo.
+"""Coverage of structured pruning: which models slimkit prunes, side by side with Torch-Pruning.
 
-For each model: prune 30% and 50% of channel units (l1, local), check the forward works
-with an unchanged output shape and that MACs and params go down; print a Markdown table
-(model -> ok / reason) and optionally write it into docs/structured-pruning.md.
+``--zoo torchvision`` (the default): torchvision classifiers, 30% and 50% of channel units
+(l1, local); forward works with an unchanged output shape and MACs and params go down.
 
-    python benchmarks/coverage.py --size 64 [--models resnet18,mobilenet_v2] [--write-docs]
+``--zoo timm``: one model per timm architecture module (``timm.list_modules()``), the
+smallest variant of each with at most ``--max-params`` parameters (counted on the meta
+device), random init, ratio 0.5, l1, local, the classifier ignored; slimkit's
+``structured_`` and Torch-Pruning's ``MagnitudePruner`` (L1) on fresh copies in the same
+run. A model counts as *pruned* when its forward works after pruning with the same output
+shape and at most 0.8 of the dense MACs; *broken* when pruning returned but the forward
+crashes or the output shape changed; *refused* when the library raised before pruning
+(slimkit names the op). Rows stream to ``--json`` as they finish; ``--write-docs`` puts the
+table between the ``<!-- coverage-timm -->`` markers of docs/structured-pruning.md.
+
+    python benchmarks/prune_coverage.py --size 64 [--models resnet18,mobilenet_v2] [--write-docs]
+    python benchmarks/prune_coverage.py --zoo timm --size 96 --json /tmp/timm.json --write-docs
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import re
 import time
 import warnings
@@ -25,6 +37,12 @@ DEFAULT = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_
            "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "shufflenet_v2_x0_5", "squeezenet1_1",
            "densenet121", "googlenet", "efficientnet_b0", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
            "alexnet", "inception_v3", "vit_b_16", "swin_t", "maxvit_t"]
+DOC = Path(__file__).resolve().parents[1] / "docs" / "structured-pruning.md"
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def check(name: str, size: int) -> str:
@@ -50,27 +68,176 @@ def check(name: str, size: int) -> str:
     return " | ".join(cells)
 
 
+# -- timm ------------------------------------------------------------------------------
+
+def timm_models(max_params: float) -> list[tuple[str, str]]:
+    """(module, smallest model of that module with at most ``max_params`` parameters), on the meta device."""
+    import timm
+
+    chosen = []
+    for module in timm.list_modules():
+        best = None
+        for name in timm.list_models(module=module):
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    n = sum(p.numel() for p in timm.create_model(name).parameters())
+            except Exception:  # a model that cannot be built on meta is not a candidate
+                continue
+            if n <= max_params and (best is None or n < best[1]):
+                best = (name, n)
+        if best is not None:
+            chosen.append((module, best[0]))
+    return chosen
+
+
+def _input(model: torch.nn.Module, size: int | None) -> torch.Tensor:
+    """One batch at ``size`` when the model accepts it, else at its own input size."""
+    own = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    if size:
+        x = torch.randn(1, own[0], size, size)
+        try:
+            with torch.no_grad():
+                model(x)
+            return x
+        except Exception:  # fixed-size models (position embeddings, window sizes)
+            pass
+    return torch.randn(1, *own)
+
+
+def _slimkit(model, x) -> None:
+    structured_(model, x, {"ratio": 0.5, "criterion": "l1", "scope": "local"})
+
+
+def _torch_pruning(model, x) -> None:
+    import torch_pruning as tp
+
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [classifier] if isinstance(classifier, torch.nn.Module) else []
+    tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.5,
+                              ignored_layers=ignored).step()
+
+
+def run_one(model: torch.nn.Module, x: torch.Tensor, prune) -> dict:
+    """Status, MACs and params left, reason of one library on one model."""
+    macs, params = count_macs(model, x), sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        shape = tuple(model(x).shape)
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prune(model, x)
+    except Exception as err:
+        return {"status": "refused", "reason": _line(err)}
+    seconds = time.perf_counter() - start
+    try:
+        with torch.no_grad():
+            y = model(x)
+        if tuple(y.shape) != shape:
+            return {"status": "broken", "reason": f"output shape {tuple(y.shape)}, was {shape}"}
+        left = count_macs(model, x) / macs
+    except Exception as err:
+        return {"status": "broken", "reason": _line(err)}
+    row = {"macs_left": left, "params_left": sum(p.numel() for p in model.parameters()) / params, "s": seconds}
+    row["status"] = "pruned" if left <= 0.8 else "too little"
+    if left > 0.8:
+        row["reason"] = f"MACs left {left:.2f} > 0.8"
+    return row
+
+
+def timm_row(module: str, name: str, size: int | None) -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = timm.create_model(name, num_classes=10).eval()
+    x = _input(dense, size)
+    row = {"module": module, "model": name, "params": sum(p.numel() for p in dense.parameters()),
+           "input": list(x.shape[1:])}
+    for lib, prune in (("slimkit", _slimkit), ("torch_pruning", _torch_pruning)):
+        try:
+            row[lib] = run_one(copy.deepcopy(dense), x, prune)
+        except Exception as err:  # the dense model itself fails (the row says so)
+            row[lib] = {"status": "dense fails", "reason": _line(err)}
+    return row
+
+
+def _cell(r: dict) -> str:
+    if r["status"] in ("pruned", "too little"):
+        return f"{r['status']} | {r['macs_left']:.2f} | {r['params_left']:.2f}"
+    return f"{r['status']}: {r['reason'][:110].replace('|', '/')} | - | -"
+
+
+def timm_table(rows: list[dict], size: int | None) -> str:
+    counts = {lib: sum(r[lib]["status"] == "pruned" for r in rows) for lib in ("slimkit", "torch_pruning")}
+    broken = {lib: sum(r[lib]["status"] == "broken" for r in rows) for lib in ("slimkit", "torch_pruning")}
+    lines = [f"{len(rows)} timm models (one per architecture module, smallest variant <= 60M params, random init, "
+             f"input {size or 'the model own'} px where the model accepts it, else its own size; ratio 0.5, "
+             "l1, local): slimkit pruned "
+             f"**{counts['slimkit']}** ({broken['slimkit']} broken), Torch-Pruning "
+             f"**{counts['torch_pruning']}** ({broken['torch_pruning']} broken).", "",
+             "| module | model | slimkit | MACs left | params left | Torch-Pruning | MACs left | params left |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['module']} | {r['model']} | {_cell(r['slimkit'])} | {_cell(r['torch_pruning'])} |")
+    return "\n".join(lines)
+
+
+def _write_docs(marker: str, table: str) -> None:
+    text = DOC.read_text()
+    block = f"<!-- {marker} -->\n{table}\n<!-- /{marker} -->"
+    if f"<!-- {marker} -->" in text:
+        text = re.sub(rf"<!-- {marker} -->.*<!-- /{marker} -->", lambda _: block, text, flags=re.S)
+    else:
+        text += "\n" + block + "\n"
+    from slimkit.atomic import atomic_write_bytes
+
+    atomic_write_bytes(DOC, text.encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--models", default=",".join(DEFAULT))
+    parser.add_argument("--zoo", choices=["torchvision", "timm"], default="torchvision")
+    parser.add_argument("--size", type=int, default=None, help="input size (default: 64, timm: the model's own)")
+    parser.add_argument("--models", default=None, help="comma-separated names (timm: module=model or model)")
+    parser.add_argument("--max-params", type=float, default=60e6)
+    parser.add_argument("--json", default=None, help="timm: stream rows to this JSON-lines file")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    lines = ["| model | 30% of channel units | 50% of channel units |", "|---|---|---|"]
-    for name in args.models.split(","):
+    if args.zoo == "torchvision":
+        size = args.size or 64
+        lines = ["| model | 30% of channel units | 50% of channel units |", "|---|---|---|"]
+        for name in (args.models or ",".join(DEFAULT)).split(","):
+            start = time.perf_counter()
+            lines.append(f"| {name} | {check(name, size)} |")
+            print(lines[-1], f"({time.perf_counter() - start:.1f} s)", flush=True)
+        table = "\n".join(lines)
+        print(table)
+        if args.write_docs:
+            _write_docs("coverage", table)
+        return
+    if args.json:
+        Path(args.json).write_text("")
+    if args.models:
+        todo = [tuple(m.split("=")) if "=" in m else (m, m) for m in args.models.split(",")]
+    else:
+        todo = timm_models(args.max_params)
+    rows = []
+    for module, name in todo:
         start = time.perf_counter()
-        row = check(name, args.size)
-        lines.append(f"| {name} | {row} |")
-        print(lines[-1], f"({time.perf_counter() - start:.1f} s)", flush=True)
-    table = "\n".join(lines)
+        row = timm_row(module, name, args.size)
+        rows.append(row)
+        print(json.dumps(row), f"({time.perf_counter() - start:.1f} s)", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    table = timm_table(rows, args.size)
     print(table)
     if args.write_docs:
-        doc = Path(__file__).resolve().parents[1] / "docs" / "structured-pruning.md"
-        text = doc.read_text()
-        text = re.sub(r"<!-- coverage -->.*<!-- /coverage -->", f"<!-- coverage -->\n{table}\n<!-- /coverage -->",
-                      text, flags=re.S)
-        doc.write_text(text)
+        _write_docs("coverage-timm", table)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ class StructuredConfig(Config):
     round_to: int = Field(1, ge=1, description="kept channel counts rounded up to a multiple of this")
     normalize: Literal["none", "mean", "max"] = Field("none", description="per-group score scaling (global)")
     on_unsupported: Literal["error", "skip"] = "error"
+    norm_channels: Literal["prune", "keep"] = Field(
+        "prune", description="channels under LayerNorm/GroupNorm statistics: prune them, or keep them (exact)")
     seed: int = 0
 
     @field_validator("criterion")
@@ -223,11 +225,12 @@ def structured_(
     ``example_inputs``: one input batch (shape ``[N, C, H, W]``) used to trace the model.
     ``batches``: (inputs, targets) for the ``taylor`` criterion. Raises
     UnsupportedModelError naming an operation the dependency graph cannot prune through
-    (unless ``on_unsupported: skip``), ConfigError for bad settings.
+    (unless ``on_unsupported: skip``; :func:`slimkit.prune.register_channel_rule` teaches it
+    a new one), ConfigError for bad settings or ``example_inputs`` the model does not accept.
     """
     cfg = StructuredConfig.coerce(config, where="structured")
     criterion = CRITERIA.get(cfg.criterion)
-    graph = build_graph(model, example_inputs, on_unsupported=cfg.on_unsupported)
+    graph = build_graph(model, example_inputs, on_unsupported=cfg.on_unsupported, norm_channels=cfg.norm_channels)
     with gc_paused():
         scores = criterion(model, graph, ScoreContext(example_inputs, batches, cfg.seed))
     skipped: dict[str, str] = {}

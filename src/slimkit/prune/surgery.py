@@ -1,19 +1,23 @@
 """Surgery: physically remove channels, leaving plain smaller dense layers.
 
 Each member axis of the pruned units (see :mod:`slimkit.prune.graph`) loses the positions
-the units occupy there: a conv loses filters (``out``) or input channels (``in``), a
+the units occupy there. How a layer loses them is its class's *surgery handler*, found
+along the MRO in one registry (:func:`register_surgery_handler`; the built-ins below are
+registered the same way): a conv loses filters (``out``) or input channels (``in``), a
 BatchNorm its scale, shift and running statistics, a depthwise conv its filters and
 groups, a grouped conv the same number of filters and of input channels in every group
-(``groups`` stays, channels per group shrink), a parameter used in forward
-(``param:<name>:<axis>``) its slices. Modules keep their class and are edited in place,
-so the model stays an ordinary ``nn.Module`` that :func:`slimkit.manifest.save_model` can
-store and ONNX can export.
+(``groups`` stays, channels per group shrink), a GroupNorm its channels (its groups stay
+unless it had one per channel), a LayerNorm its parameters and ``normalized_shape``. A
+``param:<name>:<axis>`` axis (a parameter used directly in forward) loses slices of that
+parameter, whatever the module. Modules keep their class and are edited in place, so the
+model stays an ordinary ``nn.Module`` that :func:`slimkit.manifest.save_model` can store and
+ONNX can export.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +25,30 @@ from torch import nn
 
 from slimkit.exceptions import UnsupportedModelError
 from slimkit.prune.graph import Axis, ChannelGraph
+from slimkit.prune.graph.rules import qualified_name
+from slimkit.registry import Registry
+
+#: handler(module, role, keep): cut ``module``'s ``role`` axis down to the positions ``keep``
+#: (a sorted LongTensor), in place.
+SurgeryHandler = Callable[[nn.Module, str, torch.Tensor], None]
+SURGERY_HANDLERS: Registry[SurgeryHandler] = Registry("surgery handler")
+
+
+def register_surgery_handler(cls: type[nn.Module], handler: SurgeryHandler) -> None:
+    """Cut layers of class ``cls`` (and subclasses) with ``handler(module, role, keep)``.
+
+    ``role`` is the member axis (``out``, ``in`` or one a channel rule named) and ``keep``
+    the sorted positions that stay (a LongTensor). A later registration replaces an earlier one.
+    """
+    SURGERY_HANDLERS._entries[f"module:{qualified_name(cls)}".lower()] = handler
+
+
+def handler_for(module: nn.Module) -> SurgeryHandler | None:
+    for cls in type(module).__mro__:
+        key = f"module:{qualified_name(cls)}".lower()
+        if key in SURGERY_HANDLERS:
+            return SURGERY_HANDLERS.get(key)
+    return None
 
 
 def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.ndarray]:
@@ -40,6 +68,30 @@ def _keep(size: int, drop: np.ndarray) -> torch.Tensor:
 
 def _param(t: torch.Tensor, keep: torch.Tensor, dim: int) -> nn.Parameter:
     return nn.Parameter(t.data.index_select(dim, keep), requires_grad=t.requires_grad)
+
+
+def cut_tensor(module: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
+    """Keep positions ``keep`` of ``module.<name>`` along ``dim`` (a parameter stays a parameter)."""
+    tensor = getattr(module, name, None)
+    if tensor is None:
+        return
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, _param(tensor, keep, dim))
+    else:
+        setattr(module, name, tensor.index_select(dim, keep))
+
+
+def sliced(out_params: Mapping[str, int], in_params: Mapping[str, int],
+           counts: Mapping[str, str]) -> SurgeryHandler:
+    """A handler that slices ``out_params`` / ``in_params`` (``{name: dim}``) and sets the ``counts`` attributes."""
+
+    def handler(module: nn.Module, role: str, keep: torch.Tensor) -> None:
+        for name, dim in (out_params if role == "out" else in_params if role == "in" else {}).items():
+            cut_tensor(module, name, keep, dim)
+        if role in counts:
+            setattr(module, counts[role], len(keep))
+
+    return handler
 
 
 def _per_group_drops(name: str, size: int, groups: int, drop: np.ndarray) -> list[np.ndarray]:
@@ -68,82 +120,81 @@ def _cut_grouped_inputs(name: str, weight: nn.Parameter, size: int, groups: int,
     return nn.Parameter(torch.cat(blocks, 0), requires_grad=weight.requires_grad)
 
 
-def _cut_module(name: str, m: nn.Module, role: str, drop: np.ndarray, depthwise: bool = False) -> tuple[int, int]:
-    """Delete positions ``drop`` of ``m``'s ``role`` axis; returns (before, after).
+def _drop(size: int, keep: torch.Tensor) -> np.ndarray:
+    mask = np.ones(size, dtype=bool)
+    mask[keep.numpy()] = False
+    return np.flatnonzero(mask)
 
-    ``depthwise``: ``m`` was a depthwise conv before any cut (its groups follow its channels).
+
+def _conv(m: nn.Module, role: str, keep: torch.Tensor) -> None:
+    """Conv: filters (``out``; depthwise: its groups follow) or inputs (``in``; per group when grouped).
+
+    Surgery cuts ``out`` before ``in``, so a conv that is depthwise now was depthwise before any cut.
     """
+    name = getattr(m, "_slimkit_name", type(m).__name__)
+    if role == "out":
+        before = m.out_channels
+        depthwise = m.groups > 1 and m.groups == m.in_channels
+        if m.groups > 1 and not depthwise:
+            _per_group_drops(name, before, m.groups, _drop(before, keep))
+        cut_tensor(m, "weight", keep, 0)
+        cut_tensor(m, "bias", keep, 0)
+        m.out_channels = len(keep)
+        if depthwise:
+            mult = before // m.groups
+            m.groups = m.in_channels = len(keep) // mult
+        return
+    if m.groups > 1:
+        m.weight = _cut_grouped_inputs(name, m.weight, m.in_channels, m.groups, _drop(m.in_channels, keep))
+        m.in_channels = m.weight.shape[1] * m.groups
+        return
+    cut_tensor(m, "weight", keep, 1)
+    m.in_channels = len(keep)
+
+
+def _group_norm(m: nn.GroupNorm, role: str, keep: torch.Tensor) -> None:
+    if m.num_groups == m.num_channels:
+        m.num_groups = len(keep)
+    m.num_channels = len(keep)
+    cut_tensor(m, "weight", keep, 0)
+    cut_tensor(m, "bias", keep, 0)
+
+
+def _layer_norm(m: nn.LayerNorm, role: str, keep: torch.Tensor) -> None:
+    m.normalized_shape = (len(keep),)
+    cut_tensor(m, "weight", keep, 0)
+    cut_tensor(m, "bias", keep, 0)
+
+
+_PER_CHANNEL = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
+register_surgery_handler(nn.modules.conv._ConvNd, _conv)
+register_surgery_handler(nn.Linear, sliced({"weight": 0, "bias": 0}, {"weight": 1},
+                                           {"out": "out_features", "in": "in_features"}))
+register_surgery_handler(nn.modules.batchnorm._BatchNorm, sliced(_PER_CHANNEL, {}, {"out": "num_features"}))
+register_surgery_handler(nn.modules.instancenorm._InstanceNorm, sliced(_PER_CHANNEL, {}, {"out": "num_features"}))
+register_surgery_handler(nn.PReLU, sliced({"weight": 0}, {}, {"out": "num_parameters"}))
+register_surgery_handler(nn.GroupNorm, _group_norm)
+register_surgery_handler(nn.LayerNorm, _layer_norm)
+if hasattr(nn, "RMSNorm"):
+    register_surgery_handler(nn.RMSNorm, _layer_norm)
+
+
+def _cut(name: str, m: nn.Module, role: str, drop: np.ndarray, size: int) -> None:
+    keep = _keep(size, drop)
     if role.startswith("param:"):
         _, pname, axis = role.split(":")
-        axis = int(axis)
-        tensor = getattr(m, pname)
-        keep = _keep(tensor.shape[axis], drop)
-        if isinstance(tensor, nn.Parameter):
-            setattr(m, pname, _param(tensor, keep, axis))
-        else:
-            setattr(m, pname, tensor.index_select(axis, keep))
-        return tensor.shape[axis], len(keep)
-    if isinstance(m, nn.modules.conv._ConvNd):
-        if role == "out":
-            before = m.out_channels
-            keep = _keep(before, drop)
-            if m.groups > 1 and not depthwise:
-                _per_group_drops(name, before, m.groups, drop)
-            m.weight = _param(m.weight, keep, 0)
-            if m.bias is not None:
-                m.bias = _param(m.bias, keep, 0)
-            m.out_channels = len(keep)
-            if depthwise:
-                mult = before // m.groups
-                m.groups = m.in_channels = len(keep) // mult
-            return before, len(keep)
-        before = m.in_channels
-        if m.groups > 1:
-            m.weight = _cut_grouped_inputs(name, m.weight, before, m.groups, drop)
-            m.in_channels = m.weight.shape[1] * m.groups
-            return before, m.in_channels
-        keep = _keep(before, drop)
-        m.weight = _param(m.weight, keep, 1)
-        m.in_channels = len(keep)
-        return before, len(keep)
-    if isinstance(m, nn.Linear):
-        dim = 0 if role == "out" else 1
-        before = m.out_features if role == "out" else m.in_features
-        keep = _keep(before, drop)
-        m.weight = _param(m.weight, keep, dim)
-        if role == "out":
-            if m.bias is not None:
-                m.bias = _param(m.bias, keep, 0)
-            m.out_features = len(keep)
-        else:
-            m.in_features = len(keep)
-        return before, len(keep)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        before = m.num_features
-        keep = _keep(before, drop)
-        if m.affine:
-            m.weight = _param(m.weight, keep, 0)
-            m.bias = _param(m.bias, keep, 0)
-        if m.track_running_stats and m.running_mean is not None:
-            m.running_mean = m.running_mean.index_select(0, keep)
-            m.running_var = m.running_var.index_select(0, keep)
-        m.num_features = len(keep)
-        return before, len(keep)
-    if isinstance(m, nn.PReLU):
-        before = m.num_parameters
-        keep = _keep(before, drop)
-        m.weight = _param(m.weight, keep, 0)
-        m.num_parameters = len(keep)
-        return before, len(keep)
-    if isinstance(m, nn.GroupNorm):
-        before = m.num_channels
-        keep = _keep(before, drop)
-        if m.affine:
-            m.weight = _param(m.weight, keep, 0)
-            m.bias = _param(m.bias, keep, 0)
-        m.num_channels = m.num_groups = len(keep)
-        return before, len(keep)
-    raise UnsupportedModelError(f"surgery does not know how to prune {type(m).__name__} {name!r} ({role})")
+        cut_tensor(m, pname, keep, int(axis))
+        return
+    handler = handler_for(m)
+    if handler is None:
+        raise UnsupportedModelError(
+            f"surgery does not know how to prune {type(m).__name__} {name!r} ({role}); register a handler with "
+            "slimkit.prune.register_surgery_handler (or out_params/in_params in register_channel_rule)")
+    m._slimkit_name = name
+    try:
+        handler(m, role, keep)
+    finally:
+        del m._slimkit_name
 
 
 @torch.no_grad()
@@ -154,10 +205,11 @@ def prune_units_(model: nn.Module, graph: ChannelGraph, unit_ids: Iterable[int])
     describes the model as it was; build a new one before pruning again.
     """
     modules = dict(model.named_modules())
-    depthwise = {name for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)
-                 and m.groups > 1 and m.groups == m.in_channels}
     changes = []
-    for (name, role), drop in sorted(removals_for(graph, unit_ids).items()):
-        before, after = _cut_module(name, modules[name], role, drop, name in depthwise)
-        changes.append({"layer": name, "axis": role, "before": int(before), "after": int(after)})
-    return changes
+    removals = removals_for(graph, unit_ids)
+    for (name, role), drop in sorted(removals.items(), key=lambda item: (item[0][0], item[0][1] != "out",
+                                                                          item[0][1])):
+        size = len(graph.axes[(name, role)])
+        _cut(name, modules[name], role, drop, size)
+        changes.append({"layer": name, "axis": role, "before": int(size), "after": int(size - len(drop))})
+    return sorted(changes, key=lambda row: (row["layer"], row["axis"]))

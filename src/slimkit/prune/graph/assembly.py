@@ -1,0 +1,156 @@
+"""Assembly: the union-find classes of slots become units, units with the same producers groups.
+
+Grouped-conv (and GroupNorm, even ``chunk``) constraints become the groups' ``partitions``;
+a constraint that cannot hold fixes its slots. Modules with parameters that forward never
+used are reported as warnings.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from torch import nn
+
+from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, Unit
+
+
+def _members_by_root(axes: dict[Axis, np.ndarray], roots: np.ndarray) -> dict[int, dict[Axis, np.ndarray]]:
+    """Positions every root's slots occupy on every axis.
+
+    Roots come in the order their first slot appears when the axes are walked in insertion
+    order; inside a root, axes keep that order and positions ascend.
+    """
+    names = [a for a, slots in axes.items() if len(slots)]
+    if not names:
+        return {}
+    sizes = [len(axes[a]) for a in names]
+    slot_roots = roots[np.concatenate([axes[a] for a in names])]
+    axis_ids = np.repeat(np.arange(len(names)), sizes)
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+    uniq, first, inverse = np.unique(slot_roots, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
+    order = np.argsort(rank[inverse.reshape(-1)], kind="stable")
+    run_roots, run_axes = slot_roots[order], axis_ids[order]
+    new_root = np.r_[True, np.diff(run_roots) != 0]
+    starts = np.flatnonzero(new_root | np.r_[True, np.diff(run_axes) != 0])
+    positions = positions[order]
+    positions.setflags(write=False)
+    bounds = np.r_[starts, len(positions)].tolist()
+    runs = [positions[a:b] for a, b in zip(bounds, bounds[1:])]
+    run_names = [names[a] for a in run_axes[starts].tolist()]
+    root_bounds = np.r_[np.flatnonzero(new_root[starts]), len(starts)].tolist()
+    return {root: dict(zip(run_names[a:b], runs[a:b], strict=True))
+            for root, a, b in zip(run_roots[starts][root_bounds[:-1]].tolist(), root_bounds, root_bounds[1:])}
+
+
+def _fixed_roots(uf: UnionFind, roots: np.ndarray) -> dict[int, str]:
+    """Reason of every fixed root: that of its slot fixed first."""
+    if not uf.fixed:
+        return {}
+    slots = np.fromiter(uf.fixed, dtype=np.int64, count=len(uf.fixed))
+    reasons = list(uf.fixed.values())
+    fixed, first = np.unique(roots[slots], return_index=True)
+    return {r: reasons[i] for r, i in zip(fixed.tolist(), first.tolist(), strict=True)}
+
+
+def _producers_of(uf: UnionFind, roots: np.ndarray) -> dict[int, set[str]]:
+    """Names of the layers whose fresh slots joined each root."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for start, count, (name, _) in uf.produced:
+        for root in np.unique(roots[start:start + count]).tolist():
+            out[root].add(name)
+    return out
+
+
+def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str],
+                  producers_of: dict[int, set[str]], members: dict[tuple[str, ...], set[int]]):
+    """(producers, partition) of one grouped-conv constraint, or None when it cannot hold.
+
+    ``slots``: ``[C]`` channel slots of a grouped conv's input or output; ``g``: its groups.
+    It holds when every channel is its own free unit and the units are exactly one group's.
+    """
+    r = roots[slots]
+    if len(np.unique(r)) != len(r) or any(x in fixed for x in r.tolist()):
+        return None
+    producers = {tuple(sorted(producers_of.get(x, ()))) for x in r.tolist()}
+    if len(producers) != 1:
+        return None
+    (p,) = producers
+    if not p or set(r.tolist()) != members.get(p, set()):
+        return None
+    return p, [sorted(row) for row in r.reshape(g, -1).tolist()]
+
+
+def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
+    """The partition of ``a`` and ``b`` that refines the other (equal removal there holds for both), or None."""
+    if a == b or all(any(set(x) <= set(y) for y in b) for x in a):
+        return a
+    if all(any(set(y) <= set(x) for x in a) for y in b):
+        return b
+    return None
+
+
+def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.ndarray, fixed: dict[int, str],
+                      producers_of: dict[int, set[str]], by_root: dict) -> dict[tuple[str, ...], list[list[int]]]:
+    """Partition of each group that reaches grouped convs; fixes (in ``fixed``) the roots of the others.
+
+    A constraint fails when its channels are not exactly one group's free units, or when two
+    grouped convs split one group in ways neither of which refines the other (the finer one
+    is kept otherwise); fixing its roots may break others, so repeat.
+    """
+    while True:
+        members: dict[tuple[str, ...], set[int]] = defaultdict(set)
+        for root in by_root:
+            if root not in fixed:
+                members[tuple(sorted(producers_of.get(root, ())))].add(root)
+        partitions: dict[tuple[str, ...], list[list[int]]] = {}
+        failed = None
+        for slots, g, reason in constraints:
+            r = roots[slots]
+            if all(x in fixed for x in r.tolist()):
+                continue
+            found = _partition_of(slots, g, roots, fixed, producers_of, members)
+            if found is not None:
+                finer = _finer(partitions.setdefault(found[0], found[1]), found[1])
+                if finer is not None:
+                    partitions[found[0]] = finer
+                    continue
+            failed = (r, reason)
+            break
+        if failed is None:
+            return partitions
+        for x in np.unique(failed[0]).tolist():
+            fixed.setdefault(x, failed[1])
+
+
+def assemble(builder, model: nn.Module) -> ChannelGraph:
+    """Units and groups from the builder's union-find classes, plus the unused-module warnings."""
+    uf = builder.uf
+    roots = uf.roots()
+    fixed_roots = _fixed_roots(uf, roots)
+    producers_of = _producers_of(uf, roots)
+    units: dict[int, Unit] = {}
+    fixed_reasons: dict[str, str] = {}
+    grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    by_root = _members_by_root(builder.axes, roots)
+    partitions = _group_partitions(builder.grouped, roots, fixed_roots, producers_of, by_root)
+    for root, members in by_root.items():
+        producers = tuple(sorted(producers_of.get(root, ())))
+        if root in fixed_roots or not producers:
+            for p in producers:
+                fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
+            continue
+        units[root] = Unit(root, members, producers)
+        grouped[producers].append(root)
+    groups = [Group(",".join(p), p, sorted(u), partitions.get(p)) for p, u in grouped.items()]
+    used = builder.used
+    for name, module in model.named_modules():
+        if name and name not in used and any(True for _ in module.parameters(recurse=False)) and not any(
+            name.startswith(k + ".") for k in used
+        ):
+            builder.warnings.append(f"module {name} has parameters but is not used by forward on the example inputs")
+    for slots in builder.axes.values():
+        slots.setflags(write=False)
+    return ChannelGraph(builder.axes, units, groups, fixed_reasons, builder.warnings)

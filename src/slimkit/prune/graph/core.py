@@ -1,0 +1,160 @@
+"""The data of a channel graph: units, groups, the graph itself, and the union-find of slots.
+
+See :mod:`slimkit.prune.graph` for what a slot, a unit and a group are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+#: Roles of a member axis: ``out`` (conv/linear/BN/... output channels and per-channel
+#: parameters), ``in`` (conv/linear input channels), ``param:<name>:<axis>`` (a parameter
+#: used directly in forward, e.g. ConvNeXt's ``layer_scale``), or a role a registered rule
+#: names (its surgery handler reads it).
+Axis = tuple[str, str]
+
+
+@dataclass
+class Unit:
+    """One prunable position: for every member axis, the indices it occupies there."""
+
+    id: int
+    members: dict[Axis, np.ndarray]
+    producers: tuple[str, ...]
+
+
+@dataclass
+class Group:
+    """Units produced by the same layers (one residual stream, one conv's filters).
+
+    ``partitions``: set where the units reach a grouped conv (or a GroupNorm, or an even
+    ``chunk``): ``g`` lists of ``len(units) / g`` unit ids (the blocks, in channel order);
+    every list must lose as many units.
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    units: list[int]
+    partitions: list[list[int]] | None = None
+
+
+@dataclass
+class ChannelGraph:
+    """Result of :func:`slimkit.prune.graph.build_graph`. Its index arrays are read-only."""
+
+    axes: dict[Axis, np.ndarray]
+    units: dict[int, Unit]
+    groups: list[Group]
+    fixed_reasons: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Ann:
+    """Channel annotation of one tensor: the dims that hold channels and their slot ids.
+
+    ``slots`` has shape ``[shape[d] for d in dims]``.
+    """
+
+    dims: tuple[int, ...]
+    slots: np.ndarray
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A tensor computed from parameters or buffers only (no activations).
+
+    ``target``: qualified name of the first parameter it was computed from; ``shape``: that
+    parameter's shape; ``others``: (name, shape) of the other parameters that went into it
+    (NFNet's gain in a scaled weight standardization). A value equal in shape to ``target``
+    *is* that parameter for the op rules (a standardized conv weight is the conv's weight).
+    """
+
+    target: str
+    shape: tuple[int, ...]
+    others: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    @property
+    def owner(self) -> str:
+        return self.target.rpartition(".")[0]
+
+    @property
+    def pname(self) -> str:
+        return self.target.rpartition(".")[2]
+
+
+class UnionFind:
+    """Slots and their classes; slots may be *fixed* (kept) with a reason."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.fixed: dict[int, str] = {}
+        #: (first slot, count, producer axis) for every block of slots created with a producer
+        self.produced: list[tuple[int, int, Axis]] = []
+
+    def new(self, count: int, producer: Axis | None = None, fixed: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + count))
+        if producer is not None:
+            self.produced.append((start, count, producer))
+        if fixed is not None:
+            self.fixed.update(dict.fromkeys(range(start, start + count), fixed))
+        return np.arange(start, start + count, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        """Unite ``a[i]`` with ``b[i]`` for every position (arrays of the same shape)."""
+        pairs = np.unique(np.stack([a.reshape(-1), b.reshape(-1)], 1), axis=0)
+        for s, t in pairs.tolist():
+            if s != t:
+                self.union(s, t)
+
+    def fix(self, slots: np.ndarray, reason: str) -> None:
+        for s in np.unique(slots).tolist():
+            self.fixed.setdefault(s, reason)
+
+    def roots(self) -> np.ndarray:
+        """Root of every slot (the value :meth:`find` returns), as one int64 array."""
+        parent = np.asarray(self.parent, dtype=np.int64)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent
+            parent = grand
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector inside the block.
+
+    Tracing and the unit tables allocate many short-lived containers; with the collector on,
+    they survive its young collections while in use and trigger full collections (about
+    0.2 s each in a process that imported torch). Paused, the garbage is reclaimed by a
+    cheap young collection afterwards.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,0 +1,918 @@
+"""The built-in channel rules: every op of a CNN (and of the CNN parts of hybrids), by spelling.
+
+Each rule is registered with :func:`slimkit.prune.graph.rules.register_channel_rule`, the
+function a user calls for a layer of their own. Layers are recognised by what they do, in
+whichever spelling they arrive: ``nn.Conv2d`` as a module, or ``F.conv2d(x, self.weight)``
+inside a subclass (timm's ``Conv2dSame``, weight-standardized convs) whose weight comes from
+a ``get_attr`` node (even through a standardization: a value computed from parameters only
+that has the weight's shape is the weight); the same for linear, batch/instance/group/layer
+norm and PReLU. Parameters of a layer that is a subclass of the torch layer (timm's
+``BatchNormAct2d`` is an ``nn.BatchNorm2d``) are cut as that layer; others as ``param:``
+slices. Norms whose statistics span channels (LayerNorm over C, GroupNorm with groups < C,
+reductions over channels) keep their channels under ``norm_channels='keep'`` (exact) and are
+pruned under ``'prune'`` (GroupNorm losing as many channels in every group).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.prune.graph.core import Ann, ParamRef
+from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
+
+
+def rule(*targets: Any, producer: bool = False):
+    """Register the decorated function as the rule of every target."""
+
+    def add(fn):
+        for t in targets:
+            register_channel_rule(t, fn, producer=producer)
+        return fn
+
+    return add
+
+
+# -- shared helpers --------------------------------------------------------------------
+
+def simplify(ann: Ann) -> Ann:
+    """Drop dims along which the slots are constant (size-1 or broadcast) when others remain."""
+    dims, arr = list(ann.dims), ann.slots
+    axis = 0
+    while axis < arr.ndim and arr.ndim > 1:
+        first = np.take(arr, [0], axis=axis)
+        if np.all(arr == first):
+            arr = np.squeeze(first, axis=axis)
+            dims.pop(axis)
+        else:
+            axis += 1
+    return Ann(tuple(dims), arr)
+
+
+def reshape_groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Blocks of dims of shape ``a`` that map onto blocks of ``b`` in a row-major reshape."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        gi, gj = [], []
+        pa = pb = 1
+        if i < len(a):
+            gi.append(i)
+            pa = a[i]
+            i += 1
+        if j < len(b):
+            gj.append(j)
+            pb = b[j]
+            j += 1
+        while pa != pb:
+            if pa < pb and i < len(a):
+                gi.append(i)
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                gj.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        # swallow trailing size-1 dims into this block so they never form an empty block
+        while i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            gi.append(i)
+            i += 1
+        while j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            gj.append(j)
+            j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
+    """Move the channel annotation through a row-major reshape (view, flatten, unflatten, ...)."""
+    if x is None or in_shape is None or out_shape is None:
+        return None
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    groups = reshape_groups(in_shape, out_shape)
+    if groups is None:
+        return op.unsupported(f"reshape {in_shape}->{out_shape}")
+    d_in, d_out = [], []
+    for gi, gj in groups:
+        if any(d in x.dims for d in gi):
+            annotated = [d for d in gi if d in x.dims and in_shape[d] > 1]
+            if len(annotated) > 1 or len([j for j in gj if out_shape[j] > 1]) > 1:
+                # a channel dim split into several (channel shuffle, attention heads) or two
+                # channel dims merged: the mapping changes with the channel count
+                op.fix(x, f"reshape {in_shape}->{out_shape} splits channels")
+            d_in += gi
+            d_out += gj
+    arr = x.slots
+    order = [x.dims.index(d) for d in d_in if d in x.dims]
+    arr = np.transpose(arr, order) if order else arr
+    arr = arr.reshape([in_shape[d] if d in x.dims else 1 for d in d_in])
+    arr = np.broadcast_to(arr, [in_shape[d] for d in d_in]).reshape([out_shape[d] for d in d_out])
+    return simplify(Ann(tuple(d_out), np.ascontiguousarray(arr)))
+
+
+def permute(x: Ann | None, perm: list[int]) -> Any:
+    if x is None:
+        return None
+    perm = [p % len(perm) for p in perm]
+    new_dims = [perm.index(d) for d in x.dims]
+    order = np.argsort(new_dims)
+    return Ann(tuple(new_dims[i] for i in order), np.transpose(x.slots, order))
+
+
+def _param_axis(ref: ParamRef, meta: tuple[int, ...], local: int) -> int | None:
+    """Axis of the parameter ``ref`` that dim ``local`` of its current value (shape ``meta``) is."""
+    if tuple(meta) == tuple(ref.shape):
+        return local
+    big = [i for i, s in enumerate(ref.shape) if s > 1]
+    if len(big) == 1 and ref.shape[big[0]] == meta[local]:
+        return big[0]
+    return None
+
+
+def elementwise(op: ChannelOp, args: list[Any]) -> Any:
+    """Element-wise op of several operands with broadcasting: channels they pair are united."""
+    shape = op.shape
+    if shape is None:
+        return op.unsupported()
+    ndim = len(shape)
+    operands = [(a, op.value(a), op.shape_of(a)) for a in args if isinstance(a, torch.fx.Node)]
+    tracked = [o for o in operands if isinstance(o[1], Ann)]
+    if not tracked:
+        return None
+    out_dims = sorted({d + ndim - len(o[2]) for o in tracked for d in o[1].dims})
+    target_shape = [shape[d] for d in out_dims]
+    arrays = []
+    for _arg, ann, meta in operands:
+        if isinstance(ann, Ann):
+            dims = [d + ndim - len(meta) for d in ann.dims]
+            arr = ann.slots.reshape([ann.slots.shape[dims.index(d)] if d in dims else 1 for d in out_dims])
+            arrays.append(np.broadcast_to(arr, target_shape))
+    full = arrays[0]
+    for _arg, ann, meta in operands:
+        if meta is None or isinstance(ann, Ann):
+            continue
+        offset = ndim - len(meta)
+        spanned = [d for d in out_dims if d - offset >= 0 and meta[d - offset] > 1]
+        if not spanned:
+            continue
+        axis = None
+        if isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and not any(
+                math.prod(s) > 1 for _, s in ann.others):
+            axis = _param_axis(ann, meta, spanned[0] - offset)
+        if axis is None:
+            what = f"parameter {ann.target}" if isinstance(ann, ParamRef) else f"an untracked tensor ({op.node.name})"
+            for o in tracked:
+                op.fix(o[1], f"combined element-wise with {what}")
+            continue
+        op.member(ann.owner, f"param:{ann.pname}:{axis}", full.reshape(-1))
+    for other in arrays[1:]:
+        op.builder.uf.union_arrays(full, other)
+    return Ann(tuple(out_dims), np.ascontiguousarray(full))
+
+
+def spatial(op: ChannelOp) -> Any:
+    """Pooling, resizing, padding over the spatial dims: channels (dim 1) go through."""
+    x = op.x
+    if x is None:
+        return None
+    if any(d >= 2 for d in x.dims) or 0 in x.dims:
+        return op.unsupported(f"{op.what} over channel dims")
+    return x
+
+
+def _dims_arg(value: Any, nd: int) -> list[int] | None:
+    if value is None:
+        return None
+    return [d % nd for d in ([value] if isinstance(value, int) else list(value))]
+
+
+def reduce(op: ChannelOp, dims: Any, keep: bool, what: str = "reduction") -> Any:
+    """A reduction over ``dims`` (None: all). Over channels: kept, or (``norm_channels='prune'``) let through."""
+    x = op.x
+    nd = len(op.in_shape)
+    dims = list(range(nd)) if dims is None else _dims_arg(dims, nd)
+    if any(d in x.dims for d in dims):
+        if op.builder.norm_channels == "keep" or 0 in dims:
+            op.fix(x, f"{op.name}: {what} over channels")
+        return None
+    if keep:
+        return x
+    return Ann(tuple(d - sum(r < d for r in dims) for d in x.dims), x.slots)
+
+
+def _fix_dims(op: ChannelOp, x: Ann | None, dims, reason: str) -> None:
+    if x is not None and any(d in x.dims for d in dims):
+        op.fix(x, reason)
+
+
+# -- conv / linear ---------------------------------------------------------------------
+
+def _layer_roles(op: ChannelOp, ref: ParamRef | None, base: type) -> tuple[str, str, str, nn.Module | None]:
+    """(layer, out role, in role, module) of a weight: the layer's axes when its owner is a ``base``."""
+    if op.module is not None:
+        return op.name, "out", "in", op.module
+    owner = op.builder.modules.get(ref.owner) if ref is not None else None
+    if isinstance(owner, base) and ref.pname == "weight":
+        return ref.owner, "out", "in", owner
+    return ref.owner, f"param:{ref.pname}:0", f"param:{ref.pname}:1", None
+
+
+def _companions(op: ChannelOp, ref: ParamRef, out_slots: np.ndarray) -> None:
+    """Parameters combined into a weight (a gain per filter) follow its output channels."""
+    for name, shape in ref.others:
+        if len(shape) and shape[0] == len(out_slots) and math.prod(shape) == len(out_slots):
+            op.member(name.rpartition(".")[0], f"param:{name.rpartition('.')[2]}:0", out_slots)
+        elif math.prod(shape) > 1:
+            op.fix(Ann((0,), out_slots), f"weight of {ref.owner} is combined with {name}")
+
+
+def conv(op: ChannelOp, weight_shape: tuple[int, ...], groups: int, ref: ParamRef | None = None,
+         bias: ParamRef | None = None) -> Any:
+    """A convolution: input channels on dim 1 are its ``in`` axis, its filters new channels.
+
+    Depthwise (``groups == in channels``) passes the channels through (a member); a grouped
+    conv records its input and output split into ``groups`` blocks. A 1-channel conv whose
+    length axis carries the channels (ECA attention) passes them through along that axis.
+    """
+    x, shape = op.x, op.shape
+    layer, out_role, in_role, module = _layer_roles(op, ref, nn.modules.conv._ConvNd)
+    in_channels = weight_shape[1] * groups
+    if x is not None and x.dims != (1,):
+        if weight_shape[0] == weight_shape[1] == 1 and op.in_shape[1] == 1 and tuple(op.in_shape) == tuple(shape):
+            return x  # ECA: the conv slides along the channel axis
+        op.unsupported(f"{op.what} on channels outside dim 1")
+        x = None
+    in_slots = x.slots if x is not None else op.new_fixed(in_channels, "model input")
+    if module is None and groups > 1:
+        op.fix(x, f"groups of the functional conv on {layer} are not tracked")
+        return op.fix(Ann((1,), op.produce(layer, 1, out_role).slots), f"{layer} (functional grouped conv)")
+    if groups == 1:
+        op.member(layer, in_role, in_slots)
+        out = op.produce(layer, 1, out_role)
+    elif groups == in_channels:  # depthwise (channel multiplier k = out/in)
+        out = Ann((1,), np.repeat(in_slots, weight_shape[0] // in_channels))
+        op.member(layer, out_role, out.slots)
+    else:
+        op.member(layer, in_role, in_slots)
+        op.grouped(in_slots, groups, f"input of grouped conv {layer} (groups={groups})")
+        out = op.produce(layer, 1, out_role)
+        op.grouped(out.slots, groups, f"output of grouped conv {layer} (groups={groups})")
+    if module is None and bias is not None:
+        op.member(bias.owner, f"param:{bias.pname}:0", out.slots)
+    if ref is not None:
+        _companions(op, ref, out.slots)
+    return out
+
+
+@rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, producer=True)
+def conv_module(op: ChannelOp) -> Any:
+    return conv(op, tuple(op.module.weight.shape), op.module.groups)
+
+
+def _weight(op: ChannelOp, index: int, name: str) -> ParamRef | None:
+    ref = op.param(op.arg(index, name))
+    return ref if ref is not None and op.shape_of(op.arg(index, name)) == tuple(ref.shape) else None
+
+
+@rule(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, producer=True)
+def conv_function(op: ChannelOp) -> Any:
+    ref = _weight(op, 1, "weight")
+    if ref is None:
+        if not op.anns:
+            return None
+        return op.unsupported(f"{op.what} with a weight that is not a parameter")
+    groups = op.arg(6, "groups", 1)
+    if not isinstance(groups, int):
+        return op.unsupported(f"{op.what} with computed groups")
+    return conv(op, ref.shape, groups, ref, op.param(op.arg(2, "bias")))
+
+
+def linear(op: ChannelOp, in_features: int, ref: ParamRef | None = None, bias: ParamRef | None = None) -> Any:
+    """A linear layer over the last dim: its ``in`` axis and new output features."""
+    x, shape = op.x, op.shape
+    last = len(shape) - 1
+    layer, out_role, in_role, module = _layer_roles(op, ref, nn.Linear)
+    if x is not None and x.dims != (last,):
+        op.unsupported(f"{op.what} on channels outside its last dim")
+        x = None
+    op.member(layer, in_role, x.slots if x is not None else op.new_fixed(in_features, "model input"))
+    out = op.produce(layer, last, out_role)
+    if module is None and bias is not None:
+        op.member(bias.owner, f"param:{bias.pname}:0", out.slots)
+    if ref is not None:
+        _companions(op, ref, out.slots)
+    return out
+
+
+@rule(nn.Linear, producer=True)
+def linear_module(op: ChannelOp) -> Any:
+    return linear(op, op.module.in_features)
+
+
+@rule(F.linear, producer=True)
+def linear_function(op: ChannelOp) -> Any:
+    ref = _weight(op, 1, "weight")
+    if ref is None:
+        return op.unsupported(f"{op.what} with a weight that is not a parameter") if op.anns else None
+    return linear(op, ref.shape[1], ref, op.param(op.arg(2, "bias")))
+
+
+# -- per-channel layers and norms ------------------------------------------------------
+
+def per_channel(op: ChannelOp, refs: list[ParamRef], base: type, what: str) -> Any:
+    """A layer with one parameter slice per channel of dim 1 (BatchNorm, InstanceNorm, PReLU)."""
+    x = op.x
+    if x is None:
+        return None
+    if x.dims != (1,):
+        return op.unsupported(f"{what} on channels outside dim 1")
+    if op.module is not None:
+        op.member(op.name, "out", x.slots)
+        return x
+    owners = {r.owner for r in refs}
+    if len(owners) == 1 and isinstance(op.builder.modules.get(next(iter(owners))), base):
+        op.member(next(iter(owners)), "out", x.slots)
+        return x
+    for r in refs:
+        if len(r.shape) == 1 and r.shape[0] == len(x.slots):
+            op.member(r.owner, f"param:{r.pname}:0", x.slots)
+        elif math.prod(r.shape) > 1:
+            return op.fix(x, f"{what}: parameter {r.target} does not follow the channels")
+    return x
+
+
+@rule(nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def norm_module(op: ChannelOp) -> Any:
+    return per_channel(op, [], nn.Module, op.what)
+
+
+@rule(nn.PReLU)
+def prelu_module(op: ChannelOp) -> Any:
+    return op.x if op.module.num_parameters == 1 else per_channel(op, [], nn.Module, op.what)
+
+
+def _refs(op: ChannelOp, *places: tuple[int, str]) -> list[ParamRef]:
+    return [r for r in (op.param(op.arg(i, n)) for i, n in places) if r is not None]
+
+
+@rule(F.batch_norm, torch.batch_norm)
+def batch_norm_function(op: ChannelOp) -> Any:
+    refs = _refs(op, (1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+    return per_channel(op, refs, nn.modules.batchnorm._BatchNorm, f"batch_norm {op.name}")
+
+
+@rule(F.instance_norm, torch.instance_norm)
+def instance_norm_function(op: ChannelOp) -> Any:
+    refs = _refs(op, (1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))
+    return per_channel(op, refs, nn.modules.instancenorm._InstanceNorm, f"instance_norm {op.name}")
+
+
+@rule(F.prelu, torch.prelu)
+def prelu_function(op: ChannelOp) -> Any:
+    refs = _refs(op, (1, "weight"))
+    if refs and math.prod(refs[0].shape) == 1:
+        return op.x
+    return per_channel(op, refs, nn.PReLU, f"prelu {op.name}")
+
+
+def group_norm(op: ChannelOp, groups: int, refs: list[ParamRef]) -> Any:
+    """GroupNorm: per channel when ``groups == C``; else its statistics span channels."""
+    x = op.x
+    if x is None:
+        return None
+    if x.dims != (1,):
+        return op.unsupported(f"{op.what} on channels outside dim 1")
+    c = len(x.slots)
+    if groups != c and op.builder.norm_channels == "keep":
+        return op.fix(x, f"GroupNorm {op.name} statistics (groups={groups})") or x
+    out = per_channel(op, refs, nn.GroupNorm, f"group_norm {op.name}")
+    if 1 < groups < c:
+        op.grouped(x.slots, groups, f"GroupNorm {op.name} (groups={groups})")
+    return out
+
+
+@rule(nn.GroupNorm)
+def group_norm_module(op: ChannelOp) -> Any:
+    return group_norm(op, op.module.num_groups, [])
+
+
+@rule(F.group_norm, torch.group_norm)
+def group_norm_function(op: ChannelOp) -> Any:
+    groups = op.arg(1, "num_groups")
+    if not isinstance(groups, int):
+        return op.unsupported(f"{op.what} with computed groups")
+    return group_norm(op, groups, _refs(op, (2, "weight"), (3, "bias")))
+
+
+def layer_norm(op: ChannelOp, nd: int, refs: list[ParamRef]) -> Any:
+    """LayerNorm over the last ``nd`` dims: channels among them follow its parameters (``prune``)."""
+    x = op.x
+    if x is None:
+        return None
+    ndim = len(op.in_shape)
+    normalized = range(ndim - nd, ndim)
+    inside = [d for d in x.dims if d in normalized]
+    if not inside:
+        return x
+    if op.builder.norm_channels == "keep":
+        return op.fix(x, f"LayerNorm {op.name} statistics") or x
+    if len(x.dims) != 1:
+        return op.fix(x, f"LayerNorm {op.name} over several channel dims") or x
+    owner = op.module if op.module is not None else None
+    name = op.name
+    if owner is None and refs and isinstance(op.builder.modules.get(refs[0].owner), nn.LayerNorm):
+        owner, name = op.builder.modules[refs[0].owner], refs[0].owner
+    if isinstance(owner, nn.LayerNorm) and len(owner.normalized_shape) == 1:
+        op.member(name, "out", x.slots)
+        return x
+    if not refs or not isinstance(op.arg(1, "normalized_shape"), torch.fx.Node) and owner is None:
+        return op.fix(x, f"layer_norm {op.name}: its normalized shape is a constant") or x
+    axis = x.dims[0] - (ndim - nd)
+    for r in refs:
+        op.member(r.owner, f"param:{r.pname}:{axis}", x.slots)
+    return x
+
+
+@rule(nn.LayerNorm)
+def layer_norm_module(op: ChannelOp) -> Any:
+    return layer_norm(op, len(op.module.normalized_shape), [])
+
+
+@rule(F.layer_norm, torch.layer_norm)
+def layer_norm_function(op: ChannelOp) -> Any:
+    shape = op.arg(1, "normalized_shape")
+    nd = 1 if isinstance(shape, (int, torch.fx.Node)) else len(shape)
+    return layer_norm(op, nd, _refs(op, (2, "weight"), (3, "bias")))
+
+
+def _rms_norm(op: ChannelOp) -> Any:
+    shape = op.arg(1, "normalized_shape")
+    nd = 1 if isinstance(shape, (int, torch.fx.Node)) else len(shape)
+    return layer_norm(op, nd, _refs(op, (2, "weight")))
+
+
+if hasattr(F, "rms_norm"):
+    register_channel_rule(F.rms_norm, _rms_norm)
+if hasattr(nn, "RMSNorm"):
+    register_channel_rule(nn.RMSNorm, lambda op: layer_norm(op, len(op.module.normalized_shape), []))
+
+
+# -- activations, element-wise maths, dropout: channels go through ---------------------
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh, nn.LeakyReLU,
+    nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardshrink, nn.Softshrink,
+    nn.Tanhshrink, nn.Threshold, nn.LogSigmoid, nn.RReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+)
+_PASS_FUNCTION_NAMES = (
+    "relu", "relu_", "relu6", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu", "leaky_relu_", "rrelu",
+    "rrelu_", "gelu", "logsigmoid", "hardshrink", "tanhshrink", "softsign", "softplus", "softshrink", "tanh",
+    "sigmoid", "hardsigmoid", "silu", "mish", "hardswish", "hardtanh", "hardtanh_", "threshold", "threshold_",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+)
+_UNARY = (
+    "abs", "neg", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sqrt", "rsqrt", "square", "sign", "erf",
+    "erfc", "reciprocal", "sin", "cos", "floor", "ceil", "round", "trunc", "frac", "clamp", "clip", "clamp_min",
+    "clamp_max", "nan_to_num", "sigmoid", "tanh", "relu", "clone", "detach", "positive", "logit", "sgn",
+)
+_METHOD_PASS = _UNARY + tuple(n + "_" for n in _UNARY) + (
+    "contiguous", "float", "double", "half", "bfloat16", "to", "type", "type_as", "requires_grad_", "cpu", "cuda",
+    "gelu", "silu", "hardswish", "hardsigmoid", "softplus",
+)
+for _m in _PASS_MODULES:
+    register_channel_rule(_m, "pass")
+for _n in _PASS_FUNCTION_NAMES:
+    register_channel_rule(getattr(F, _n), "pass")
+for _n in _UNARY:
+    if hasattr(torch, _n):
+        register_channel_rule(getattr(torch, _n), "pass")
+for _n in _METHOD_PASS:
+    register_channel_rule(_n, "pass")
+for _f in (torch.relu_, torch.sigmoid_ if hasattr(torch, "sigmoid_") else torch.sigmoid, torch.selu, torch.celu,
+           torch.rrelu, torch.threshold, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+           torch.clamp_min, torch.clamp_max):
+    register_channel_rule(_f, "pass")
+#: torchvision's stochastic depth drops whole samples (recognised without importing torchvision)
+register_channel_rule("function:torchvision.ops.stochastic_depth.stochastic_depth", "pass")
+register_channel_rule("function:timm.layers.drop.drop_path", "pass")
+
+
+# -- pooling, resizing, padding --------------------------------------------------------
+
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d,
+)
+_SPATIAL_FUNCTIONS = (
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "lp_pool1d", "lp_pool2d", "fractional_max_pool2d", "interpolate", "upsample", "upsample_nearest",
+    "upsample_bilinear",
+)
+for _m in _SPATIAL_MODULES:
+    register_channel_rule(_m, spatial)
+for _n in _SPATIAL_FUNCTIONS:
+    register_channel_rule(getattr(F, _n), spatial)
+for _n in ("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"):
+    if hasattr(torch, _n):
+        register_channel_rule(getattr(torch, _n), spatial)
+for _n in ("adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool2d", "avg_pool3d"):
+    if hasattr(torch._C._nn, _n):
+        register_channel_rule(getattr(torch._C._nn, _n), spatial)
+
+
+@rule(F.pad)
+def pad(op: ChannelOp) -> Any:
+    """Padding of the last ``len(pad) // 2`` dims; padding a channel dim keeps it."""
+    x, widths = op.x, op.arg(1, "pad")
+    ndim = len(op.in_shape)
+    if not isinstance(widths, (list, tuple)):
+        return op.fix(x, f"{op.name}: padding computed at run time") or x
+    padded = [ndim - 1 - i for i in range(len(widths) // 2) if widths[2 * i] or widths[2 * i + 1]]
+    _fix_dims(op, x, padded, f"{op.name}: padding of a channel dim")
+    return x
+
+
+@rule(F.grid_sample)
+def grid_sample(op: ChannelOp) -> Any:
+    x = op.x
+    grid = op.value(op.arg(1, "grid"))
+    if isinstance(grid, Ann):
+        op.fix(grid, f"{op.name}: sampling grid")
+    return x if x is not None and x.dims == (1,) else op.unsupported(f"{op.what} over channel dims")
+
+
+@rule(F.pixel_shuffle, F.pixel_unshuffle, nn.PixelShuffle, nn.PixelUnshuffle, F.glu, nn.GLU)
+def channel_structured(op: ChannelOp) -> Any:
+    """Ops that read the channel axis as blocks (depth-to-space, GLU halves): channels kept."""
+    return op.keep(f"{op.what} reads channels as blocks")
+
+
+@rule(nn.ChannelShuffle, F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+def channel_shuffle(op: ChannelOp) -> Any:
+    op.fix(op.x, f"ChannelShuffle {op.name}")
+    return op.x
+
+
+@rule(nn.MultiheadAttention)
+def multihead_attention(op: ChannelOp) -> Any:
+    """Fused projections with heads inside: the channels that reach it are kept."""
+    op.keep(f"{op.what}: fused attention projections")
+    return [None, None]
+
+
+@rule(F.scaled_dot_product_attention)
+def sdpa(op: ChannelOp) -> Any:
+    """Attention ``softmax(q k^T) v``: the query/key feature dims are contracted together."""
+    q, k, v = (op.value(op.arg(i, n)) for i, n in ((0, "query"), (1, "key"), (2, "value")))
+    nd = len(op.in_shape)
+    for t in (q, k, v):
+        if isinstance(t, Ann) and t.dims != (nd - 1,):
+            op.keep(f"{op.name}: attention heads are not pruned")
+            return None
+    if isinstance(q, Ann) and isinstance(k, Ann):
+        op.builder.uf.union_arrays(q.slots, k.slots)
+    elif isinstance(q, Ann) or isinstance(k, Ann):
+        op.fix(q if isinstance(q, Ann) else k, f"{op.name}: query/key dim contracted with an untracked tensor")
+    return v if isinstance(v, Ann) else None
+
+
+# -- shape ops -------------------------------------------------------------------------
+
+@rule(nn.Flatten, nn.Unflatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten,
+      "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_",
+      "unsqueeze_", torch.ravel, "ravel")
+def reshape_rule(op: ChannelOp) -> Any:
+    return reshape(op, op.x, op.in_shape, op.shape)
+
+
+@rule("permute", torch.permute)
+def permute_rule(op: ChannelOp) -> Any:
+    args = op.node.args[1:]
+    perm = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+    if not perm:
+        perm = list(op.node.kwargs.get("dims", ()))
+    return permute(op.x, perm)
+
+
+@rule("transpose", torch.transpose, "swapaxes", torch.swapaxes, "transpose_", "mT", torch.t, "t")
+def transpose_rule(op: ChannelOp) -> Any:
+    nd = len(op.shape)
+    perm = list(range(nd))
+    if len(op.node.args) >= 3:
+        a, b = op.node.args[1] % nd, op.node.args[2] % nd
+    else:
+        a, b = nd - 2, nd - 1
+    perm[a], perm[b] = perm[b], perm[a]
+    return permute(op.x, perm)
+
+
+@rule("movedim", torch.movedim, "moveaxis", torch.moveaxis)
+def movedim_rule(op: ChannelOp) -> Any:
+    nd = len(op.shape)
+    src, dst = op.arg(1, "source"), op.arg(2, "destination")
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    order = [d for d in range(nd) if d not in [s % nd for s in src]]
+    for s, d in sorted(zip([s % nd for s in src], [d % nd for d in dst], strict=True), key=lambda p: p[1]):
+        order.insert(d, s)
+    return permute(op.x, order)
+
+
+@rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+def expand(op: ChannelOp) -> Any:
+    x, nd_in, nd_out = op.x, len(op.in_shape), len(op.shape)
+    return Ann(tuple(d + nd_out - nd_in for d in x.dims), x.slots)
+
+
+@rule("repeat", "tile", torch.tile, "flip", torch.flip, "roll", torch.roll, "repeat_interleave",
+      torch.repeat_interleave)
+def rearrange(op: ChannelOp) -> Any:
+    """Repeats and flips: fine along other dims, channels kept when they act on a channel dim."""
+    x, name = op.x, op.node.target if op.node.op == "call_method" else op.node.target.__name__
+    in_shape, out_shape = op.in_shape, op.shape
+    if name in ("flip", "roll"):
+        dims = op.arg(1 if name == "flip" else 2, "dims")
+        dims = range(len(in_shape)) if dims is None else _dims_arg(dims, len(in_shape))
+        _fix_dims(op, x, dims, f"{op.name}: {name} over channels")
+        return x
+    offset = len(out_shape) - len(in_shape)
+    if any(out_shape[d + offset] != in_shape[d] for d in x.dims):
+        return op.fix(x, f"{op.name}: {name} along channels")
+    return Ann(tuple(d + offset for d in x.dims), x.slots)
+
+
+def _shape_query(op: ChannelOp) -> Any:
+    return None
+
+
+for _t in ("size", "dim", "numel", "nelement", "stride", "data_ptr", "is_contiguous", "get_device", getattr, len,
+           torch._assert, torch.numel, isinstance, "__len__"):
+    register_channel_rule(_t, _shape_query)
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def cat(op: ChannelOp) -> Any:
+    """Concatenation: along the channel dim the slots are joined (offsets); along another dim united."""
+    tensors = op.arg(0, "tensors")
+    dim = op.arg(1, "dim", 0) % len(op.shape)
+    anns = [(t, op.value(t), op.shape_of(t)) for t in tensors]
+    tracked = [a for _, a, _ in anns if isinstance(a, Ann)]
+    if any(a.dims != (dim,) for a in tracked):
+        if all(a.dims == tracked[0].dims and dim not in a.dims for a in tracked):
+            return _cat_other(op, anns, tracked[0].dims)
+        return op.unsupported(f"cat along dim {dim} of channels in dims {tracked[0].dims}")
+    parts = [a.slots if isinstance(a, Ann) else op.new_fixed(meta[dim], "concatenated with an untracked tensor")
+             for _, a, meta in anns]
+    return Ann((dim,), np.concatenate(parts))
+
+
+def _cat_other(op: ChannelOp, anns: list, dims: tuple[int, ...]) -> Any:
+    """``cat`` along a non-channel dim (a class token before the patch tokens): channels united."""
+    first = next(a for _, a, _ in anns if isinstance(a, Ann))
+    for _node, a, meta in anns:
+        if isinstance(a, Ann):
+            op.builder.uf.union_arrays(first.slots, a.slots)
+        elif isinstance(a, ParamRef) and len(dims) == 1 and not a.others:
+            axis = _param_axis(a, meta, dims[0] - (len(op.shape) - len(meta)))
+            if axis is None:
+                op.fix(first, f"{op.name}: cat with parameter {a.target}")
+            else:
+                op.member(a.owner, f"param:{a.pname}:{axis}", first.slots)
+        elif meta is not None and any(meta[d] > 1 for d in dims):
+            op.fix(first, f"{op.name}: cat with an untracked tensor")
+    return Ann(dims, first.slots)
+
+
+@rule(torch.stack)
+def stack(op: ChannelOp) -> Any:
+    tensors = op.arg(0, "tensors")
+    dim = op.arg(1, "dim", 0) % len(op.shape)
+    anns = [op.value(t) for t in tensors]
+    tracked = [a for a in anns if isinstance(a, Ann)]
+    if len(tracked) != len(anns) or any(a.dims != tracked[0].dims for a in tracked):
+        return op.keep(f"{op.name}: stack of differently tracked tensors")
+    for a in tracked[1:]:
+        op.builder.uf.union_arrays(tracked[0].slots, a.slots)
+    return Ann(tuple(d + (d >= dim) for d in tracked[0].dims), tracked[0].slots)
+
+
+def split(op: ChannelOp, dim: int, pieces: int, even: bool, drop_dim: bool = False) -> Any:
+    """Split into ``pieces`` along ``dim``. Along channels: an even chunk loses as many per piece."""
+    x = op.x
+    nd = len(op.in_shape)
+    dim %= nd
+    if dim not in x.dims:
+        if drop_dim:
+            return [Ann(tuple(d - (d > dim) for d in x.dims), x.slots) for _ in range(pieces)]
+        return [x for _ in range(pieces)]
+    if not even or len(x.dims) != 1 or len(x.slots) % pieces:
+        return op.fix(x, f"{op.name}: split of channels with fixed sizes")
+    op.grouped(x.slots, pieces, f"{op.name}: chunk into {pieces} equal blocks")
+    return [Ann(x.dims, row) for row in x.slots.reshape(pieces, -1)]
+
+
+@rule("chunk", torch.chunk)
+def chunk(op: ChannelOp) -> Any:
+    n = op.arg(1, "chunks")
+    return split(op, op.arg(2, "dim", 0), len(op.shape), isinstance(n, int) and len(op.shape) == n)
+
+
+@rule("split", torch.split, "split_with_sizes", torch.split_with_sizes, "tensor_split", torch.tensor_split,
+      "hsplit", "vsplit")
+def split_rule(op: ChannelOp) -> Any:
+    return split(op, op.arg(2, "dim", 0), len(op.shape), False)
+
+
+@rule("unbind", torch.unbind)
+def unbind(op: ChannelOp) -> Any:
+    return split(op, op.arg(1, "dim", 0), len(op.shape), False, drop_dim=True)
+
+
+def getitem(op: ChannelOp) -> Any:
+    """Indexing: slices along other dims move the annotation; a channel must be sliced whole."""
+    src = op.x
+    idx = op.node.args[1]
+    in_shape = op.in_shape
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+        k = idx.index(Ellipsis)
+        fill = len(in_shape) - (len(idx) - 1 - sum(i is None for i in idx))
+        idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    dims_out: dict[int, int] = {}
+    d_in = d_out = 0
+    for i in idx:
+        if i is None:
+            d_out += 1
+            continue
+        if isinstance(i, slice):
+            if d_in in src.dims and not _whole(i, in_shape[d_in]):
+                return op.fix(src, f"{op.name}: slice of channels with fixed bounds")
+            dims_out[d_in] = d_out
+            d_in += 1
+            d_out += 1
+        elif isinstance(i, int):
+            if d_in in src.dims:
+                return op.fix(src, f"{op.name}: indexing one channel")
+            d_in += 1
+        else:
+            return op.unsupported(f"indexing with {type(i).__name__}")
+    for rest in range(d_in, len(in_shape)):
+        dims_out[rest] = d_out + rest - d_in
+    return Ann(tuple(dims_out[d] for d in src.dims), src.slots)
+
+
+def _whole(s: slice, size: int) -> bool:
+    """A slice that takes every position (``[:n]`` with ``n >= size`` stays whole after pruning)."""
+    return (s.start in (None, 0) and s.step in (None, 1)
+            and (s.stop is None or (isinstance(s.stop, int) and s.stop >= size)))
+
+
+register_channel_rule(operator.getitem, getitem)
+
+
+# -- element-wise binary and n-ary ops ---------------------------------------------------
+
+def _elementwise_all(op: ChannelOp) -> Any:
+    return elementwise(op, list(op.node.args) + list(op.node.kwargs.values()))
+
+
+for _t in (operator.add, operator.iadd, operator.mul, operator.imul, operator.sub, operator.isub, operator.truediv,
+           operator.itruediv, operator.floordiv, operator.pow, operator.neg, operator.pos, operator.abs, torch.add,
+           torch.mul, torch.sub, torch.div, torch.multiply, torch.true_divide, torch.maximum, torch.minimum,
+           torch.pow, torch.where, torch.addcmul, torch.addcdiv, torch.lerp, torch.fmax, torch.fmin,
+           torch.masked_fill, torch.clamp, torch.clip, torch.rsub,
+           "add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_", "pow", "pow_", "maximum", "minimum", "addcmul",
+           "addcmul_", "addcdiv", "addcdiv_", "where", "masked_fill", "masked_fill_", "lerp", "lerp_", "rsub",
+           "__radd__", "__rmul__", "__rsub__", "__rtruediv__", "true_divide", "multiply", "fmax", "fmin"):
+    register_channel_rule(_t, _elementwise_all)
+
+
+@rule(torch.max, torch.min, "max", "min")
+def max_min(op: ChannelOp) -> Any:
+    """``max(a, b)`` element-wise, or ``max(x, dim)`` a reduction returning (values, indices)."""
+    other = op.arg(1, "other")
+    if isinstance(other, torch.fx.Node) and op.shape_of(other) is not None:
+        return elementwise(op, [op.arg(0), other])
+    dim = op.arg(1, "dim")
+    if dim is None:
+        return reduce(op, None, False, "max")
+    out = reduce(op, dim, op.arg(2, "keepdim", False), "max")
+    return [out, out]
+
+
+def _reduction(name: str, dim_at: int = 1, keep_at: int = 2):
+    def rule_fn(op: ChannelOp) -> Any:
+        return reduce(op, op.arg(dim_at, "dim"), op.arg(keep_at, "keepdim", False), name)
+
+    return rule_fn
+
+
+for _n in ("mean", "sum", "amax", "amin", "prod", "logsumexp", "nansum", "nanmean", "any", "all", "count_nonzero",
+           "median", "nanmedian"):
+    register_channel_rule(_n, _reduction(_n))
+    if hasattr(torch, _n):
+        register_channel_rule(getattr(torch, _n), _reduction(_n))
+for _n in ("std", "var"):
+    register_channel_rule(_n, _reduction(_n))
+    register_channel_rule(getattr(torch, _n), _reduction(_n))
+    register_channel_rule(f"{_n}_mean", _reduction(_n))
+register_channel_rule("norm", _reduction("norm", 2, 3))
+register_channel_rule(torch.norm, _reduction("norm", 2, 3))
+register_channel_rule(torch.linalg.vector_norm, _reduction("norm", 2, 3))
+
+
+@rule(F.normalize)
+def normalize(op: ChannelOp) -> Any:
+    reduce(op, op.arg(2, "dim", 1), True, "normalize")
+    return op.x
+
+
+@rule(F.softmax, F.log_softmax, F.softmin, torch.softmax, torch.log_softmax, "softmax", "log_softmax", nn.Softmax,
+      nn.LogSoftmax, nn.Softmin, nn.Softmax2d)
+def softmax(op: ChannelOp) -> Any:
+    x, nd = op.x, len(op.shape)
+    if op.module is not None:
+        dim = -3 if isinstance(op.module, nn.Softmax2d) else op.module.dim
+    else:
+        dim = op.arg(1, "dim")
+    dims = range(nd) if dim is None else [dim % nd]
+    _fix_dims(op, x, dims, f"{op.name}: softmax over channels")
+    return x
+
+
+# -- matrix products ---------------------------------------------------------------------
+
+def einsum_core(op: ChannelOp, inputs: list[tuple[Any, str]], output: str) -> Any:
+    """Channels through a product given as einsum letters: carried where a letter survives, united where
+    a letter is contracted between tracked operands; fixed where an untracked operand shares them."""
+    by_letter: dict[str, list[np.ndarray]] = {}
+    untracked: dict[str, bool] = {}
+    for arg, letters in inputs:
+        value, meta = op.value(arg), op.shape_of(arg)
+        if isinstance(value, Ann):
+            if len(value.dims) != 1:
+                return op.keep(f"{op.name}: product of channels in several dims")
+            by_letter.setdefault(letters[value.dims[0]], []).append(value.slots)
+        if meta is not None:
+            for i, letter in enumerate(letters):
+                if meta[i] > 1 and not (isinstance(value, Ann) and value.dims == (i,)):
+                    untracked[letter] = True
+    for letter, arrays in by_letter.items():
+        for other in arrays[1:]:
+            op.builder.uf.union_arrays(arrays[0], other)
+        if untracked.get(letter):
+            op.fix(Ann((0,), arrays[0]), f"{op.name}: channels multiplied with an untracked tensor")
+    carried = [(output.index(letter), arrays[0]) for letter, arrays in by_letter.items() if letter in output]
+    if len(carried) > 1:
+        for _, arr in carried:
+            op.fix(Ann((0,), arr), f"{op.name}: product with channels in two output dims")
+        return None
+    return Ann((carried[0][0],), carried[0][1]) if carried else None
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+@rule(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", torch.mm, "mm")
+def matmul(op: ChannelOp) -> Any:
+    a, b = op.arg(0), op.arg(1, "mat2", op.arg(1, "other"))
+    sa, sb = op.shape_of(a), op.shape_of(b)
+    if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+        return op.keep(f"{op.name}: matrix-vector product")
+    batch = max(len(sa), len(sb)) - 2
+    letters = _LETTERS[:batch]
+    la = letters[batch - (len(sa) - 2):] + "yz"
+    lb = letters[batch - (len(sb) - 2):] + "zw"
+    return einsum_core(op, [(a, la), (b, lb)], letters + "yw")
+
+
+@rule(torch.einsum)
+def einsum(op: ChannelOp) -> Any:
+    spec = op.node.args[0]
+    operands = op.node.args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = operands[0]
+    spec = spec.replace(" ", "")
+    if "..." in spec or "->" not in spec:
+        return op.keep(f"{op.name}: einsum {spec!r} without explicit output letters")
+    lhs, out = spec.split("->")
+    return einsum_core(op, list(zip(operands, lhs.split(","), strict=True)), out)
+
+
+@rule(F.embedding, nn.Embedding)
+def embedding(op: ChannelOp) -> Any:
+    return op.keep(f"{op.what}: indices")
+

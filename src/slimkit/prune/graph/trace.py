@@ -1,0 +1,95 @@
+"""Tracing: the fx graph of a model and the shape of every node's value on the example inputs.
+
+Modules are leaves of the trace when fx keeps them whole (the ``torch.nn`` layers) or when
+their class has a channel rule of its own (:func:`slimkit.prune.graph.register_channel_rule`);
+every other module is traced through, so a subclass that calls the functional form
+(``F.batch_norm(x, self.running_mean, ...)`` in timm's ``BatchNormAct2d``) reaches the
+function rules. A forward with shape-dependent control flow is traced again with fx's
+MetaTracer on a meta-device copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from slimkit.exceptions import ConfigError, UnsupportedModelError
+from slimkit.prune.graph.rules import module_rule
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer, with modules that have a channel rule of their own class kept whole."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return torch.fx.Tracer.is_leaf_module(self, m, qualname) or module_rule(type(m), exact=True) is not None
+
+
+def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _meta_trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModule:
+    """Fallback: trace a meta-device copy so that control flow on shapes is resolved."""
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class _Meta(MetaTracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return _Tracer.is_leaf_module(self, m, qualname)
+
+    meta_model = copy.deepcopy(model).to("meta")
+    arg = next(iter(inspect.signature(model.forward).parameters))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = _Meta().trace(meta_model, meta_args={arg: example_inputs.to("meta")})
+    return torch.fx.GraphModule(model, graph)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _original(err: BaseException) -> BaseException:
+    """The error a node raised, under the wrapping ShapeProp adds around it."""
+    while err.__cause__ is not None and "ShapeProp" in str(err):
+        err = err.__cause__
+    return err
+
+
+def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModule:
+    """fx-trace ``model`` and record every node's output shape on ``example_inputs``.
+
+    Raises UnsupportedModelError when fx cannot trace the forward, ConfigError (one line)
+    when ``example_inputs`` do not fit the model.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        gm = _symbolic_trace(model)
+    except Exception as err:  # fx raises many types on shape-dependent control flow
+        try:
+            gm = _meta_trace(model, example_inputs)
+        except Exception:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} cannot be traced by torch.fx ({_first_line(err)}); "
+                "make its forward free of data-dependent control flow or prune it layer by layer"
+            ) from None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_inputs)
+    except Exception as err:
+        raise ConfigError(
+            f"example_inputs of shape {tuple(example_inputs.shape)} do not fit {type(model).__name__}: "
+            f"{_first_line(_original(err))}; pass one batch the model accepts (e.g. [1, C, H, W] at its input size)"
+        ) from None
+    finally:
+        model.train(was_training)
+    return gm
