@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from slimkit import distributed as dist
 from slimkit.config import Config
-from slimkit.exceptions import CorruptFileError
+from slimkit.exceptions import ConfigError, CorruptFileError
 from slimkit.manifest import atomic_save
 
 
@@ -132,15 +134,87 @@ def _epoch_loader(dataset: Dataset, cfg: TrainConfig, epoch: int) -> DataLoader:
     return DataLoader(Subset(dataset, mine), batch_size=cfg.batch_size, shuffle=False)
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device; None: :func:`slimkit.distributed.default_device`.
+
+    ``cuda`` under torchrun is each rank's own GPU. ConfigError when the device is not there.
+    """
+    if spec is None:
+        return dist.default_device()
+    text = str(spec).strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise ConfigError(f"--device {spec!r}: must be cpu, cuda or cuda:N (e.g. cuda:0)")
+    if text == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    if text == "cuda":
+        return dist.default_device() if dist.default_device().type == "cuda" else torch.device("cuda", 0)
+    index = int(text.split(":")[1])
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {text}: there are {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
+class LineProgress:
+    """Progress for a log file or CI: one plain line at most every ``interval`` seconds, and one at the end.
+
+    A terminal gets a live tqdm bar instead (:func:`_progress`); redrawing a bar into a file
+    writes every step (one ``\\r`` frame per ``set_postfix``), which floods the log.
+    """
+
+    def __init__(self, total: int, desc: str, interval: float = 10.0, stream=None) -> None:
+        import sys
+
+        self.total, self.desc, self.interval = total, desc, interval
+        self.stream = stream or sys.stderr
+        self.n = 0
+        self.postfix: dict[str, str] = {}
+        self.started = self.last = time.monotonic()
+
+    def update(self, steps: int = 1) -> None:
+        self.n += steps
+        if self.n < self.total and time.monotonic() - self.last >= self.interval:
+            self._line()
+
+    def set_postfix(self, refresh: bool = False, **values: str) -> None:
+        self.postfix = {k: str(v) for k, v in values.items()}
+
+    def _line(self) -> None:
+        self.last = time.monotonic()
+        extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(f"{self.desc}: step {self.n}/{self.total}{extra}, {self.last - self.started:.0f} s",
+              file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.n > 0:
+            self._line()
+
+
+class _NoProgress:
+    def update(self, steps: int = 1) -> None:
+        pass
+
+    def set_postfix(self, refresh: bool = False, **values: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, desc: str, enabled: bool):
+    """A live bar on a terminal, :class:`LineProgress` elsewhere, nothing when disabled or not rank 0."""
     import sys
 
+    if not (enabled and dist.is_main()):
+        return _NoProgress()
+    if not sys.stderr.isatty():
+        return LineProgress(total, desc)
     from tqdm.auto import tqdm
 
-    # On a terminal: a live bar with ETA; in a log file: a line every 10 s at most.
-    interval = 0.1 if sys.stderr.isatty() else 10.0
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=interval,
-                disable=not (enabled and dist.is_main()))
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=0.1)
 
 
 def _rng_state() -> dict:
@@ -196,7 +270,8 @@ def fit(
     steps_per_epoch = len(_epoch_loader(train_data, cfg, 0))
     total_steps = steps_per_epoch * cfg.epochs
     bar = _progress(total_steps, desc, progress)
-    bar.update(steps_per_epoch * start_epoch)
+    if start_epoch:
+        bar.update(steps_per_epoch * start_epoch)
     task_loss = hooks.loss or (lambda out, y, x: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing))
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -220,7 +295,7 @@ def fit(
                 for callback in hooks.after_step:
                     callback(model, info)
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
+                bar.set_postfix(refresh=False, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss.item():.3f}")
             if checkpoint is not None and dist.is_main():
                 _save_checkpoint(Path(checkpoint), model, optimizer, hooks, epoch)
             dist.barrier()

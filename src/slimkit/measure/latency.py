@@ -27,6 +27,13 @@ from torch import nn
 from slimkit.exceptions import ConfigError
 from slimkit.measure._inputs import as_args, eval_mode, num_threads, run_forward
 
+#: torch intra-op threads a run (``slimkit compress``, recipe ``latency_threads``) and ``slimkit profile``
+#: time with unless told otherwise. One thread: batch-1 latency of a small CNN then depends neither on
+#: the machine's core count nor on what else runs on it (torch's own default, one thread per core, gave
+#: 0.33 ms and 64 ms for the same LeNet-5 in one run on a loaded machine), it matches the ONNX Runtime
+#: sessions (one intra-op thread) and a single-core embedded target.
+DEFAULT_LATENCY_THREADS = 1
+
 
 @dataclass(frozen=True)
 class LatencyStats:
