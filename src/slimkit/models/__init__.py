@@ -21,7 +21,7 @@ from slimkit.registry import Registry
 #: name -> builder(num_classes, in_channels) returning an nn.Module.
 MODELS: Registry[Callable[..., nn.Module]] = Registry(
     "model", lazy_modules=("slimkit.models.classic", "slimkit.models.cifar", "slimkit.models.torchvision_zoo",
-                      "slimkit.models.plain")
+                      "slimkit.models.plain", "slimkit.models.literature")
 )
 
 _ARCH_ATTR = "slimkit_arch"
