@@ -112,6 +112,15 @@ def _means(values: Values) -> dict[int, float]:
     return result
 
 
+def _producer_weight(m: nn.Module, role: str) -> torch.Tensor | None:
+    """The weight whose rows are a producer's output channels: ``weight`` of an ``out`` axis (a conv,
+    a linear, a layer with a registered channel rule) or the parameter of a ``param:<name>:0`` axis."""
+    pname = "weight" if role == "out" else role.split(":")[1] if role.startswith("param:") and role.endswith(":0") \
+        else None
+    w = getattr(m, pname, None) if pname else None
+    return w if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
+
+
 def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
                      stat_for: Callable[[nn.Module], tuple[Stat, Stat]]) -> Values:
     """Per unit, the statistic ``stat_for(layer)`` of its rows in every conv/linear producer."""
@@ -120,9 +129,9 @@ def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
     for uid, unit in graph.units.items():
         vals, dtypes = [], []
         for (name, role), idx in unit.members.items():
-            if role == "out" and name in unit.producers and isinstance(modules[name], _PRODUCERS):
-                m = modules[name]
-                value, dtype = _rows_value(tables, name, m.weight, idx, *stat_for(m))
+            w = _producer_weight(modules[name], role) if name in unit.producers else None
+            if w is not None:
+                value, dtype = _rows_value(tables, f"{name}:{role}", w, idx, *stat_for(modules[name]))
                 vals.append(value)
                 dtypes.append(dtype)
         values[uid] = (vals, dtypes)
