@@ -1,7 +1,7 @@
 """fp32 vs int8 batch-1 latency in ONNX Runtime and in PyTorch's x86 int8 path, as ratios.
 
 Each model is quantized per channel (slimkit's grids, calibrated on digits) and run by
-:func:`slimkit.export.compare_engines` on one thread: ONNX Runtime fp32 vs the QDQ int8 export,
+:func:`slimkit.deploy.compare_engines` on one thread: ONNX Runtime fp32 vs the QDQ int8 export,
 torch eager fp32 vs torch.ao x86 int8 (FX). Weights are untrained (latency does not depend on
 them); accuracy is not reported here (see benchmarks/quantization_targets.py). A ratio > 1 means
 int8 is faster. On CPUs without VNNI (AVX2 only) int8 is often *not* faster at these sizes.
@@ -29,7 +29,7 @@ def main() -> None:
 
     from torch.utils.data import TensorDataset
 
-    from slimkit.export.engines import compare_engines
+    from slimkit.deploy import compare_engines
     from slimkit.models import create_model
     from slimkit.quantize import quantize_
 
@@ -50,10 +50,10 @@ def main() -> None:
         q.load_state_dict(model.state_dict())
         quantize_(q, {"bits": 8}, calibration=[x])
         r = compare_engines(q, model, data, x[:1], out, calibration=[x], engines=("onnxruntime", "torch"))
-        of, oi = r["onnxruntime-fp32"]["latency_ms"], r["onnxruntime-int8"]["latency_ms"]
-        tf = r["torch-fp32"]["latency_ms"]
-        ti = r["torch-x86-int8"].get("latency_ms")
-        tcell = f"{ti:.3f} | {tf / ti:.2f}x" if ti else f"failed ({r['torch-x86-int8'].get('error', '')[:60]}) | -"
+        of, oi = r["onnxruntime-fp32"].latency_ms, r["onnxruntime-int8"].latency_ms
+        tf = r["torch-fp32"].latency_ms
+        ti = r["torch-x86-int8"].latency_ms
+        tcell = f"{ti:.3f} | {tf / ti:.2f}x" if ti else f"failed ({(r['torch-x86-int8'].error or '')[:60]}) | -"
         print(f"| {name} | {of:.3f} | {oi:.3f} | {of / oi:.2f}x | {tf:.3f} | {tcell} |", flush=True)
 
 

@@ -19,7 +19,7 @@ import torch
 
 
 def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp", observer: str = "minmax") -> dict:
-    from slimkit.export.engines import compare_engines
+    from slimkit.deploy import compare_engines
     from slimkit.quantize import quantize_
     from slimkit.quantize.uniform import stored_bytes
 
@@ -28,10 +28,10 @@ def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp", obs
     report = quantize_(q, cfg, calibration=data.train)
     example = torch.zeros(1, *data.input_shape)
     res = compare_engines(q, model, data.test, example, out_dir, engines=("onnxruntime",))
-    return {"reduced": report["reduce_range"], "fakequant": res["torch-fakequant"]["accuracy"],
-            "ort_int8": res["onnxruntime-int8"]["accuracy"],
-            "agreement": res["onnxruntime-int8"]["agreement_with_fakequant"], "bytes": stored_bytes(q),
-            "ort_fp32_ms": res["onnxruntime-fp32"]["latency_ms"], "ort_int8_ms": res["onnxruntime-int8"]["latency_ms"]}
+    return {"reduced": report["reduce_range"], "fakequant": res["torch-fakequant"].accuracy,
+            "ort_int8": res["onnxruntime-int8"].accuracy,
+            "agreement": res["onnxruntime-int8"].agreement_with_fakequant, "bytes": stored_bytes(q),
+            "ort_fp32_ms": res["onnxruntime-fp32"].latency_ms, "ort_int8_ms": res["onnxruntime-int8"].latency_ms}
 
 
 def grid_noise_by_kind(model) -> dict[str, tuple[int, float, float]]:

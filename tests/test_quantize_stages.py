@@ -15,7 +15,7 @@ from slimkit.quantize import binarize_, quantize_
 from slimkit.quantize.fake import quant_layers
 from slimkit.quantize.packing import pack_bits, packed_nbytes, unpack_bits
 from slimkit.quantize.sensitivity import Sensitivity, choose_bits, fold_copy, layer_sensitivity
-from slimkit.quantize.stages import Int8StageConfig
+from slimkit.deploy.stages import Int8StageConfig
 
 
 # --- runner ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ STAGE_MODULES = (
     "slimkit.prune.structured_stages",
     "slimkit.quantize.sharing_stages",
     "slimkit.quantize.hashed_stages",
-    "slimkit.quantize.stages",
+    "slimkit.deploy.stages",
     "slimkit.encode.stages",
     "slimkit.encode.dct_stages",
     "slimkit.decompose.stages",

@@ -1,9 +1,10 @@
-"""slimkit.export: ONNX export and ONNX Runtime execution, and the int8 engine choice.
-
-Heavy imports (onnx, onnxruntime) happen inside the functions.
+"""slimkit.export: the earlier name of :mod:`slimkit.deploy`, kept as re-exports for scripts that
+import it (``export_onnx``, ``OnnxRunner``, ``compare_engines``, ``choose_engine``). New code
+imports :mod:`slimkit.deploy`.
 """
 
-from slimkit.export.engines import choose_engine, compare_engines
-from slimkit.export.onnx import OnnxRunner, export_onnx
+from slimkit.deploy.compare import choose_engine, compare_engines
+from slimkit.deploy.onnx import export_onnx
+from slimkit.deploy.runners import OnnxRunner
 
 __all__ = ["OnnxRunner", "choose_engine", "compare_engines", "export_onnx"]

@@ -1,11 +1,9 @@
-"""Recipe stages of this package: ``int8`` (post-training), ``qat`` (quantization-aware
-fine-tune) and ``binarize`` (BWN / XNOR).
+"""The quantization side of the ``int8``, ``qat`` and ``binarize`` recipe stages: the
+automatic bit-width settings, the sensitivity-driven bit plan and the per-layer rows.
 
-``int8`` and ``qat`` report the *deployed* figures: the model is exported to ONNX QDQ with
-slimkit's grids (``model.int8.onnx`` in the stage directory), executed by ONNX Runtime and
-by PyTorch's x86 int8 path, and the fastest engine meeting the accuracy target (the
-model's float accuracy minus ``max_drop`` points) is chosen; its accuracy and latency are
-the stage's, the reason is in ``details.engine_reason``.
+The stages themselves (:mod:`slimkit.deploy.stages`) end in deployment (engines, ONNX,
+``.slim``), so they live with it: this package never imports :mod:`slimkit.deploy`,
+:mod:`slimkit.export` or :mod:`slimkit.encode` (tested), which import it.
 """
 
 from __future__ import annotations
@@ -15,19 +13,16 @@ import copy
 from dataclasses import asdict
 from typing import Annotated, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from slimkit.measure import state_dict_bytes
-from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
-from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, resolve_reduce_range, stored_bytes
-from slimkit.stages import StageContext, StageOutput, register_stage
-from slimkit.train import TrainHooks
+from slimkit.quantize.uniform import QuantConfig, resolve_reduce_range
 
 
-class Int8StageConfig(QuantConfig):
-    """QuantConfig plus deployment (engines to try, the accuracy target) and automatic widths.
+class AutoBitsConfig(QuantConfig):
+    """QuantConfig plus automatic per-layer widths (the deployment settings are in
+    :class:`slimkit.deploy.stages.Int8StageConfig`).
 
     ``bits: auto`` measures each layer's sensitivity (accuracy drop and output KL divergence when
     only its weights are quantized at each of ``auto_bits``, on ``sensitivity_samples`` training
@@ -38,8 +33,6 @@ class Int8StageConfig(QuantConfig):
     """
 
     bits: Annotated[int, Field(ge=2, le=8)] | Literal["auto"] = Field(8, description="weight bits, or auto")
-    engines: tuple[str, ...] = ("onnxruntime", "torch")
-    max_drop: float = Field(1.0, ge=0, description="accuracy target: float accuracy minus this many points")
     sensitivity: bool = False
     auto_bits: tuple[int, ...] = (8, 4, 2)
     size_budget_bytes: int | None = Field(None, gt=0)
@@ -65,24 +58,9 @@ class Int8StageConfig(QuantConfig):
         return QuantConfig(**fields)
 
 
-class QATStageConfig(Int8StageConfig):
-    """Int8StageConfig plus how QAT trains: ``keep_bn`` trains with batch norm (folded weights
-    fake-quantized, :mod:`slimkit.quantize.qat`) and folds it at the end; BN statistics
-    freeze after ``freeze_bn_after`` and activation ranges after ``freeze_after`` (fractions of
-    the fine-tune's steps). ``train_observer`` re-derives the weight grids at every step."""
-
-    freeze_after: float = Field(0.5, ge=0, le=1)
-    keep_bn: bool = True
-    freeze_bn_after: float = Field(0.5, ge=0, le=1)
-    train_observer: Literal["minmax", "mse"] = "minmax"
-
-
-def _calibration(ctx: StageContext, config: QuantConfig) -> list[torch.Tensor]:
-    return list(calibration_batches(ctx.data.train, config))
-
-
-def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> tuple[QuantConfig, dict]:
-    """Sensitivity table (and, for ``bits: auto``, the chosen widths) -> (QuantConfig to apply, details)."""
+def plan_bits(model: nn.Module, config: AutoBitsConfig, train) -> tuple[QuantConfig, dict]:
+    """Sensitivity table (and, for ``bits: auto``, the chosen widths) on the first samples of the
+    ``train`` dataset -> (QuantConfig to apply, details for the report). ``model`` is not changed."""
     from torch.utils.data import Subset
 
     from slimkit.quantize.sensitivity import choose_bits, fold_copy, layer_sensitivity
@@ -92,7 +70,6 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
     if config.bits != "auto" and not config.sensitivity:
         return quant, {}
     folded = fold_copy(model) if config.fold_bn else copy.deepcopy(model).eval()
-    train = ctx.data.train
     subset = Subset(train, range(min(config.sensitivity_samples, len(train))))
     candidates = config.auto_bits if config.bits == "auto" else tuple(sorted({8, 4, 2, config.bits}, reverse=True))
     if resolve_reduce_range(quant)[0] and quant.symmetric:  # 8-bit layers will deploy on the 7-bit grid
@@ -125,7 +102,7 @@ def _plan_bits(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
     return quant, details
 
 
-def _layer_rows(details: dict) -> list[dict]:
+def layer_rows(details: dict) -> list[dict]:
     """details["layers"] as a list of rows (report.md renders a list of dicts as a table)."""
     sens = details.get("sensitivity", {})
     rows = []
@@ -136,113 +113,6 @@ def _layer_rows(details: dict) -> list[dict]:
         row.update({f"kl@{bits}b": float(f"{cell['kl']:.3g}") for bits, cell in cells.items()})
         rows.append(row)
     return rows
-
-
-def _write_slim(model: nn.Module, ctx: StageContext, details: dict) -> dict[str, str]:
-    """Store ``model`` bit-packed in the .slim container (stage directory); record its file size."""
-    from slimkit.encode import save
-
-    path = ctx.stage_dir / "model.slim"
-    save(model, path)
-    details["slim_bytes"] = path.stat().st_size
-    return {"model.slim": str(path)}
-
-
-def _vs_dense(ctx: StageContext, results: dict, engine: str | None, deployed_bytes: int) -> dict:
-    """The deployed model against the dense fp32 baseline run by the same engine's fp32 path
-    (batch 1, one thread): what a pruned-then-quantized model buys in total."""
-    from slimkit.export.onnx import OnnxRunner, export_onnx, median_ms
-
-    if engine is None or ctx.baseline is None or "latency_ms" not in results.get(engine, {}):
-        return {"skipped": "no integer engine was chosen"}
-    dense, example = ctx.baseline.eval(), ctx.example_inputs[:1]
-    fp32_engine = "onnxruntime-fp32" if engine.startswith("onnxruntime") else "torch-fp32"
-    try:
-        if ctx.stage_index == 1 and "latency_ms" in results.get(fp32_engine, {}):
-            dense_ms = results[fp32_engine]["latency_ms"]  # the first stage's input is the baseline itself
-        elif fp32_engine == "onnxruntime-fp32":
-            dense_ms = OnnxRunner(export_onnx(dense, example, ctx.stage_dir / "baseline.fp32.onnx")).latency_ms(example)
-        else:
-            with torch.no_grad():
-                dense_ms = median_ms(lambda: dense(example))
-    except Exception as err:  # the dense model may hold ops ONNX cannot export
-        return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-    dense_bytes = state_dict_bytes(dense)
-    deployed_ms = results[engine]["latency_ms"]
-    return {"dense_engine": fp32_engine, "dense_fp32_ms": dense_ms, "deployed_engine": engine,
-            "deployed_ms": deployed_ms, "speedup": dense_ms / deployed_ms, "dense_fp32_bytes": dense_bytes,
-            "deployed_bytes": deployed_bytes, "size_ratio": dense_bytes / deployed_bytes}
-
-
-def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, ctx: StageContext,
-            details: dict, trained: bool = False) -> StageOutput:
-    from slimkit.export.engines import choose_engine, compare_engines
-
-    float_acc = ctx.evaluate(float_model)
-    calib = _calibration(ctx, config)
-    engines = config.engines
-    if config.act_bits != 8:
-        engines = tuple(e for e in engines if e != "onnxruntime")
-        details["onnx_skipped"] = f"act_bits={config.act_bits}: only 8-bit activations export to integer ONNX"
-    # reduce_range turns 8-bit layers into 7-bit ones for int8 kernels that saturate; torch's own
-    # x86 path guards against the same overflow itself (fbgemm reduces activations), so 8-bit PTQ
-    # is still what it runs
-    as_8bit = {8, 7} if details.get("reduce_range") else {8}
-    own_grids = trained or any(v["bits"] not in as_8bit for v in details.get("layers", {}).values())
-    if own_grids and "torch" in engines:
-        # torch.ao quantizes the float model with its own 8-bit observers: not this model
-        engines = tuple(e for e in engines if e != "torch")
-        details["torch_skipped"] = ("torch x86 int8 re-quantizes the float model at 8 bits with its own grids; "
-                                    "it cannot run QAT-trained or sub-8-bit grids")
-    results = compare_engines(qmodel, float_model, ctx.data.test, ctx.example_inputs, ctx.stage_dir, calib, engines)
-    engine, reason = choose_engine(results, float_acc - config.max_drop)
-    details.update(float_accuracy=float_acc, engines=results, engine_reason=reason,
-                   fakequant_accuracy=results["torch-fakequant"]["accuracy"])
-    chosen = results.get(engine or "", {})
-    if isinstance(details.get("layers"), dict):
-        details["layer_bits"] = {n: v["bits"] for n, v in details["layers"].items()}
-        details["layers"] = _layer_rows(details)
-    details["vs_dense_fp32"] = _vs_dense(ctx, results, engine, stored_bytes(qmodel))
-    artifacts = _write_slim(qmodel, ctx, details)
-    if "path" in results.get("onnxruntime-int8", {}):
-        artifacts["model.int8.onnx"] = results["onnxruntime-int8"]["path"]
-    return StageOutput(
-        model=qmodel, details=details, stored_bytes=stored_bytes(qmodel),
-        accuracy=chosen.get("accuracy", results["torch-fakequant"]["accuracy"]),
-        engine=engine or "torch-fakequant", latency_ms=chosen.get("latency_ms"), phase="simulated",
-        artifacts=artifacts,
-    )
-
-
-@register_stage("int8", Int8StageConfig)
-def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> StageOutput:
-    """Post-training uniform quantization (int8 default), run for real in ONNX Runtime / PyTorch x86."""
-    float_model = copy.deepcopy(model).eval()
-    quant, planned = _plan_bits(model, config, ctx)
-    report = quantize_(model, quant, calibration=_calibration(ctx, quant))
-    report.update(planned)
-    return _deploy(model, float_model, config, ctx, report)
-
-
-@register_stage("qat", QATStageConfig)
-def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> StageOutput:
-    """Quantization-aware training: PTQ start, fine-tune with fake quant (STE), then deploy as int8."""
-    from slimkit.quantize.qat import fold_qat_bn_, late_freezer, prepare_qat_
-
-    float_model = copy.deepcopy(model).eval()
-    quant, planned = _plan_bits(model, config, ctx)
-    report = prepare_qat_(model, quant, _calibration(ctx, quant), config.keep_bn, config.train_observer)
-    report.update(planned)
-    report["ptq_accuracy"] = ctx.evaluate(model) if ctx.evaluate else None
-
-    def finalize(trained: nn.Module) -> StageOutput:
-        details = dict(report)
-        details["folded_bn"] = list(report["folded_bn"]) + fold_qat_bn_(trained)
-        return _deploy(trained, float_model, config, ctx, details, trained=True)
-
-    hooks = TrainHooks(after_step=(late_freezer(config.freeze_after, config.freeze_bn_after),))
-    return StageOutput(model=model, details=report, hooks=hooks,
-                       stored_bytes=stored_bytes(model), phase="simulated", finalize=finalize)
 
 
 @contextlib.contextmanager
@@ -257,44 +127,3 @@ def numba_threads(count: int):
         yield count
     finally:
         numba.set_num_threads(old)
-
-
-class BinarizeStageConfig(BinarizeConfig):
-    """BinarizeConfig plus whether to evaluate xnor convolutions through the bit-packed kernel."""
-
-    kernel: bool = True
-
-
-@register_stage("binarize", BinarizeStageConfig)
-def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageContext) -> StageOutput:
-    """Binary weights (bwn) or weights and activations (xnor); stored at 1 bit per weight."""
-    report = binarize_(model, BinarizeConfig(**config.model_dump(exclude={"kernel"})))
-
-    def finalize(trained: nn.Module) -> StageOutput:
-        from slimkit.export.onnx import median_ms
-
-        details = dict(report)
-        example = ctx.example_inputs[:1]
-        sim_acc = ctx.evaluate(trained)
-        with torch.no_grad():
-            sim_ms = median_ms(lambda: trained.eval()(example), repeats=20)
-        details.update(simulated_accuracy=sim_acc, simulated_latency_ms=sim_ms)
-        engine, acc, latency = "torch", sim_acc, sim_ms
-        if config.mode == "xnor" and config.kernel and use_kernel_(trained, True):
-            # numba's pool defaults to every core; beside torch's threads on a shared CPU that
-            # oversubscribes (batch-1 layers are tiny), so the kernel gets torch's thread count
-            with torch.no_grad(), numba_threads(torch.get_num_threads()) as threads:
-                kernel_acc = ctx.evaluate(trained)
-                kernel_ms = median_ms(lambda: trained(example), repeats=20)
-            use_kernel_(trained, False)
-            details.update(kernel_accuracy=kernel_acc, kernel_latency_ms=kernel_ms, kernel_threads=threads)
-            if kernel_ms < sim_ms and kernel_acc >= sim_acc - 0.5:
-                engine, acc, latency = "xnor-kernel", kernel_acc, kernel_ms
-        details["engine_reason"] = f"{engine}: faster of torch float simulation and the bit-packed kernel"
-        details["binary_weights"] = sum(m.weight.numel() for m in binary_layers(trained).values())
-        artifacts = _write_slim(trained, ctx, details)
-        return StageOutput(model=trained, details=details, stored_bytes=binary_stored_bytes(trained), accuracy=acc,
-                           engine=engine, latency_ms=latency, phase="simulated", artifacts=artifacts)
-
-    return StageOutput(model=model, details=report, stored_bytes=binary_stored_bytes(model), phase="simulated",
-                       finalize=finalize)
