@@ -1,0 +1,180 @@
+"""Per-layer latency measured on the target engine, cached by layer shape, and the predictor built on it.
+
+NetAdapt (Yang et al. 2018, "NetAdapt: Platform-Aware Neural Network Adaptation for Mobile
+Applications") searches against *measured* latency through per-layer lookup tables; so
+does this module. Every Conv2d/Linear of a candidate is described by its signature (type,
+input shape, output channels, kernel, stride, padding, dilation, groups, bias); a layer of
+that signature with random weights is run alone on the engine (``eager``, ``onnxruntime``,
+``onnxruntime-int8``: quantized to int8 first) with a fixed thread count, batch 1, and its
+median is stored in ``latency_table.json`` in the run directory under that signature, so a
+shape is measured once per engine however many candidates contain it.
+
+The prediction of a whole model is ``sum(max(layer - call overhead, 0)) + residual``: the
+call overhead is the median of the engine running a 1 x 1 Linear (what running any
+single-layer model costs beyond its arithmetic), the residual is calibrated once on the
+baseline (its measured end-to-end median minus its sum: the layers the table does not hold,
+batch norm, activations, additions, and the engine's own per-inference cost). The p99 is
+predicted as the median times the baseline's measured p99 / median. The predictor's error
+against end-to-end measurements is reported by the search (``search.json``,
+``latency_predictor``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimkit.atomic import atomic_write_bytes
+from slimkit.measure.realtime import engine_callable, realtime_stats, robust_p99_ms
+
+
+def signature(module: nn.Module, in_shape: tuple[int, ...]) -> str:
+    """The cache key of one layer: what its latency depends on."""
+    if isinstance(module, nn.Conv2d):
+        padding = module.padding if isinstance(module.padding, str) else list(module.padding)
+        return (f"Conv2d|in={list(in_shape)}|out={module.out_channels}|k={list(module.kernel_size)}|"
+                f"s={list(module.stride)}|p={padding}|d={list(module.dilation)}|g={module.groups}|"
+                f"bias={module.bias is not None}")
+    return f"Linear|in={list(in_shape)}|out={module.out_features}|bias={module.bias is not None}"
+
+
+def _fresh(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                         module.dilation, module.groups, module.bias is not None)
+    return nn.Linear(module.in_features, module.out_features, module.bias is not None)
+
+
+def layer_inputs(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """(name, module, input shape with batch 1) of every Conv2d/Linear called by one forward, in call order."""
+    calls: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, n=name: calls.append((n, mod, (1, *args[0].shape[1:])))))
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+class LatencyTable:
+    """Per-layer medians (ms) on one engine, cached in ``path`` (JSON) by :func:`signature`."""
+
+    def __init__(self, path: str | Path, engine: str, threads: int = 1, runs: int = 100) -> None:
+        self.path, self.engine, self.threads, self.runs = Path(path), engine, threads, runs
+        self.entries: dict[str, float] = {}
+        self.measured = 0
+        if self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+                self.entries = dict(stored.get(engine, {}).get(f"threads={threads}", {}))
+            except (json.JSONDecodeError, AttributeError):
+                self.entries = {}
+
+    def _time(self, module: nn.Module, in_shape: tuple[int, ...]) -> float:
+        module = module.eval()
+        x = torch.randn(in_shape)
+        if self.engine == "onnxruntime-int8":
+            from slimkit.quantize import quantize_
+
+            module = nn.Sequential(module)
+            quantize_(module, {"bits": 8, "fold_bn": False}, calibration=[torch.randn(4, *in_shape[1:])])
+        old = torch.get_num_threads()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                fn = engine_callable(module, x, self.engine, tmp, self.threads)
+                return realtime_stats(fn, runs=self.runs, warmup=5).p50_ms
+        finally:
+            torch.set_num_threads(old)
+
+    def overhead_ms(self) -> float:
+        """Median of the engine running a 1 x 1 Linear: the cost of a call beyond its arithmetic."""
+        key = "overhead|Linear(1,1)"
+        if key not in self.entries:
+            self.entries[key] = self._time(nn.Linear(1, 1), (1, 1))
+            self.measured += 1
+            self.save()
+        return self.entries[key]
+
+    def layer_ms(self, module: nn.Module, in_shape: tuple[int, ...]) -> float:
+        key = signature(module, in_shape)
+        if key not in self.entries:
+            self.entries[key] = self._time(_fresh(module), in_shape)
+            self.measured += 1
+        return self.entries[key]
+
+    def model_sum_ms(self, model: nn.Module, example_inputs: torch.Tensor) -> float:
+        """Sum over the model's Conv2d/Linear calls of (table median - call overhead, at least 0)."""
+        overhead = self.overhead_ms()
+        total = sum(max(self.layer_ms(m, shape) - overhead, 0.0) for _, m, shape in layer_inputs(model, example_inputs))
+        self.save()
+        return total
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The table for reports: signature, median ms."""
+        return [{"layer": k, "median_ms": round(v, 4)} for k, v in sorted(self.entries.items())]
+
+    def save(self) -> None:
+        stored: dict[str, Any] = {}
+        if self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text())
+            except json.JSONDecodeError:
+                stored = {}
+        stored.setdefault(self.engine, {})[f"threads={self.threads}"] = self.entries
+        atomic_write_bytes(self.path, json.dumps(stored, indent=1, sort_keys=True).encode())
+
+
+def end_to_end(model: nn.Module, example_inputs: torch.Tensor, engine: str, threads: int = 1,
+               blocks: int = 5, runs: int = 200) -> dict[str, float]:
+    """Measured batch-1 ``{"median_ms", "p99_ms"}`` of the whole model on ``engine`` (p99: block median,
+    :func:`slimkit.measure.realtime.robust_p99_ms`)."""
+    old = torch.get_num_threads()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fn = engine_callable(model.eval(), example_inputs[:1], engine, tmp, threads)
+            median = realtime_stats(fn, runs=runs, warmup=10).p50_ms
+            return {"median_ms": median, "p99_ms": robust_p99_ms(fn, blocks=blocks, runs=runs, warmup=0)}
+    finally:
+        torch.set_num_threads(old)
+
+
+class LatencyPredictor:
+    """Whole-model median / p99 from a :class:`LatencyTable`, calibrated on the measured baseline."""
+
+    def __init__(self, table: LatencyTable, baseline: nn.Module, example_inputs: torch.Tensor,
+                 measured: dict[str, float]) -> None:
+        self.table, self.example = table, example_inputs
+        self.base_sum = table.model_sum_ms(baseline, example_inputs)
+        self.residual = measured["median_ms"] - self.base_sum
+        self.tail = measured["p99_ms"] / measured["median_ms"] if measured["median_ms"] > 0 else 1.0
+
+    def median_ms(self, model: nn.Module) -> float:
+        return max(self.table.model_sum_ms(model, self.example) + self.residual, 1e-6)
+
+    def p99_ms(self, model: nn.Module) -> float:
+        return self.median_ms(model) * self.tail
+
+
+def predictor_error(points: list[dict[str, float]]) -> dict[str, Any]:
+    """Relative error of predicted vs measured (``{"predicted", "measured"}`` points), percent."""
+    if not points:
+        return {"points": 0}
+    errors = np.array([abs(p["predicted"] - p["measured"]) / p["measured"] for p in points if p["measured"] > 0])
+    return {"points": len(points), "mean_abs_error_pct": round(100 * float(errors.mean()), 2),
+            "max_abs_error_pct": round(100 * float(errors.max()), 2), "pairs": points}
+
+
+MetricFn = Callable[[nn.Module], float]

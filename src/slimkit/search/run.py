@@ -1,0 +1,475 @@
+"""``slimkit search``: per-layer settings across techniques that meet a budget with the least accuracy lost.
+
+Steps, all in the search's run directory:
+
+1. the baseline (trained, or loaded from ``baseline``), saved as ``baseline.pt``, and its
+   accuracy and budget metric measured end to end; a relative budget (``0.5x``) resolved
+   against that measurement;
+2. the search space (:mod:`~slimkit.search.space`), the sensitivity table
+   (:mod:`~slimkit.search.sensitivity`, ``sensitivity.json`` / ``.png``) and, for a latency
+   budget, the per-layer latency table on the engine (:mod:`~slimkit.search.latency`);
+3. the NetAdapt-style greedy loop and the evolutionary search
+   (:mod:`~slimkit.search.algorithms`); their candidates are fine-tuned briefly as trials
+   (:mod:`~slimkit.search.trials`: Ray Tune when installed) and measured;
+4. the winner (best validation accuracy among the trials that meet the budget) written as
+   ``recipe.yaml`` and run by the ordinary pipeline (``final/``) with the full fine-tune,
+   which is what ``slimkit compress --recipe recipe.yaml`` does again; its accuracy and
+   metric are measured end to end;
+5. ``search.json`` (budget, baseline, chosen, pareto, trials, predictor error),
+   ``pareto.png``, ``search.md`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import Field
+
+from slimkit.atomic import atomic_write_bytes
+from slimkit.config import Config
+from slimkit.exceptions import ConfigError
+from slimkit.search.space import Choice, Knob, apply_stages, build_space, choice_stages
+
+METRICS = ("latency_p99_ms", "size_bytes", "macs", "energy_mj")
+_BUDGET = re.compile(r"^\s*([a-z0-9_]+)\s*=\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(x?)\s*$")
+
+
+def parse_budget(text: str) -> tuple[str, float, bool]:
+    """``"latency_p99_ms=0.5x"`` -> ``("latency_p99_ms", 0.5, True)`` (relative to the baseline's measured value)."""
+    match = _BUDGET.match(str(text).lower())
+    if not match:
+        raise ConfigError(f"--budget {text!r}: write METRIC=VALUE or METRIC=FACTORx, e.g. latency_p99_ms=0.5x or "
+                          f"size_bytes=20000; metrics: {', '.join(METRICS)}")
+    metric, value, rel = match.group(1), float(match.group(2)), bool(match.group(3))
+    if metric not in METRICS:
+        import difflib
+
+        close = difflib.get_close_matches(metric, METRICS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"--budget: unknown metric {metric!r}{hint} (known: {', '.join(METRICS)})")
+    if value <= 0 or (rel and value >= 1):
+        raise ConfigError(f"--budget {text!r}: the value must be > 0, and a relative budget a factor in (0, 1)")
+    return metric, value, rel
+
+
+class SearchConfig(Config):
+    """Settings of a budget search (the ``slimkit search`` flags)."""
+
+    model: str = "lenet5"
+    data: str = "digits"
+    data_dir: str = "data"
+    image_size: int | None = None
+    baseline: str | None = Field(None, description="saved model to start from (else one is trained)")
+    epochs: int = Field(4, ge=0, description="baseline training epochs when no baseline is given")
+    budget: str = "size_bytes=0.5x"
+    engine: Literal["eager", "onnxruntime", "onnxruntime-int8"] = "onnxruntime"
+    techniques: tuple[str, ...] | None = Field(None, description="default: channels, rank (+ bits for size/energy)")
+    strategy: Literal["both", "greedy", "evolution"] = "both"
+    seed: int = 0
+    lr: float = Field(0.01, gt=0, description="fine-tune learning rate (trials and final)")
+    baseline_lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(64, ge=1)
+    trial_epochs: int = Field(1, ge=0)
+    final_epochs: int = Field(3, ge=0)
+    step_share: float = Field(0.15, gt=0, lt=1, description="NetAdapt step: share of the baseline metric per step")
+    max_steps: int = Field(10, ge=1)
+    greedy_candidates: int = Field(2, ge=1)
+    population: int = Field(16, ge=4)
+    generations: int = Field(8, ge=1)
+    evolution_trials: int = Field(2, ge=0)
+    margin: float = Field(0.05, ge=0, lt=0.5, description="aim this share below a latency budget (noise)")
+    val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    sensitivity_samples: int = Field(256, ge=16)
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
+    ranks: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)
+    bits: tuple[int, ...] = (8, 4, 2)
+    threads: int = Field(1, ge=1, description="threads of the engine when timing")
+    runner: Literal["auto", "ray", "sequential"] = "auto"
+    ray_address: str | None = None
+    sram_bytes: int | None = Field(None, ge=0)
+
+
+def _say(log: Callable[[str], None] | None, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+class _Metric:
+    """The budget metric of a model: measured end to end, and predicted for a choice (cached)."""
+
+    def __init__(self, name: str, cfg: SearchConfig, example: torch.Tensor, calibration: torch.Tensor) -> None:
+        self.name, self.cfg, self.example, self.calibration = name, cfg, example, calibration
+        self.predictor = None
+
+    def measure(self, model: torch.nn.Module) -> float:
+        from slimkit.measure import count_macs, profile
+        from slimkit.measure.energy import model_weight_bytes
+
+        if self.name == "size_bytes":
+            return float(model_weight_bytes(model))
+        if self.name == "macs":
+            return float(count_macs(model, self.example))
+        if self.name == "energy_mj":
+            return float(profile(model, self.example, latency=False, sram_bytes=self.cfg.sram_bytes).energy.total_mj)
+        from slimkit.search.latency import end_to_end
+
+        return float(end_to_end(model, self.example, self.cfg.engine, self.cfg.threads)["p99_ms"])
+
+    def predict(self, model: torch.nn.Module) -> float:
+        if self.name == "latency_p99_ms":
+            return float(self.predictor.p99_ms(model))
+        return self.measure(model)
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric == "size_bytes":
+        return f"{value:,.0f} B"
+    if metric == "macs":
+        return f"{value:,.0f} MACs"
+    if metric == "energy_mj":
+        return f"{value * 1e3:,.3f} uJ"
+    return f"{value:.4f} ms"
+
+
+def pareto_front(points: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Points not dominated in (higher accuracy, lower metric), sorted by the metric."""
+    front = []
+    for p in sorted(points, key=lambda q: (q[metric], -q["accuracy"])):
+        if not front or p["accuracy"] > front[-1]["accuracy"]:
+            front.append(p)
+    return front
+
+
+def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run the budget search of ``cfg`` into ``out_dir``; returns what ``search.json`` holds."""
+    from slimkit.data import load_data
+    from slimkit.manifest import load_model, save_model
+    from slimkit.models import create_model
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+    from slimkit.search.algorithms import evolve, greedy_moves, score
+    from slimkit.search.sensitivity import measure_sensitivity, plot_sensitivity, sensitivity_rows
+    from slimkit.search.trials import load_split, ray_available, run_trials
+    from slimkit.train import TrainConfig, evaluate, fit, seed_everything
+
+    cfg = SearchConfig.coerce(cfg, where="search")
+    metric, value, relative = parse_budget(cfg.budget)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runner = cfg.runner
+    if runner == "auto":
+        runner = "ray" if ray_available() else "sequential"
+    elif runner == "ray" and not ray_available():
+        raise ConfigError("search: runner ray needs Ray Tune; pip install 'slimkit[search]' or use --runner sequential")
+
+    # 1. baseline ---------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size)
+    example = torch.zeros(1, *data.input_shape)
+    train_cfg = TrainConfig(epochs=cfg.epochs, lr=cfg.baseline_lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    baseline_path = out / "baseline.pt"
+    if cfg.baseline:
+        baseline = load_model(cfg.baseline)
+    elif baseline_path.is_file():
+        baseline = load_model(baseline_path)
+        _say(log, f"baseline: loaded {baseline_path}")
+    else:
+        baseline = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.in_channels)
+        _say(log, f"baseline: training {cfg.model} on {cfg.data} for {cfg.epochs} epochs")
+        fit(baseline, data.train, train_cfg, progress=False, desc="baseline")
+    baseline.eval()
+    save_model(baseline, baseline_path)
+    calibration = torch.stack([data.train[i][0] for i in range(min(8, len(data.train)))])
+    meter = _Metric(metric, cfg, example, calibration)
+    base_accuracy = evaluate(baseline, data.test)
+    base_metric = meter.measure(baseline)
+    budget = value * base_metric if relative else value
+    _say(log, f"baseline: {base_accuracy:.2f}% test, {metric} {_fmt(metric, base_metric)}; budget "
+              f"{_fmt(metric, budget)}{f' ({value:g}x)' if relative else ''}")
+
+    # 2. space, sensitivity, latency table ----------------------------------------------------
+    techniques = cfg.techniques or (("channels", "rank", "bits") if metric in ("size_bytes", "energy_mj")
+                                    else ("channels", "rank"))
+    skipped: dict[str, str] = {}
+    knobs = build_space(baseline, example, techniques, cfg.ratios, cfg.ranks, cfg.bits, skipped)
+    for technique, why in skipped.items():
+        _say(log, f"space: no {technique} knobs: {why}")
+    quantize_all = cfg.engine == "onnxruntime-int8"
+    engines = ["onnxruntime"] if cfg.engine.startswith("onnxruntime") else ["onnxruntime", "torch"]
+    header = {"name": "search", "model": cfg.model, "data": cfg.data, "data_dir": cfg.data_dir,
+              "image_size": cfg.image_size,
+              "train": {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}}
+    from torch.utils.data import Subset
+
+    _, train_part, val_part = load_split({"data": {"name": cfg.data, "data_dir": cfg.data_dir, "seed": cfg.seed,
+                                                   "image_size": cfg.image_size},
+                                          "val_fraction": cfg.val_fraction, "seed": cfg.seed})
+    samples = Subset(data.train, list(train_part.indices[: cfg.sensitivity_samples]))
+    _say(log, f"space: {len(knobs)} knobs ({', '.join(techniques)}); measuring sensitivity on {len(samples)} samples")
+    table = measure_sensitivity(baseline, knobs, samples, header, example, data, out)
+    plot_sensitivity(knobs, table, out / "sensitivity.png", f"{cfg.model}: per-layer sensitivity")
+
+    predictor_info: dict[str, Any] = {}
+    if metric == "latency_p99_ms":
+        from slimkit.search.latency import LatencyPredictor, LatencyTable, end_to_end
+
+        lat_table = LatencyTable(out / "latency_table.json", cfg.engine, cfg.threads)
+        structural = _structural(baseline, knobs, tuple(0 for _ in knobs), header, example, data, out, quantize_all)
+        measured = end_to_end(structural, example, cfg.engine, cfg.threads)
+        meter.predictor = LatencyPredictor(lat_table, baseline, example, measured)
+        predictor_info = {"engine": cfg.engine, "threads": cfg.threads, "residual_ms": meter.predictor.residual,
+                          "tail_ratio": meter.predictor.tail}
+
+    cache: dict[Choice, float] = {}
+
+    def predict(choice: Choice) -> float:
+        if choice not in cache:
+            model = _structural(baseline, knobs, choice, header, example, data, out, quantize_all and
+                                metric != "latency_p99_ms")
+            cache[choice] = meter.predict(model)
+        return cache[choice]
+
+    target = budget * (1 - cfg.margin) if metric == "latency_p99_ms" else budget
+    payload = {"baseline": baseline, "example": example, "header": header, "seed": cfg.seed,
+               "val_fraction": cfg.val_fraction,
+               "train": {"lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "epochs": cfg.trial_epochs},
+               "data": {"name": cfg.data, "data_dir": cfg.data_dir, "seed": cfg.seed, "image_size": cfg.image_size}}
+    trials: list[dict[str, Any]] = []
+
+    def run_batch(choices: list[Choice], source: str) -> list[dict[str, Any]]:
+        jobs = []
+        for c in choices:
+            jobs.append({"id": f"t{len(trials) + len(jobs):03d}",
+                         "stages": choice_stages(knobs, c, finetune_epochs=cfg.trial_epochs, quantize_all=quantize_all,
+                                                 engines=engines)})
+        results = run_trials(jobs, payload, runner, out / "ray", f"{source}-{len(trials):03d}", cfg.ray_address)
+        rows = []
+        for c, res in zip(choices, results, strict=True):
+            model = _structural(baseline, knobs, c, header, example, data, out, quantize_all)
+            row = {**res, "source": source, "choice": list(c), "settings": _describe(knobs, c),
+                   "predicted": predict(c), "measured": meter.measure(model), "score_kl": score(knobs, table, c)[0]}
+            rows.append(row)
+            _say(log, f"  trial {row['id']} ({source}): val {row['val_accuracy']:.2f}%, {metric} measured "
+                      f"{_fmt(metric, row['measured'])} (predicted {_fmt(metric, row['predicted'])})")
+        trials.extend(rows)
+        return rows
+
+    # 3. greedy (NetAdapt) and evolution -------------------------------------------------------
+    choice: Choice = tuple(0 for _ in knobs)
+    if cfg.strategy in ("both", "greedy"):
+        step = cfg.step_share * base_metric
+        for step_index in range(cfg.max_steps):
+            now = predict(choice)
+            if now <= target:
+                break
+            goal = max(now - step, target)
+            moves = greedy_moves(knobs, table, choice, predict, goal, cfg.greedy_candidates)
+            if not moves:
+                _say(log, "greedy: no knob lowers the metric further")
+                break
+            _say(log, f"greedy step {step_index + 1}: {_fmt(metric, now)} -> goal {_fmt(metric, goal)}, "
+                      f"{len(moves)} proposal(s)")
+            rows = run_batch(moves, "greedy")
+            best = max(rows, key=lambda r: (r["val_accuracy"], -r["predicted"]))
+            choice = tuple(best["choice"])
+    if cfg.strategy in ("both", "evolution") and cfg.evolution_trials:
+        seeds = [choice] if any(choice) else []
+        found = evolve(knobs, table, predict, target, cfg.seed, cfg.population, cfg.generations, seeds,
+                       keep=cfg.evolution_trials + len(trials))
+        done = {tuple(t["choice"]) for t in trials}
+        fresh = [c for c in found if c not in done][: cfg.evolution_trials]
+        _say(log, f"evolution: {len(cache)} choices predicted, {len(fresh)} new candidate(s) to fine-tune")
+        run_batch(fresh, "evolution")
+    if not trials:
+        raise ConfigError(f"search: no candidate could be built for budget {cfg.budget}; widen the techniques "
+                          "or the settings (--techniques channels,rank,bits)")
+
+    def feasible(t: dict[str, Any]) -> bool:
+        return (t["predicted"] <= target) if metric == "latency_p99_ms" else (t["measured"] <= budget)
+
+    ok = [t for t in trials if feasible(t)]
+    winner = max(ok, key=lambda t: (t["val_accuracy"], -t["measured"])) if ok else min(trials,
+                                                                                         key=lambda t: t["measured"])
+    best_choice = tuple(winner["choice"])
+    _say(log, f"winner {winner['id']}: {winner['settings']}")
+
+    # 4. the recipe, run by the pipeline ----------------------------------------------------------
+    recipe_data = {**header, "name": f"search-{cfg.model}",
+                   "description": f"found by slimkit search for {metric} <= {_fmt(metric, budget)} "
+                                  f"on {cfg.engine}",
+                   "baseline": str(baseline_path), "threads": cfg.threads,
+                   "stages": choice_stages(knobs, best_choice, finetune_epochs=cfg.final_epochs,
+                                           quantize_all=quantize_all, engines=engines)}
+    recipe_data = {k: v for k, v in recipe_data.items() if v is not None}
+    atomic_write_bytes(out / "recipe.yaml", yaml.safe_dump(recipe_data, sort_keys=False).encode())
+    recipe = parse_recipe(recipe_data, str(out / "recipe.yaml"))
+    _say(log, f"final: running recipe.yaml ({len(recipe.stages)} stage(s), {cfg.final_epochs} fine-tune epochs)")
+    import inspect
+
+    fresh = {"overwrite": True} if "overwrite" in inspect.signature(run_recipe).parameters else {}
+    report = run_recipe(recipe, out / "final", progress=False, log=lambda _m: None, **fresh)
+    final_model = load_model(out / "final" / "model.pt")
+    last = report["stages"][-1]
+    chosen_metric = {"size_bytes": float(last["bytes"]), "macs": float(last["macs"]),
+                     "energy_mj": float(last.get("energy_uj", 0.0)) * 1e-3}.get(metric)
+    if chosen_metric is None:
+        chosen_metric = meter.measure(final_model)
+    chosen = {"accuracy": float(last["accuracy"]), metric: chosen_metric, "engine_accuracy_from": last["engine"],
+              "settings": _describe(knobs, best_choice), "trial": winner["id"], "meets_budget": chosen_metric <= budget}
+    _say(log, f"chosen: {chosen['accuracy']:.2f}% test, {metric} {_fmt(metric, chosen_metric)} "
+              f"({'meets' if chosen['meets_budget'] else 'MISSES'} {_fmt(metric, budget)})")
+
+    # 5. outputs ---------------------------------------------------------------------------------
+    points = [{"accuracy": t["test_accuracy"], metric: t["measured"], "id": t["id"], "source": t["source"]}
+              for t in trials]
+    points += [{"accuracy": base_accuracy, metric: base_metric, "id": "baseline", "source": "baseline"},
+               {"accuracy": chosen["accuracy"], metric: chosen_metric, "id": "chosen", "source": "final"}]
+    result: dict[str, Any] = {
+        "budget": {"metric": metric, "value": budget, "given": cfg.budget, "relative_to_baseline": relative},
+        "baseline": {"accuracy": base_accuracy, metric: base_metric},
+        "chosen": chosen,
+        "pareto": pareto_front(points, metric),
+        "points": points,
+        "trials": trials,
+        "knobs": [{"id": k.id, "settings": list(k.settings), "method": k.method} for k in knobs],
+        "skipped_techniques": skipped,
+        "sensitivity": sensitivity_rows(knobs, table),
+        "engine": cfg.engine, "runner": runner, "seed": cfg.seed,
+        "config": cfg.to_dict(),
+        "recipe": str(out / "recipe.yaml"),
+        "final_report": str(out / "final" / "report.json"),
+        "predictions": len(cache),
+    }
+    if metric == "latency_p99_ms":
+        from slimkit.search.latency import predictor_error
+
+        pairs = [{"predicted": t["predicted"], "measured": t["measured"], "id": t["id"]} for t in trials]
+        result["latency_predictor"] = {**predictor_info, **predictor_error(pairs),
+                                       "table_entries": len(meter.predictor.table.entries)}
+        result["latency_table"] = meter.predictor.table.rows()
+    result["realtime"] = _realtime(baseline, final_model, example, cfg, budget if metric == "latency_p99_ms" else None)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    atomic_write_bytes(out / "search.json", json.dumps(result, indent=1, default=str).encode())
+    plot_pareto(result, out / "pareto.png", f"{cfg.model} on {cfg.data}")
+    atomic_write_bytes(out / "search.md", render_search_markdown(result).encode())
+    from slimkit.report.html import write_search_html
+
+    write_search_html(out, result)
+    return result
+
+
+def _realtime(baseline: torch.nn.Module, final: torch.nn.Module, example: torch.Tensor, cfg: SearchConfig,
+              deadline: float | None) -> dict[str, Any]:
+    """The real-time view of the baseline and the chosen model on the search's engine (batch 1)."""
+    from slimkit.measure.realtime import realtime_profile
+    from slimkit.quantize.fake import quant_layers
+
+    views = {}
+    for name, model in (("baseline", baseline), ("chosen", final)):
+        engine = cfg.engine
+        if engine == "onnxruntime-int8" and not quant_layers(model):
+            engine = "onnxruntime"  # the float baseline runs in the same engine's fp32 path
+        elif engine == "onnxruntime" and quant_layers(model):
+            engine = "onnxruntime-int8"
+        try:
+            views[name] = realtime_profile(model, example, engine, runs=300, deadline_ms=deadline,
+                                           threads=cfg.threads).to_dict()
+        except Exception as err:  # a model ONNX cannot export: say so, the rest of the report stands
+            views[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    return views
+
+
+def _structural(baseline: torch.nn.Module, knobs: list[Knob], choice: Choice, header: dict, example: torch.Tensor,
+                data: Any, out: Path, quantize_all: bool) -> torch.nn.Module:
+    """The candidate's model without fine-tuning (its shapes, sizes and costs are the trained one's)."""
+    from slimkit.recipe import parse_recipe
+
+    stages = choice_stages(knobs, choice, quantize_all=quantize_all)
+    recipe = parse_recipe({**header, "stages": stages}, "search candidate")
+    from types import SimpleNamespace
+
+    view = SimpleNamespace(train=[(torch.stack(data_calibration(data)),)], test=data.test)
+    return apply_stages(copy.deepcopy(baseline), recipe, example, view, out / "tmp")
+
+
+def data_calibration(data: Any, count: int = 8) -> list[torch.Tensor]:
+    """The first ``count`` training images (calibration of candidates' activation grids)."""
+    return [data.train[i][0] for i in range(min(count, len(data.train)))]
+
+
+def _describe(knobs: list[Knob], choice: Choice) -> dict[str, str]:
+    return {k.id: k.label(i) for k, i in zip(knobs, choice, strict=True) if i}
+
+
+def plot_pareto(result: dict[str, Any], path: Path, title: str) -> None:
+    """Accuracy against the budget metric: every trial, the Pareto front, the baseline, the chosen model, the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimkit.atomic import atomic_open
+
+    metric = result["budget"]["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    pts = [p for p in result["points"] if p["source"] in ("greedy", "evolution")]
+    ax.scatter([p[metric] for p in pts], [p["accuracy"] for p in pts], s=18, color="tab:gray", label="trials")
+    front = [p for p in result["pareto"] if p["source"] != "final"]
+    ax.plot([p[metric] for p in front], [p["accuracy"] for p in front], "-", color="tab:blue", label="Pareto front")
+    base, chosen = result["baseline"], result["chosen"]
+    ax.scatter([base[metric]], [base["accuracy"]], marker="s", color="black", label="baseline", zorder=3)
+    ax.scatter([chosen[metric]], [chosen["accuracy"]], marker="*", s=120, color="tab:red", label="chosen (final)",
+               zorder=3)
+    ax.axvline(result["budget"]["value"], color="tab:red", ls="--", lw=1, label="budget")
+    if metric == "size_bytes":
+        ax.set_xscale("log")
+    ax.set_xlabel(metric)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}: accuracy vs {metric}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_open(path) as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def render_search_markdown(result: dict[str, Any]) -> str:
+    """search.md: budget, baseline vs chosen, the Pareto table, the trials and the predictor error."""
+    metric = result["budget"]["metric"]
+    base, chosen = result["baseline"], result["chosen"]
+    lines = [f"# slimkit search: {metric} <= {_fmt(metric, result['budget']['value'])}", "",
+             f"Engine `{result['engine']}`, trials via `{result['runner']}`, seed {result['seed']}.", "",
+             f"| model | accuracy % | {metric} |", "|---|---:|---:|",
+             f"| baseline | {base['accuracy']:.2f} | {_fmt(metric, base[metric])} |",
+             f"| chosen | {chosen['accuracy']:.2f} | {_fmt(metric, chosen[metric])} |", "",
+             f"Chosen settings: {', '.join(f'{k} {v}' for k, v in chosen['settings'].items()) or 'none'} "
+             f"({'meets' if chosen['meets_budget'] else 'misses'} the budget).", "",
+             "## Pareto front", "", f"| point | source | accuracy % | {metric} |", "|---|---|---:|---:|"]
+    lines += [f"| {p['id']} | {p['source']} | {p['accuracy']:.2f} | {_fmt(metric, p[metric])} |"
+              for p in result["pareto"]]
+    lines += ["", "![pareto](pareto.png)", "", "## Trials", "",
+              "| trial | source | val % | test % | measured | predicted | settings |",
+              "|---|---|---:|---:|---:|---:|---|"]
+    lines += [f"| {t['id']} | {t['source']} | {t['val_accuracy']:.2f} | {t['test_accuracy']:.2f} | "
+              f"{_fmt(metric, t['measured'])} | {_fmt(metric, t['predicted'])} | "
+              f"{', '.join(f'{k} {v}' for k, v in t['settings'].items())} |" for t in result["trials"]]
+    if "latency_predictor" in result:
+        lp = result["latency_predictor"]
+        lines += ["", f"Latency predictor ({lp['table_entries']} table entries): mean error "
+                      f"{lp.get('mean_abs_error_pct', math.nan)} %, max {lp.get('max_abs_error_pct', math.nan)} % "
+                      f"over {lp['points']} trial models measured end to end."]
+    lines += ["", "## Per-layer sensitivity", "", "![sensitivity](sensitivity.png)", "",
+              "| knob | setting | drop (points) | KL (nats) |", "|---|---|---:|---:|"]
+    lines += [f"| {r['knob']} | {r['setting']} | {r['drop']:.2f} | {r['kl']:.3g} |" for r in result["sensitivity"]]
+    return "\n".join(lines) + "\n"
