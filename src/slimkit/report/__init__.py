@@ -165,11 +165,14 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(run_dir: str | Path, report: dict[str, Any]) -> None:
-    """Write report.json, report.md and accuracy_vs_size.png into ``run_dir`` atomically."""
+    """Write report.json, report.md, report.html and accuracy_vs_size.png into ``run_dir`` atomically."""
+    from slimkit.report.html import write_run_html
+
     run_dir = Path(run_dir)
     atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
     atomic_write_bytes(run_dir / "report.md", render_markdown(report).encode())
     plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
+    write_run_html(run_dir, report)
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:
