@@ -78,6 +78,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="decode a .slim container into a model file")
     p.add_argument("slim_file")
     p.add_argument("-o", "--output", required=True)
+
+    p = sub.add_parser("search", help="per-layer settings across techniques that meet a budget (size, MACs, p99 "
+                                      "latency, energy) with the least accuracy lost")
+    p.add_argument("--budget", required=True, help="METRIC=VALUE or METRIC=FACTORx (of the baseline's measured "
+                                                   "value): latency_p99_ms, size_bytes, macs, energy_mj")
+    p.add_argument("--model", default="lenet5", help="zoo model name")
+    p.add_argument("--data", default="digits", help="dataset (default digits)")
+    p.add_argument("--data-dir", default="data", help="where dataset files live (default ./data)")
+    p.add_argument("--baseline", help="saved model to start from (default: train one for --epochs)")
+    p.add_argument("--epochs", type=int, default=4, help="baseline training epochs")
+    p.add_argument("--engine", default="onnxruntime", help="where latency is measured: eager, onnxruntime, "
+                                                           "onnxruntime-int8")
+    p.add_argument("--techniques", help="comma-separated among channels,rank,bits (default: channels,rank; "
+                                        "+bits for size and energy budgets)")
+    p.add_argument("--strategy", default="both", choices=["both", "greedy", "evolution"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trial-epochs", type=int, default=1, help="fine-tune epochs of each candidate")
+    p.add_argument("--final-epochs", type=int, default=3, help="fine-tune epochs of the winner (recipe.yaml)")
+    p.add_argument("--population", type=int, default=16, help="evolutionary search population")
+    p.add_argument("--generations", type=int, default=8, help="evolutionary search generations")
+    p.add_argument("--runner", default="auto", choices=["auto", "ray", "sequential"],
+                   help="trials through Ray Tune (auto: when ray is installed) or in this process")
+    p.add_argument("--ray-address", help="Ray cluster to run trials on (default: a local Ray instance)")
+    p.add_argument("--threads", type=int, default=1, help="engine threads when timing (default 1)")
+    p.add_argument("--sram-bytes", type=int, help="on-chip SRAM of the energy estimate (default 512 KiB)")
+    p.add_argument("--out", help="search directory (default runs/search-<model>)")
     return parser
 
 
@@ -194,8 +220,30 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from slimkit.search import search
+
+    cfg = {"model": args.model, "data": args.data, "data_dir": args.data_dir, "baseline": args.baseline,
+           "epochs": args.epochs, "budget": args.budget, "engine": args.engine, "strategy": args.strategy,
+           "seed": args.seed, "trial_epochs": args.trial_epochs, "final_epochs": args.final_epochs,
+           "population": args.population, "generations": args.generations, "runner": args.runner,
+           "ray_address": args.ray_address, "threads": args.threads, "sram_bytes": args.sram_bytes}
+    if args.techniques:
+        cfg["techniques"] = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
+    out = Path(args.out or f"runs/search-{args.model}")
+    result = search(cfg, out)
+    metric = result["budget"]["metric"]
+    print(f"\nbudget {metric} <= {result['budget']['value']:.6g}: baseline {result['baseline']['accuracy']:.2f}% at "
+          f"{result['baseline'][metric]:.6g}, chosen {result['chosen']['accuracy']:.2f}% at "
+          f"{result['chosen'][metric]:.6g} ({'meets' if result['chosen']['meets_budget'] else 'MISSES'} it)")
+    print(f"search directory: {out}  (search.json, recipe.yaml, pareto.png, report.html; "
+          f"reproduce: slimkit compress --recipe {out / 'recipe.yaml'})")
+    return 0
+
+
 COMMANDS = {"compress": cmd_compress, "train": cmd_train, "eval": cmd_eval, "profile": cmd_profile,
-            "recipes": cmd_recipes, "models": cmd_models, "report": cmd_report, "decode": cmd_decode}
+            "recipes": cmd_recipes, "models": cmd_models, "report": cmd_report, "decode": cmd_decode,
+            "search": cmd_search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
