@@ -27,5 +27,9 @@ class CorruptFileError(SlimkitError, ValueError):
     """A file slimkit wrote (checkpoint, .slim container, manifest) is damaged or truncated."""
 
 
+class ModelStateError(SlimkitError, ValueError):
+    """A model's tensors contradict each other (a shared weight off its codebook, a mask of the wrong shape)."""
+
+
 class UnsupportedModelError(SlimkitError, TypeError):
     """A model contains a layer or operation a transform cannot handle."""

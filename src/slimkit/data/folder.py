@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from slimkit.data.core import DATASETS, DataBundle, LoadRequest
-from slimkit.exceptions import ConfigError, DataNotFoundError
+from slimkit.exceptions import ConfigError, CorruptFileError, DataNotFoundError
 
 DEFAULT_SIZE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,11 +28,28 @@ def _split(root: Path, names: tuple[str, ...]) -> Path:
     raise DataNotFoundError(f"imagefolder: no directory {wanted}; create it with one sub-folder of images per class")
 
 
+def _load_rgb(path: str):
+    """The image at ``path`` as RGB; CorruptFileError (one line naming the file) when it cannot be decoded.
+
+    Images are read when a batch needs them, so a damaged file stops training at that batch
+    with this message rather than with PIL's traceback.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CorruptFileError(f"imagefolder: {os.path.abspath(path)} is not a readable image ({reason}); "
+                               "replace or delete it") from None
+
+
 def _folder(path: Path, transform):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=transform, loader=_load_rgb)
     except FileNotFoundError as err:  # no class folder, or class folders without any image file
         first = (str(err).strip().splitlines() or ["no images"])[0].rstrip(".")
         raise DataNotFoundError(

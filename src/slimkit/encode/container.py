@@ -36,7 +36,7 @@ from torch import nn
 
 from slimkit.atomic import atomic_write_bytes
 from slimkit.encode.sparse import FORMATS, Layout, choose_layout, decode_layout
-from slimkit.exceptions import ConfigError, CorruptFileError
+from slimkit.exceptions import ConfigError, CorruptFileError, ModelStateError
 
 MAGIC = b"SLIM"
 VERSION = 2  # 2: PACKED scales may be float16 and zero points uint8 or absent (flags 4, 8)
@@ -154,7 +154,8 @@ def _shared_payload(module: nn.Module, flags: int, formats: tuple[str, ...]) -> 
     k = codebook.size
     expected = np.where(index >= 0, codebook[np.clip(index, 0, None)], 0).astype(np.float32)
     if not np.array_equal(expected, weight):
-        raise ValueError("weight differs from its codebook[index]; call slimkit.quantize.sharing.sync_centroids first")
+        raise ModelStateError("weight differs from its codebook[index]; "
+                              "call slimkit.quantize.sharing.sync_centroids first")
     symbols = (index + 1).ravel()  # 0 = zero, 1 + i = centroid i
     layout = choose_layout(symbols, index.shape, k + 1, formats)
     w = _Writer()

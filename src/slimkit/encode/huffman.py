@@ -25,7 +25,7 @@ import heapq
 
 import numpy as np
 
-from slimkit.exceptions import CorruptFileError
+from slimkit.exceptions import ConfigError, CorruptFileError
 
 
 def code_lengths(counts: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ def code_lengths(counts: np.ndarray) -> np.ndarray:
             heapq.heappush(heap, (w1 + w2, tiebreak, s1 + s2))
             tiebreak += 1
     if lengths.max(initial=0) > 255:
-        raise ValueError("Huffman code longer than 255 bits; the alphabet's counts are too skewed to store")
+        raise ConfigError("Huffman code longer than 255 bits; the alphabet's counts are too skewed to store")
     return lengths.astype(np.uint8)
 
 
@@ -78,7 +78,7 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> bytes:
         return b""
     lengths = np.asarray(lengths, dtype=np.int64)
     if (lengths[symbols] == 0).any():
-        raise ValueError("a symbol to encode has no code (its length is 0); build lengths from these symbols")
+        raise ConfigError("a symbol to encode has no code (its length is 0); build lengths from these symbols")
     codes = canonical_codes(lengths)
     max_len = int(lengths.max())
     # Bit matrix [alphabet, max_len] of each code, left-aligned; then gather and mask.

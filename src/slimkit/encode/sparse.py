@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from slimkit.encode import huffman
+from slimkit.exceptions import ConfigError
 
 FORMATS = ("dense", "csr", "csc", "bitmask")
 MAX_GAP_BITS = 12
@@ -143,7 +144,7 @@ def build_layout(symbols: np.ndarray, shape: tuple[int, ...], alphabet: int, fmt
         lengths, data = _stream(nonzero, alphabet)
         return Layout("bitmask", 0, lengths, nonzero.size, data, bitmask=np.packbits(symbols > 0).tobytes())
     if fmt not in ("csr", "csc"):
-        raise ValueError(f"unknown sparse format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown sparse format {fmt!r}; allowed: {', '.join(FORMATS)}")
     matrix = _matrix(symbols, shape)
     ordered = matrix.ravel() if fmt == "csr" else matrix.T.ravel()
     values, gaps = _gapped(ordered, gap_bits)

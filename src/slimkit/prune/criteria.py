@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.exceptions import ConfigError
 from slimkit.prune.graph import ChannelGraph
 from slimkit.registry import Registry
 
@@ -270,7 +271,7 @@ def taylor(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int
     batches: list[Any] = list(ctx.batches) if ctx.batches is not None else []
     if not batches:
         if ctx.example_inputs is None:
-            raise ValueError("criterion taylor needs example inputs or batches of (inputs, targets)")
+            raise ConfigError("criterion taylor needs example inputs or batches of (inputs, targets)")
         with torch.no_grad():
             model.eval()
             targets = model(ctx.example_inputs).argmax(1)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from slimkit.exceptions import ConfigError
 from slimkit.train import StepInfo, TrainHooks
 
 MASK = "weight_mask"
@@ -37,7 +38,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Store ``mask`` (same shape as ``module.weight``) as ``weight_mask`` and zero pruned weights."""
     mask = mask.to(dtype=module.weight.dtype, device=module.weight.device).detach()
     if mask.shape != module.weight.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(module.weight.shape)}")
+        raise ConfigError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(module.weight.shape)}")
     if hasattr(module, MASK) and MASK in module._buffers:
         module._buffers[MASK] = mask.clone()
     else:
@@ -117,7 +118,7 @@ class L1Penalty:
 
     def __init__(self, strength: float, layers: Sequence[str] = ("*",), ignore: Sequence[str] = ()) -> None:
         if strength < 0:
-            raise ValueError(f"L1 strength must be >= 0 (got {strength})")
+            raise ConfigError(f"L1 strength must be >= 0 (got {strength})")
         self.strength, self.layers, self.ignore = float(strength), tuple(layers), tuple(ignore)
 
     def __call__(self, model: nn.Module) -> torch.Tensor:

@@ -26,6 +26,8 @@ from typing import Literal
 
 import numpy as np
 
+from slimkit.exceptions import ConfigError
+
 Init = Literal["linear", "density", "random"]
 
 
@@ -49,7 +51,7 @@ def init_centroids(sorted_x: np.ndarray, k: int, init: Init = "linear", seed: in
     if init == "random":
         rng = np.random.default_rng(seed)
         return np.sort(rng.choice(sorted_x, size=k, replace=sorted_x.size < k))
-    raise ValueError(f"k-means init must be one of linear, density, random (got {init!r})")
+    raise ConfigError(f"k-means init must be one of linear, density, random (got {init!r})")
 
 
 def kmeans_1d(
@@ -63,9 +65,9 @@ def kmeans_1d(
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     if k < 1:
-        raise ValueError(f"k-means needs k >= 1 (got {k})")
+        raise ConfigError(f"k-means needs k >= 1 (got {k})")
     if x.size == 0:
-        raise ValueError("k-means needs at least one value (got an empty array)")
+        raise ConfigError("k-means needs at least one value (got an empty array)")
     order = np.argsort(x, kind="stable")
     xs = x[order]
     s1 = np.concatenate(([0.0], np.cumsum(xs)))

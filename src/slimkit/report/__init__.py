@@ -71,7 +71,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# slimkit run: {report['recipe'].get('name', '')}",
         "",
         f"Model `{report['model']}` on `{report['data']}`; input {report['example_input_shape']}, "
-        f"{report['threads']} torch thread(s); latency is the median of repeated batch-1 runs.",
+        f"{report['threads']} torch thread(s) for training; latency is the median of "
+        f"{report.get('recipe', {}).get('latency_runs', 'repeated')} batch-1 runs on the CPU with "
+        f"{report.get('latency_threads', report['threads'])} torch thread(s) (recipe `latency_threads`).",
         "`bytes` is the stored size of each stage's model: the fp32 state dict unless the stage stores an "
         "artifact (e.g. the .slim container); `ratio` = baseline bytes / bytes.",
         "",
