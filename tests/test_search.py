@@ -1,0 +1,175 @@
+"""Budget search: budgets, the space as recipe stages, latency tables, the searches, a real search end to end,
+its recipe reproduced by ``slimkit compress``, and the same search through Ray Tune."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from slimkit.exceptions import ConfigError
+from slimkit.search import parse_budget, search
+from slimkit.search.algorithms import evolve, greedy_moves, score
+from slimkit.search.latency import LatencyTable, layer_inputs, predictor_error, signature
+from slimkit.search.space import Knob, build_space, choice_stages
+
+# plaincnn-2 (two 3x3 conv blocks and a Linear, 20.6 KB in fp32) on the embedded digits; settings kept few
+TINY = {"model": "plaincnn-2", "budget": "size_bytes=0.2x", "epochs": 1, "final_epochs": 1, "population": 6,
+        "generations": 2, "max_steps": 3, "sensitivity_samples": 32, "greedy_candidates": 1, "evolution_trials": 1,
+        "engine": "eager", "ratios": [0.5], "ranks": [0.5], "bits": [8, 4], "seed": 0}
+
+
+def test_parse_budget():
+    assert parse_budget("latency_p99_ms=0.5x") == ("latency_p99_ms", 0.5, True)
+    assert parse_budget("size_bytes=20000") == ("size_bytes", 20000.0, False)
+    assert parse_budget("energy_mj = 1e-2") == ("energy_mj", 0.01, False)
+    for text, match in (("latency_p99=3", "did you mean 'latency_p99_ms'"), ("size_bytes", "METRIC=VALUE"),
+                        ("macs=1.5x", "factor in \\(0, 1\\)"), ("macs=0", "must be > 0")):
+        with pytest.raises(ConfigError, match=match):
+            parse_budget(text)
+
+
+def test_space_spells_recipe_stages_the_pipeline_accepts():
+    from slimkit.models import create_model
+    from slimkit.recipe import parse_recipe
+
+    model = create_model("plaincnn-2", in_channels=1).eval()
+    knobs = build_space(model, torch.zeros(1, 1, 28, 28), ("channels", "rank", "bits"), (0.5,), (0.5,), (8, 4))
+    ids = [k.id for k in knobs]
+    assert "channels:features.block1.0" in ids and "rank:features.block2.0" in ids and "bits:classifier" in ids
+    assert not any(k.id == "channels:classifier" for k in knobs)  # the logits keep their width
+    choice = tuple(len(k.settings) - 1 for k in knobs)
+    stages = choice_stages(knobs, choice, finetune_epochs=2)
+    assert [next(k for k in s if k not in ("name", "finetune")) for s in stages] == ["structured", "decompose", "int8"]
+    assert stages[1]["finetune"] == {"epochs": 2} and "finetune" not in stages[2]
+    assert stages[2]["int8"]["overrides"]["classifier"] == 4
+    recipe = parse_recipe({"name": "x", "model": "plaincnn-2", "stages": stages})
+    assert [s.kind for s in recipe.stages] == ["structured", "decompose", "int8"]
+    assert choice_stages(knobs, tuple(0 for _ in knobs)) == []  # the identity choice changes nothing
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so its channels cannot be pruned by the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = x.relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_gets_no_channel_knobs_and_says_why():
+    skipped = {}
+    knobs = build_space(Branchy(), torch.zeros(1, 16, 8, 8), ("channels", "rank"), skipped=skipped)
+    assert [k.id for k in knobs] == ["rank:conv"] and "torch.fx" in skipped["channels"]
+
+
+def test_latency_table_is_cached_by_layer_shape(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    calls = layer_inputs(model, x)
+    assert [n for n, _, _ in calls] == ["0", "2", "4", "6"]
+    assert signature(calls[1][1], calls[1][2]) == signature(calls[2][1], calls[2][2])  # same shape, one entry
+    table = LatencyTable(tmp_path / "lat.json", "eager", runs=5)
+    total = table.model_sum_ms(model, x)
+    assert table.measured == 4 and total >= 0  # overhead + 3 distinct layer shapes
+    again = LatencyTable(tmp_path / "lat.json", "eager", runs=5)
+    assert again.model_sum_ms(model, x) == pytest.approx(total) and again.measured == 0
+    err = predictor_error([{"predicted": 1.1, "measured": 1.0}, {"predicted": 0.7, "measured": 1.0}])
+    assert err["mean_abs_error_pct"] == pytest.approx(20.0) and err["max_abs_error_pct"] == pytest.approx(30.0)
+
+
+def _toy():
+    knobs = [Knob("channels", f"l{i}", (0.0, 0.25, 0.5, 0.75)) for i in range(4)]
+    # layer i saves (i + 1) units per notch and adds kl (4 - i) * 0.1 per notch: the last layer is least sensitive
+    table = {k.id: {str(s): {"drop": 0.0, "kl": (4 - i) * 0.1 * n} for n, s in enumerate(k.settings[1:], 1)}
+             for i, k in enumerate(knobs)}
+
+    def predict(choice):
+        return 100.0 - sum((i + 1) * c for i, c in enumerate(choice))
+
+    return knobs, table, predict
+
+
+def test_greedy_takes_the_least_sensitive_notches_first():
+    knobs, table, predict = _toy()
+    # ranked by kl per unit saved: l3 (0.1 / 4), l2 (0.2 / 3), l1 (0.3 / 2), l0 (0.4 / 1); the k-th move starts
+    # from the k-th notch and adds the best others until 95 is reached; the second equals the first (dropped)
+    moves = greedy_moves(knobs, table, (0, 0, 0, 0), predict, goal=95.0, k=3)
+    assert moves == [(0, 0, 1, 1), (0, 1, 0, 1)]
+    assert all(predict(m) <= 95.0 for m in moves)
+
+
+def test_evolution_is_feasible_and_deterministic():
+    knobs, table, predict = _toy()
+    a = evolve(knobs, table, predict, target=90.0, seed=3, population=8, generations=4, keep=3)
+    b = evolve(knobs, table, predict, target=90.0, seed=3, population=8, generations=4, keep=3)
+    assert a == b and a and all(predict(c) <= 90.0 for c in a)
+    assert score(knobs, table, a[0]) <= score(knobs, table, a[-1])
+
+
+@pytest.fixture(scope="module")
+def sequential_search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search-seq")
+    return out, search({**TINY, "runner": "sequential"}, out, log=None)
+
+
+@pytest.mark.slow
+def test_size_budget_search_meets_it_end_to_end(sequential_search):
+    from slimkit.manifest import load_model
+    from slimkit.measure.energy import model_weight_bytes
+
+    out, result = sequential_search
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["budget"] == {"metric": "size_bytes", "value": pytest.approx(0.2 * 20600), "given": "size_bytes=0.2x",
+                               "relative_to_baseline": True}
+    assert saved["baseline"]["size_bytes"] == 20600
+    chosen = saved["chosen"]
+    assert chosen["meets_budget"] and chosen["size_bytes"] <= saved["budget"]["value"]
+    final = load_model(out / "final" / "model.pt")
+    assert model_weight_bytes(final) == chosen["size_bytes"]  # measured on the model the recipe produced
+    assert chosen["accuracy"] == json.loads((out / "final" / "report.json").read_text())["stages"][-1]["accuracy"]
+    front = saved["pareto"]
+    assert all(a["size_bytes"] <= b["size_bytes"] and a["accuracy"] < b["accuracy"] for a, b in zip(front, front[1:]))
+    for name in ("recipe.yaml", "pareto.png", "sensitivity.png", "sensitivity.json", "search.md", "report.html"):
+        assert (out / name).is_file(), name
+    assert {r["technique"] for r in saved["sensitivity"]} == {"channels", "rank", "bits"}
+
+
+@pytest.mark.slow
+def test_recipe_yaml_reproduces_the_chosen_model(sequential_search, tmp_path):
+    from slimkit.cli import main
+
+    out, result = sequential_search
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["baseline"] == str(out / "baseline.pt")
+    assert main(["compress", "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["stages"][-1]
+    assert again["bytes"] == result["chosen"]["size_bytes"]
+    assert again["accuracy"] == pytest.approx(result["chosen"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_ray_tune_trials_give_the_sequential_result(sequential_search, tmp_path):
+    ray = pytest.importorskip("ray")
+    out, sequential = sequential_search
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        through_ray = search({**TINY, "runner": "ray"}, tmp_path, log=None)
+    finally:
+        ray.shutdown()
+    assert through_ray["runner"] == "ray" and sequential["runner"] == "sequential"
+    assert any((tmp_path / "ray").iterdir())  # Ray Tune wrote its experiment there
+    strip = [{k: t[k] for k in ("choice", "val_accuracy", "test_accuracy", "measured")} for t in sequential["trials"]]
+    assert [{k: t[k] for k in ("choice", "val_accuracy", "test_accuracy", "measured")}
+            for t in through_ray["trials"]] == strip
+    assert through_ray["chosen"]["settings"] == sequential["chosen"]["settings"]
+    assert through_ray["chosen"]["size_bytes"] == sequential["chosen"]["size_bytes"]
