@@ -50,10 +50,11 @@ class RunPaths:
         return self.root / "checkpoints" / f"{label}.pt"
 
 
-def _measure(model: nn.Module, example_inputs: torch.Tensor, runs: int) -> Any:
+def _measure(model: nn.Module, example_inputs: torch.Tensor, runs: int, threads: int) -> Any:
     from slimkit.measure import profile
 
-    return profile(model, example_inputs, latency=True, runs=runs)
+    model.cpu()  # measured where it deploys: a model trained on a GPU comes back to the CPU
+    return profile(model, example_inputs, latency=True, runs=runs, threads=threads)
 
 
 def _row(name: str, kind: str, accuracy: float, prof: Any, output: StageOutput | None, baseline_bytes: int) -> dict:
@@ -104,15 +105,39 @@ def _distill_hooks(stage: Stage, student: nn.Module, ctx: StageContext) -> Train
     return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-               log: Log = print) -> dict[str, Any]:
-    """Run every stage of ``recipe`` into ``out_dir``; returns the report (also written there)."""
+def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+               progress: bool = True, log: Log = print, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Run every stage of ``recipe`` into ``out_dir``; returns the report (also written there).
+
+    A new run refuses a non-empty ``out_dir`` unless ``overwrite`` (which clears the old
+    run); ``resume`` refuses a recipe that differs from the recorded one
+    (:mod:`slimkit.rundir`). ``device`` (``cpu``, ``cuda``, ``cuda:N``; None: the GPU when
+    there is one) is where training runs; every measurement runs on the CPU with
+    ``recipe.latency_threads`` threads. What the run says also goes to ``run.log``.
+    """
+    from slimkit import rundir
     from slimkit.data import load_data
     from slimkit.models import create_model
     from slimkit.report import write_report
+    from slimkit.train import resolve_device
 
     paths = RunPaths(Path(out_dir))
-    say = log if dist.is_main() else (lambda _msg: None)
+    device = resolve_device(device)
+    rundir.check(paths.root, recipe.to_dict(), resume=resume, overwrite=overwrite)
+    dist.barrier()  # every rank has looked before rank 0 writes
+    if dist.is_main():
+        rundir.prepare(paths.root, recipe.to_dict(), recipe.overrides, overwrite=overwrite)
+        run_log = rundir.RunLog(paths.root)
+        run_log(f"slimkit {'resume' if resume else 'run'}: recipe {recipe.name} ({recipe.source or 'python'}), "
+                f"training on {device}, timing on {recipe.latency_threads} thread(s)")
+
+        def say(message: str) -> None:
+            log(message)
+            run_log(message)
+    else:
+        def say(message: str) -> None:
+            pass
+    dist.barrier()
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
     seed_everything(recipe.train.seed)
@@ -126,6 +151,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
         "data": recipe.data,
         "example_input_shape": list(example_inputs.shape),
         "threads": torch.get_num_threads(),
+        "latency_threads": recipe.latency_threads,
+        "device": str(device),
+        "overrides": recipe.overrides,
         "world_size": dist.world_size(),
         "stages": [],
     }
@@ -147,7 +175,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
     baseline = copy.deepcopy(model)
     if dist.is_main():
         save_model(model, baseline_path)
-    baseline_prof = _measure(model, example_inputs, recipe.latency_runs)
+    baseline_prof = _measure(model, example_inputs, recipe.latency_runs, recipe.latency_threads)
     baseline_row = _row("baseline", "train", evaluate(model, data.test), baseline_prof, None, baseline_prof.bytes)
     report["baseline_bytes"] = baseline_prof.bytes
     report["stages"].append(baseline_row)
@@ -168,7 +196,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
             say(f"[{index}] {stage.name}: done in an earlier run, loaded")
             continue
         say(f"[{index}] {stage.name}: {stage.kind}")
-        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume, kept)
+        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume, kept, device)
         output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
         model = output.model
         if output.persistent_hooks and output.hooks is not None:
@@ -178,13 +206,14 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
             hooks = hooks.merge(_distill_hooks(stage, model, ctx))
             fit(model, data.train, stage.finetune.train_config(recipe.train), hooks,
                 checkpoint=paths.checkpoint(f"stage-{index:02d}"), resume=resume, progress=progress,
-                desc=f"{stage.name} fine-tune")
+                desc=f"{stage.name} fine-tune", device=device)
+            model.cpu()
         if output.finalize is not None:
             output = output.finalize(model)
             model = output.model
         model.eval()
         accuracy = output.accuracy if output.accuracy is not None else evaluate(model, data.test)
-        prof = _measure(model, example_inputs, recipe.latency_runs)
+        prof = _measure(model, example_inputs, recipe.latency_runs, recipe.latency_threads)
         report["stages"].append(_row(stage.name, stage.kind, accuracy, prof, output, baseline_prof.bytes))
         if dist.is_main():
             save_model(model, stage_path)
@@ -199,7 +228,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, pro
 
 
 def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: RunPaths, baseline: nn.Module,
-             index: int, stage: Stage, progress: bool, resume: bool, kept: TrainHooks) -> StageContext:
+             index: int, stage: Stage, progress: bool, resume: bool, kept: TrainHooks,
+             device: torch.device | None = None) -> StageContext:
     base_cfg: TrainConfig = stage.finetune.train_config(recipe.train) if stage.finetune else recipe.train
     rounds = {"n": 0}
 
@@ -209,8 +239,9 @@ def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: Run
         cfg = base_cfg if epochs is None else base_cfg.model_copy(update={"epochs": epochs})
         all_hooks = kept.merge(hooks)
         label = f"stage-{index:02d}-round-{rounds['n']:02d}"
-        return fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
-                   progress=progress, desc=f"{stage.name} round {rounds['n']}")
+        fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
+            progress=progress, desc=f"{stage.name} round {rounds['n']}", device=device)
+        return model.cpu()
 
     return StageContext(
         example_inputs=example_inputs, data=data, train_config=base_cfg, run_dir=paths.root, baseline=baseline,

@@ -16,7 +16,10 @@ slimkit.exceptions.UnknownNameError: stages[0]: unknown stage 'shrae'; did you m
 
 from __future__ import annotations
 
+import copy
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,6 +30,7 @@ from pydantic import Field
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnknownNameError
+from slimkit.measure.latency import DEFAULT_LATENCY_THREADS
 from slimkit.stages import STAGES, FinetuneConfig
 from slimkit.train import TrainConfig
 
@@ -46,8 +50,12 @@ class RecipeHeader(Config):
     augment: bool = Field(False, description="random crop + flip on the training split (CIFAR, image folders)")
     baseline: str | None = Field(None, description="saved model to start from instead of training one")
     train: TrainConfig = TrainConfig()
-    latency_runs: int = Field(30, ge=1)
-    threads: int | None = Field(None, ge=1, description="torch CPU threads for the run (default: torch's choice)")
+    latency_runs: int = Field(30, ge=1, description="timed forwards per latency figure (median and p99)")
+    latency_threads: int = Field(
+        DEFAULT_LATENCY_THREADS, ge=1,
+        description="torch CPU threads while timing latency (fixed per run so that stages compare; default 1)",
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads for training (default: torch's choice)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class Recipe:
     header: RecipeHeader
     stages: tuple[Stage, ...] = field(default_factory=tuple)
     source: str = ""
+    #: what the command line changed: ``{"flags": {...}, "set": ["PATH=VALUE", ...]}``
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __getattr__(self, item: str) -> Any:
         # recipe.model, recipe.train, ... read through to the header
@@ -102,25 +112,103 @@ def _parse_stage(index: int, entry: Any) -> Stage:
     return Stage(name=name, kind=kind, config=config, finetune=finetune)
 
 
-def parse_recipe(data: Any, source: str = "", overrides: dict[str, Any] | None = None) -> Recipe:
-    """Validate recipe data (as loaded from YAML) with optional top-level overrides."""
+def parse_recipe(data: Any, source: str = "", overrides: dict[str, Any] | None = None,
+                 sets: Sequence[str] = ()) -> Recipe:
+    """Validate recipe data (as loaded from YAML) with optional top-level overrides.
+
+    ``overrides`` replace top-level keys (``epochs`` and ``seed`` go to ``train``), as the
+    CLI flags do; then each ``sets`` entry ``PATH=VALUE`` (:func:`apply_sets`) sets any field.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {source}: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data)
-    stages_data = data.pop("stages", None) or []
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key == "epochs":
-            data["train"] = {**(data.get("train") or {}), "epochs": value}
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in flags.items():
+        if key in ("epochs", "seed"):
+            data["train"] = {**(data.get("train") or {}), key: value}
         else:
             data[key] = value
+    data = apply_sets(data, sets)
+    stages_data = data.pop("stages", None) or []
     header = RecipeHeader.coerce(data)
     _check_names(header)
     if not isinstance(stages_data, list):
         raise ConfigError(f"stages: must be a list of stages, got {type(stages_data).__name__}")
     stages = tuple(_parse_stage(i, entry) for i, entry in enumerate(stages_data))
-    return Recipe(header=header, stages=stages, source=source)
+    return Recipe(header=header, stages=stages, source=source, overrides={"flags": flags, "set": list(sets)})
+
+
+_SET_PATH = re.compile(r"([^.\[\]=]+)((?:\[-?\d+\])*)")
+
+
+def _set_path(text: str) -> list[str | int]:
+    """``stages[0].finetune.epochs`` -> ``['stages', 0, 'finetune', 'epochs']``; ConfigError when malformed."""
+    parts: list[str | int] = []
+    for piece in text.split("."):
+        found = _SET_PATH.fullmatch(piece.strip())
+        if found is None:
+            raise ConfigError(f"--set {text}: {piece!r} is not a key or key[index]; "
+                              "write e.g. stages[0].finetune.epochs")
+        parts.append(found.group(1))
+        parts += [int(i) for i in re.findall(r"-?\d+", found.group(2))]
+    return parts
+
+
+def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """A copy of recipe ``data`` with each ``PATH=VALUE`` of ``sets`` applied, in order.
+
+    ``PATH`` names any recipe field with dots and list indices (``train.batch_size``,
+    ``stages[0].finetune.epochs``, ``stages[1].magnitude.per_layer.fc*``); mappings on the
+    way are created when missing. ``VALUE`` is read as YAML (``1``, ``0.5``, ``true``,
+    ``[1, 2]``, ``{epochs: 1}``, ``null``). The result is validated like any recipe, so an
+    unknown key or a bad value is reported with its path.
+
+    >>> apply_sets({"name": "x", "stages": [{"train": {}}]}, ["stages[0].finetune.epochs=1", "train.lr=0.1"])
+    {'name': 'x', 'stages': [{'train': {}, 'finetune': {'epochs': 1}}], 'train': {'lr': 0.1}}
+    >>> apply_sets({"name": "x", "stages": []}, ["stages[2].lr=1"])
+    Traceback (most recent call last):
+    ...
+    slimkit.exceptions.ConfigError: --set stages[2].lr=1: stages[2] does not exist (the recipe has 0 stages)
+    """
+    data = copy.deepcopy(data)
+    for text in sets:
+        path_text, sep, value_text = str(text).partition("=")
+        if not sep or not path_text.strip():
+            raise ConfigError(f"--set {text!r}: expected PATH=VALUE, e.g. --set stages[0].finetune.epochs=1")
+        try:
+            value = yaml.safe_load(value_text) if value_text.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {text}: the value {value_text!r} is not valid YAML; quote it") from None
+        parts = _set_path(path_text.strip())
+        node: Any = data
+        where = ""
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(part, int):
+                if not isinstance(node, list):
+                    raise ConfigError(f"--set {text}: {where} is not a list, so [{part}] cannot index it")
+                if not -len(node) <= part < len(node):
+                    raise ConfigError(f"--set {text}: {where}[{part}] does not exist (the recipe has {len(node)} "
+                                      f"{'stages' if where == 'stages' else 'entries'})")
+                where += f"[{part}]"
+            else:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {text}: {where} is {node!r}, not a mapping, so it has no key {part!r}")
+                if (re.fullmatch(r"stages\[-?\d+\]", where) and part not in node
+                        and part not in ("name", "finetune")):
+                    kinds = [k for k in node if k not in ("name", "finetune")]
+                    raise ConfigError(f"--set {text}: {where} is a {', '.join(map(repr, kinds))} stage; "
+                                      f"set {where}.{kinds[0] if kinds else '<kind>'}.<field>")
+                where += f".{part}" if where else part
+                if not last and not isinstance(node.get(part), (dict, list)):
+                    if node.get(part) is not None:
+                        raise ConfigError(f"--set {text}: {where} is {node[part]!r}, not a mapping")
+                    node[part] = {}
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+    return data
 
 
 def _check_names(header: RecipeHeader) -> None:
@@ -150,11 +238,13 @@ def list_recipes() -> list[tuple[str, str]]:
     return out
 
 
-def load_recipe(name_or_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(name_or_path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                sets: Sequence[str] = ()) -> Recipe:
     """A built-in recipe by name, or a YAML file by path, validated.
 
-    ``overrides`` replace top-level keys (``model``, ``data``, ``data_dir``, ``epochs`` for
-    the baseline training, ...), as the CLI flags do.
+    ``overrides`` replace top-level keys (``model``, ``data``, ``data_dir``, ``epochs`` and
+    ``seed`` of the baseline training, ...), as the CLI flags do; ``sets`` are ``--set
+    PATH=VALUE`` assignments of any field (:func:`apply_sets`).
     """
     name_or_path = str(name_or_path or DEFAULT_RECIPE)
     path = Path(name_or_path)
@@ -179,4 +269,4 @@ def load_recipe(name_or_path: str | os.PathLike | None = None, overrides: dict[s
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"recipe {path}: invalid YAML{where}: {problem}") from None
-    return parse_recipe(data, source=str(path), overrides=overrides)
+    return parse_recipe(data, source=str(path), overrides=overrides, sets=sets)
