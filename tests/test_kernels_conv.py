@@ -98,3 +98,44 @@ def test_bad_calls_raise_one_line(call, message):
     with pytest.raises(ValueError, match=message) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_plan_on_resnet18_chooses_per_layer_and_applying_it_keeps_the_outputs():
+    import copy
+
+    import torchvision
+
+    from slimkit.kernels import apply_plan, plan
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    p = plan(model, x, candidates=("torch", "im2col", "winograd_f2", "winograd_f4"), repeats=2)
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert set(p.choices) == set(convs) | {"fc"}
+    assert p.skipped["conv1"]["winograd_f2"].startswith("a 7x7 kernel")  # the 7x7 stride-2 stem
+    assert all(p.timings[n][p.choices[n]] == min(p.timings[n].values()) for n in p.choices)
+    planned = copy.deepcopy(model)
+    apply_plan(planned, p)
+    with torch.no_grad():
+        assert _rel(planned(x), model(x)) <= 1e-4
+    assert "| layer |" in p.table()
+
+
+def test_plan_offers_the_sparse_kernel_for_pruned_shared_layers():
+    from slimkit.kernels import apply_plan, plan
+    from slimkit.prune.magnitude import magnitude_prune_
+    from slimkit.quantize.sharing import share_weights_
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    magnitude_prune_(model, {"sparsity": 0.9})
+    share_weights_(model, {"linear_bits": 4})
+    x = torch.randn(1, 1, 8, 8)
+    p = plan(model, x, candidates=("sparse",), repeats=3)
+    assert set(p.timings["1"]) == {"torch", "sparse"}
+    want = model(x).detach()
+    apply_plan(model, p)
+    with torch.no_grad():
+        assert _rel(model(x), want) <= 1e-4
+    with pytest.raises(ValueError, match="unknown candidate kernels"):
+        plan(model, x, candidates=("winograd",))

@@ -7,6 +7,7 @@ fastest, :func:`xnor_conv2d` is the XNOR-popcount binary convolution.
 """
 
 from slimkit.kernels.conv import ALGORITHMS, conv2d
+from slimkit.kernels.plan import KernelPlan, apply_plan, plan
 from slimkit.kernels.xnor import PackedWeight, xnor_conv2d
 
-__all__ = ["ALGORITHMS", "PackedWeight", "conv2d", "xnor_conv2d"]
+__all__ = ["ALGORITHMS", "KernelPlan", "PackedWeight", "apply_plan", "conv2d", "plan", "xnor_conv2d"]

@@ -83,7 +83,13 @@ def _winograd_unsupported(m: int):
 
 
 def _fft_unsupported(case: ConvCase) -> str | None:
-    return f"stride {case.stride} (FFT convolution needs stride 1)" if case.stride != (1, 1) else None
+    if case.stride != (1, 1):
+        return f"stride {case.stride} (FFT convolution needs stride 1)"
+    size = _fft.transform_bytes(case)
+    if size > _fft.MAX_TRANSFORM_BYTES:
+        return (f"a {case.h}x{case.w} input with {case.o}x{case.c} channels (its weight transform would take "
+                f"{size / 2**20:.0f} MiB, over {_fft.MAX_TRANSFORM_BYTES // 2**20} MiB)")
+    return None
 
 
 _register(Algorithm("torch", lambda case: None,

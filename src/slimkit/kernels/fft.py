@@ -28,6 +28,16 @@ def fast_size(n: int) -> int:
         n += 1
 
 
+# the transformed weight is [freqs, O, C] complex64: beyond this it is not worth holding in memory
+MAX_TRANSFORM_BYTES = 256 * 2**20
+
+
+def transform_bytes(case: ConvCase) -> int:
+    """Bytes of the cached weight transform for ``case``."""
+    s, t = fft_size(case)
+    return s * (t // 2 + 1) * case.o * case.c * 8
+
+
 def fft_size(case: ConvCase) -> tuple[int, int]:
     return fast_size(case.h + 2 * case.padding[0]), fast_size(case.w + 2 * case.padding[1])
 
