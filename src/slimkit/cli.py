@@ -79,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("slim_file")
     p.add_argument("-o", "--output", required=True)
 
+    p = sub.add_parser("export", help="write a deployable file (ONNX, int8 ONNX, .slim, ExecuTorch) of a model")
+    p.add_argument("target", metavar="MODEL|RUN_DIR", help="a model file slimkit wrote, or a run directory "
+                                                           "(its final model.pt)")
+    p.add_argument("--format", required=True, metavar="FORMAT",
+                   help="onnx (fp32), int8-onnx (the model's int8 grids, else calibrated PTQ), slim, executorch, "
+                        "executorch-int8 (XNNPACK; pip install 'slimkit[executorch]')")
+    p.add_argument("-o", "--output", help="file to write, atomically (default: beside the model, e.g. "
+                                          "model.int8.onnx); a directory puts it there")
+    p.add_argument("--check", action="store_true", help="run the written file in its engine on the recorded data's "
+                                                        "test split: accuracy and agreement with the PyTorch model")
+    p.add_argument("--data", help="dataset for calibration and --check (default: the one the model recorded)")
+    p.add_argument("--data-dir", help="where dataset files live (default: the recorded one, else ./data)")
+    p.add_argument("--image-size", type=int, help="resize images (default: the recorded size)")
+
     p = sub.add_parser("search", help="per-layer settings across techniques that meet a budget (size, MACs, p99 "
                                       "latency, energy) with the least accuracy lost")
     p.add_argument("--budget", required=True, help="METRIC=VALUE or METRIC=FACTORx (of the baseline's measured "
@@ -123,8 +137,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     report = run_recipe(recipe, out, resume=args.resume, progress=not args.no_progress)
     if distributed.is_main():
+        from slimkit.deploy.run import RunDeployables
+
         print(format_stage_table(report["stages"]))
-        print(f"\nrun directory: {out}  (report.md, report.json, accuracy_vs_size.png, model.pt)")
+        deployables = RunDeployables.from_dict(report["deployables"])
+        files = ", ".join(f.name for f in deployables.files)
+        print(f"\nrun directory: {out}  (report.md, report.json, accuracy_vs_size.png, {files})")
+        print(deployables.ship_line())
     return 0
 
 
@@ -220,6 +239,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimkit.deploy.command import run_export
+
+    outcome = run_export(args.target, args.format, args.output, args.check, args.data, args.data_dir,
+                         args.image_size)
+    print("\n".join(outcome.lines()))
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from slimkit.search import search
 
@@ -243,7 +271,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 COMMANDS = {"compress": cmd_compress, "train": cmd_train, "eval": cmd_eval, "profile": cmd_profile,
             "recipes": cmd_recipes, "models": cmd_models, "report": cmd_report, "decode": cmd_decode,
-            "search": cmd_search}
+            "search": cmd_search, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,10 @@ Everything a run produces goes under its run directory (``runs/<name>/``):
 
 - ``report.json`` / ``report.md`` / ``accuracy_vs_size.png``: rewritten after every stage;
 - ``models/NN-<stage>.pt``: each stage's model (:func:`slimkit.manifest.save_model`);
-- ``model.pt``: the final model; stage artifacts (``model.slim``, ``model.int8.onnx``);
+- ``model.pt``: the final model; beside it the final deployables as the recipe produces them
+  (``model.onnx``, ``model.int8.onnx``, ``model.slim``) and, in ``report.json``
+  ``deployables.ship``, the one to ship (:mod:`slimkit.deploy.run`); stage artifacts stay
+  in ``stages/NN/``;
 - ``checkpoints/``: per-epoch training checkpoints.
 
 With ``resume=True`` finished stages are loaded from ``models/`` and an interrupted
@@ -220,7 +223,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
         _publish(paths, report, write_report)
 
     if dist.is_main():
+        from slimkit.deploy.run import publish_deployables
+
         save_model(model, paths.root / "model.pt")
+        # model.onnx / model.int8.onnx / model.slim beside model.pt, and the one file to ship
+        report["deployables"] = publish_deployables(paths.root, model, report["stages"][-1], example_inputs,
+                                                    report.get("baseline_bytes")).to_dict()
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     report["final_model"] = str(paths.root / "model.pt")
     _publish(paths, report, write_report)

@@ -92,7 +92,7 @@ def export_model(model: nn.Module, fmt: str, path: str | os.PathLike, example: t
     """
     spec = FORMATS.get(fmt)
     path = Path(path)
-    request = ExportRequest(model.eval(), example[:1], path, list(calibration or []),
+    request = ExportRequest(model, example[:1], path, list(calibration or []),
                             Path(existing) if existing else None)
     how = spec.write(request)
     return Exported(spec.name, str(path), path.stat().st_size, spec.engine, how)

@@ -110,6 +110,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
                 torch.onnx.export(model, (example_inputs,), str(tmp), dynamo=False, opset_version=OPSET,
                                   input_names=["input"], output_names=["logits"],
                                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+            except OSError:  # the path, not the model
+                raise
             except Exception as err:  # an op without an ONNX symbolic, data-dependent control flow, ...
                 from slimkit.exceptions import UnsupportedModelError
 

@@ -74,14 +74,7 @@ class RunDeployables:
         ratio = ""
         if self.baseline_bytes:
             ratio = f", {self.baseline_bytes / max(self.ship.bytes, 1):.1f}x smaller than the fp32 baseline"
-        return f"ship: {self.ship.path} ({_human(self.ship.bytes)}{ratio}); {self.why}"
-
-
-def _human(n: int) -> str:
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit} ({n:,} bytes)"
-    return f"{n:,} bytes"
+        return f"ship: {self.ship.path} ({self.ship.bytes:,} bytes{ratio}): {self.why}"
 
 
 def _place(src: Path, dst: Path) -> None:

@@ -99,16 +99,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", f"## {row['name']}: per layer", "", "| " + " | ".join(keys) + " |",
                       "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(str(layer.get(k, "")) for k in keys) + " |" for layer in layers]
+    lines += _deployable_lines(report)
     return "\n".join(lines) + "\n"
 
 
 def _engine_lines(row: dict[str, Any]) -> list[str]:
     """An integer stage's engines (accuracy as executed, latency, file size), the choice and the
     comparison with the dense fp32 baseline, as markdown lines (none for other stages)."""
+    from slimkit.deploy.results import DenseComparison, EngineComparison
+
     details = row.get("details", {})
-    engines = details.get("engines")
-    if not isinstance(engines, dict) or not engines:
+    if not isinstance(details.get("engines"), dict) or not details["engines"]:
         return []
+    engines = EngineComparison.from_dict(details["engines"])
 
     def fmt(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else ""
@@ -116,24 +119,37 @@ def _engine_lines(row: dict[str, Any]) -> list[str]:
     lines = ["", f"## {row['name']}: engines", "",
              "| engine | integer | accuracy % | latency ms | file bytes | agrees with fake-quant |",
              "|---|---|---:|---:|---:|---:|"]
-    for name, res in engines.items():
-        if "error" in res:
-            lines.append(f"| {name} | | failed: {res['error']} | | | |")
+    for name, res in engines.results.items():
+        if res.error is not None:
+            lines.append(f"| {name} | | failed: {res.error} | | | |")
             continue
-        agreement = res.get("agreement_with_fakequant")
-        lines.append(f"| {name} | {'yes' if res.get('integer') else 'no'} | {fmt(res.get('accuracy'), '.2f')} | "
-                     f"{fmt(res.get('latency_ms'), '.3f')} | {fmt(res.get('file_bytes'), ',')} | "
+        agreement = res.agreement_with_fakequant
+        lines.append(f"| {name} | {'yes' if res.integer else 'no'} | {fmt(res.accuracy, '.2f')} | "
+                     f"{fmt(res.latency_ms, '.3f')} | {fmt(res.file_bytes, ',')} | "
                      f"{fmt(100 * agreement, '.1f') + ' %' if agreement is not None else ''} |")
     lines += ["", f"Chosen: {details.get('engine_reason', row.get('engine', ''))}."]
     if details.get("reduce_range_reason"):
         lines.append(f"Weights: {details['reduce_range_reason']}.")
-    dense = details.get("vs_dense_fp32", {})
-    if "speedup" in dense:
-        lines.append(f"Against the dense fp32 baseline: {dense['deployed_engine']} {dense['deployed_ms']:.3f} ms vs "
-                     f"{dense['dense_engine']} {dense['dense_fp32_ms']:.3f} ms ({dense['speedup']:.2f}x), "
-                     f"{dense['deployed_bytes']:,} B vs {dense['dense_fp32_bytes']:,} B ({dense['size_ratio']:.1f}x "
+    dense = DenseComparison.from_dict(details.get("vs_dense_fp32") or {})
+    if dense.speedup is not None:
+        lines.append(f"Against the dense fp32 baseline: {dense.deployed_engine} {dense.deployed_ms:.3f} ms vs "
+                     f"{dense.dense_engine} {dense.dense_fp32_ms:.3f} ms ({dense.speedup:.2f}x), "
+                     f"{dense.deployed_bytes:,} B vs {dense.dense_fp32_bytes:,} B ({dense.size_ratio:.1f}x "
                      "smaller).")
     return lines
+
+
+def _deployable_lines(report: dict[str, Any]) -> list[str]:
+    """The run's top-level deployable files and the one to ship (none before the run finished)."""
+    if not isinstance(report.get("deployables"), dict):
+        return []
+    from slimkit.deploy.run import RunDeployables
+
+    run = RunDeployables.from_dict(report["deployables"])
+    lines = ["", "## Deployable files", "", "| file | bytes | runs in | what |", "|---|---:|---|---|"]
+    lines += [f"| {f.name} | {f.bytes:,} | {f.runs_in} | {f.what} |" for f in run.files]
+    lines += [f"| {name} | | | not written: {why} |" for name, why in run.skipped.items()]
+    return lines + ["", f"Ship `{run.ship.name}`: {run.why}."]
 
 
 def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
