@@ -1,0 +1,171 @@
+"""Distillation methods side by side: CE alone, KD, FitNets, AT, FSP, CRD and TAKD, one teacher, one student.
+
+The teacher is ``plaincnn-6`` (widths 16, 16, 32, 32, 64, 64), trained once; the student is
+``plaincnn-16-32`` (two blocks, about 1/8 of the teacher's parameters). Every method trains
+a fresh student from the same init for ``--epochs`` epochs per seed (same data order, same
+optimizer), so the per-seed differences are paired. Feature pairs (the student's two
+blocks sit at the teacher's 2nd and 4th block: same widths, twice the resolution):
+
+- FitNets hint: student ``features.block2`` -> teacher ``features.block4`` (1x1 regressor);
+- AT: ``block1 -> block2`` and ``block2 -> block4`` (attention maps pooled to the smaller);
+- FSP: the student's ``[block1, block2]`` flow against the teacher's ``[block2, block4]``
+  (both 16 x 32 matrices), single stage with weight 0.01: the paper's lambda = 1 makes the
+  squared Frobenius sum (hundreds at init) swamp cross-entropy and diverge at lr 0.05, with
+  or without the two-stage schedule (measured);
+- CRD: the flattened penultimate features (``flatten``), memory bank of the whole training set;
+- TAKD: teacher -> auto-sized plain-CNN assistant -> student, KD at each step.
+
+    .venv/bin/python benchmarks/distill_literature.py                      # digits at 16x16, 3 seeds, 6 epochs
+    .venv/bin/python benchmarks/distill_literature.py --seeds 2 --epochs 4
+    .venv/bin/python benchmarks/distill_literature.py --data cifar10 --download --image-size 0 \\
+        --teacher-epochs 40 --epochs 30 --seeds 3                           # on a GPU
+
+Results: ``--out`` (default ``runs/distill_literature``) ``results.json``; plot ``--plot``
+(default ``docs/figures/distill_literature.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from slimkit.data import load_data
+from slimkit.distill.methods import build_hooks
+from slimkit.distill.takd import build_student, count_params, size_assistant
+from slimkit.train import TrainConfig, evaluate, fit
+
+TEACHER, STUDENT = "plaincnn-6", "plaincnn-16-32"
+KD = {"method": "kd", "temperature": 4.0, "alpha": 0.9}
+METHODS = {
+    "CE alone": None,
+    "KD": KD,
+    "FitNets": {"method": "hint", "options": {"pairs": [["features.block2", "features.block4"]]}},
+    "AT": {"method": "at", "options": {"pairs": [["features.block1", "features.block2"],
+                                                 ["features.block2", "features.block4"]]}},
+    "FSP": {"method": "fsp", "options": {"weight": 0.01,
+                                         "pairs": [{"student": ["features.block1", "features.block2"],
+                                                    "teacher": ["features.block2", "features.block4"]}]}},
+    "CRD": {"method": "crd", "options": {"pairs": [["flatten", "flatten"]]}},
+}
+
+
+class _Ctx:
+    """What the method builders read: example inputs, data, training settings."""
+
+    def __init__(self, data, cfg: TrainConfig) -> None:
+        self.example_inputs = torch.zeros(2, *data.input_shape)
+        self.data, self.train_config, self.baseline = data, cfg, None
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "runs": values}
+
+
+def train(name: str, teacher, spec, data, cfg: TrainConfig):
+    torch.manual_seed(cfg.seed)
+    student = build_student(name, data.num_classes, data.in_channels)
+    hooks = build_hooks(spec, student, teacher, _Ctx(data, cfg)) if spec else None
+    fit(student, data.train, cfg, hooks, progress=False)
+    return evaluate(student, data.test), student
+
+
+def run(args) -> dict:
+    data = load_data(args.data, data_dir=args.data_dir, download=args.download, seed=0, image_size=args.image_size)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    teacher = build_student(TEACHER, data.num_classes, data.in_channels)
+    fit(teacher, data.train, TrainConfig(epochs=args.teacher_epochs, lr=args.lr), progress=False)
+    teacher.eval()
+    teacher_acc = evaluate(teacher, data.test)
+    assistant = size_assistant(teacher, STUDENT, data.num_classes, data.in_channels)
+    sizes = {n: count_params(build_student(n, data.num_classes, data.in_channels)) for n in (STUDENT, assistant)}
+    print(f"teacher {TEACHER}: {teacher_acc:.2f}% ({count_params(teacher)} params); student {STUDENT} "
+          f"({sizes[STUDENT]}); TAKD assistant {assistant} ({sizes[assistant]})", flush=True)
+    results: dict[str, list[float]] = {name: [] for name in [*METHODS, "TAKD"]}
+    for seed in range(args.seeds):
+        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed)
+        for name, spec in METHODS.items():
+            acc, _ = train(STUDENT, teacher, spec, data, cfg)
+            results[name].append(acc)
+            print(f"  seed {seed} {name:10s} {acc:6.2f}%", flush=True)
+        acc_a, ta = train(assistant, teacher, KD, data, cfg)
+        acc, _ = train(STUDENT, ta.eval(), KD, data, cfg)
+        results["TAKD"].append(acc)
+        print(f"  seed {seed} {'TAKD':10s} {acc:6.2f}%  (assistant {acc_a:.2f}%)", flush=True)
+    table = {name: _stats(v) for name, v in results.items()}
+    base = results["CE alone"]
+    print(f"\n{STUDENT} student on {args.data}, {args.seeds} seeds x {args.epochs} epochs (SGD lr {args.lr}); teacher "
+          f"{TEACHER} {teacher_acc:.2f}%; {time.perf_counter() - started:.0f} s")
+    print("\n| method | test accuracy, mean ± std | paired gain over CE alone, mean (min, max) | runs |")
+    print("|---|---|---|---|")
+    for name, s in table.items():
+        gains = [a - b for a, b in zip(s["runs"], base)]
+        print(f"| {name} | {s['mean']:.2f} ± {s['std']:.2f} | {statistics.mean(gains):+.2f} "
+              f"({min(gains):+.2f}, {max(gains):+.2f}) | {', '.join(f'{v:.1f}' for v in s['runs'])} |")
+    result = {"data": args.data, "teacher": TEACHER, "teacher_accuracy": teacher_acc,
+              "teacher_params": count_params(teacher), "student": STUDENT, "student_params": sizes[STUDENT],
+              "assistant": assistant, "seeds": args.seeds, "epochs": args.epochs, "methods": table}
+    _plot(table, result, Path(args.plot))
+    return result
+
+
+def _plot(table: dict, result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, [table[n]["mean"] for n in names], yerr=[table[n]["std"] for n in names], capsize=4,
+           color=["#8c8c8c"] + ["#4c72b0"] * (len(names) - 1))
+    for i, n in enumerate(names):
+        ax.scatter([i] * len(table[n]["runs"]), table[n]["runs"], color="black", s=8, zorder=3)
+    ax.axhline(result["teacher_accuracy"], color="#c44e52", linestyle="--",
+               label=f"teacher {result['teacher']} {result['teacher_accuracy']:.1f}%")
+    low = min(min(table[n]["runs"]) for n in names)
+    ax.set_ylim(max(0, low - 2), min(100, max(result["teacher_accuracy"], *(max(t["runs"]) for t in table.values()))
+                                    + 1))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{result['student']} on {result['data']}: mean ± std (dots: seeds), {result['epochs']} epochs",
+                 fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--download", action="store_true")
+    parser.add_argument("--image-size", type=int, default=16,
+                        help="resize (digits are 8x8 scans; 16 keeps the 6-block teacher's maps >= 2x2); 0: as stored")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--out", default="runs/distill_literature")
+    parser.add_argument("--plot", default="docs/figures/distill_literature.png")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    args.image_size = args.image_size or None
+    torch.set_num_threads(args.threads)
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"results: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
