@@ -32,6 +32,7 @@ STAGE_MODULES = (
     "slimkit.stages_builtin",
     "slimkit.prune.unstructured_stages",
     "slimkit.prune.structured_stages",
+    "slimkit.prune.literature_stages",
     "slimkit.quantize.sharing_stages",
     "slimkit.quantize.hashed_stages",
     "slimkit.deploy.stages",

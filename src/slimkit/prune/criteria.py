@@ -51,7 +51,10 @@ class ScoreContext:
 
 
 Criterion = Callable[[nn.Module, ChannelGraph, ScoreContext], dict[int, float]]
-CRITERIA: Registry[Criterion] = Registry("pruning criterion")
+#: ``fisher`` (Theis 2018) lives in its own module, registered on first use of the registry
+CRITERIA: Registry[Criterion] = Registry("pruning criterion", lazy_modules=("slimkit.prune.fisher",))
+#: criteria that score from data: the ``structured`` stage hands them training batches
+DATA_CRITERIA: set[str] = {"taylor"}
 
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 

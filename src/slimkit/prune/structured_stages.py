@@ -14,6 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from slimkit.config import Config
+from slimkit.prune.criteria import DATA_CRITERIA
 from slimkit.prune.sparse_training import sparse_hooks
 from slimkit.prune.structured import StructuredConfig, structured_
 from slimkit.stages import StageContext, StageOutput, register_stage
@@ -54,7 +55,7 @@ def _batches(ctx: StageContext, count: int = 4):
 def structured_stage(model: nn.Module, config: StructuredStageConfig, ctx: StageContext) -> StageOutput:
     """Structured channel pruning that removes channels (one-shot or iterative)."""
     base = StructuredConfig(**config.model_dump(exclude={"rounds", "round_epochs"}))
-    batches = _batches(ctx) if config.criterion == "taylor" else None
+    batches = _batches(ctx) if config.criterion in DATA_CRITERIA else None
     rounds = []
     report = None
     for r in range(config.rounds):
