@@ -1,7 +1,10 @@
-"""The ``slimkit`` command line: compress, train, eval, profile, recipes, report, decode.
+"""The ``slimkit`` command line: compress, train, eval, profile, recipes, stages, models, report, decode, export.
 
-Every deliberate error (bad recipe, unknown name, missing data, corrupt file) is printed
-as one line on stderr with exit code 2; an interrupted run says how to resume.
+The CLI is a full spelling of the recipe: flags override its top-level keys and
+``--set PATH=VALUE`` any field. Every deliberate error (bad recipe or flag, unknown name,
+missing data, corrupt file, a run directory that would mix two runs) is printed as one
+line on stderr with exit code 2; an interrupted run says how to resume. Bare ``slimkit``
+prints this help.
 """
 
 from __future__ import annotations
@@ -12,6 +15,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from slimkit.exceptions import ConfigError, SlimkitError
+
+
+class UsageError(ConfigError):
+    """A command line argparse rejects; :func:`main` prints it as one line with the --help to read."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``slimkit compress: error: ...; see slimkit compress --help``."""
+
+    def error(self, message: str):  # argparse prints usage + message and exits 2; we raise instead
+        raise UsageError(message)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _input_shape(text: str) -> tuple[int, ...]:
@@ -30,26 +54,48 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where dataset files live (default ./data)")
     parser.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
     parser.add_argument("--image-size", type=int, help="resize images to this size (e.g. 224)")
-    parser.add_argument("--epochs", type=int, help="baseline training epochs (overrides the recipe)")
-    parser.add_argument("--out", help="run directory (default runs/<recipe name>)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe)")
+    parser.add_argument("--epochs", type=int, help="baseline training epochs only (train.epochs); fine-tunes: "
+                                                   "--set stages[N].finetune.epochs=E")
+    parser.add_argument("--seed", type=int, help="seed of training and data order (train.seed)")
+    parser.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="PATH=VALUE",
+                        help="set any recipe field, e.g. --set stages[0].finetune.epochs=1 train.batch_size=32 "
+                             "(VALUE read as YAML; applied after the other flags)")
+    parser.add_argument("--out", help="run directory (default runs/<recipe name>); must be new or empty unless "
+                                      "--resume or --overwrite")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out (refused when the recipe or flags differ from the recorded)")
+    parser.add_argument("--overwrite", action="store_true", help="clear what an earlier run left in --out, then run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the model, trace it and check every stage against it, without training")
+    parser.add_argument("--device", help="where training runs: cpu, cuda or cuda:N (default: the GPU if any); "
+                                         "measurements always run on the CPU")
+    parser.add_argument("--threads", type=_positive, help="torch CPU threads for training (recipe threads)")
+    parser.add_argument("--latency-threads", type=_positive,
+                        help="torch CPU threads while timing latency (recipe latency_threads, default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimkit", description="Make CNNs small and fast, and measure it.")
-    sub = parser.add_subparsers(dest="command")
+    from slimkit import __version__
+    from slimkit.measure.latency import DEFAULT_LATENCY_THREADS
+
+    parser = _Parser(prog="slimkit", description="Make CNNs small and fast, and measure it.",
+                     epilog="Start with `slimkit compress` (the default recipe on the embedded digits data) or "
+                            "`slimkit compress --model mynet.py:MyNet --data imagefolder:DIR --recipe NAME`; "
+                            "`slimkit COMMAND --help` tells more.")
+    parser.add_argument("--version", action="version", version=f"slimkit {__version__}",
+                        help="print slimkit's version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("compress", help="run a compression recipe (default: deep-compression on digits)")
     p.add_argument("--recipe", help="built-in recipe name or path to a YAML file")
     _add_run_flags(p)
 
-    p = sub.add_parser("train", help="train a zoo model and save it")
+    p = sub.add_parser("train", help="train a model and save it (a recipe without stages)")
     _add_run_flags(p)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"])
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (train.lr, default 0.05)")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (train.optimizer, default sgd)")
+    p.add_argument("--batch-size", type=_positive, help="batch size per process (train.batch_size, default 64)")
 
     p = sub.add_parser("eval", help="accuracy of a saved model (model.pt) on a dataset")
     p.add_argument("model_path")
@@ -61,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default="1,3,224,224", help="comma-separated, e.g. 1,3,224,224")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--layers", action="store_true", help="per-layer table")
-    p.add_argument("--no-latency", action="store_true")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--no-latency", action="store_true", help="count only; do not time forwards")
+    p.add_argument("--threads", type=_positive, default=DEFAULT_LATENCY_THREADS,
+                   help=f"torch CPU threads while timing (default {DEFAULT_LATENCY_THREADS}, as in compress)")
     p.add_argument("--deadline-ms", type=float, help="real-time view: p50/p99/max, jitter, misses of this deadline")
     p.add_argument("--fps", type=float, help="real-time view at this frame rate (deadline 1000/FPS ms)")
     p.add_argument("--engine", default="eager", help="real-time view engine: eager, onnxruntime, onnxruntime-int8")
@@ -70,10 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sram-bytes", type=int, help="on-chip SRAM assumed by the energy estimate (default 512 KiB)")
 
     sub.add_parser("recipes", help="list built-in recipes")
-    sub.add_parser("models", help="list zoo models")
+    p = sub.add_parser("stages", help="list the stage kinds a recipe may use, with their settings and defaults")
+    p.add_argument("kinds", nargs="*", metavar="KIND", help="only these stage kinds (e.g. magnitude share)")
+    p = sub.add_parser("models", help="list zoo models with their parameters and the input they expect")
+    p.add_argument("pattern", nargs="?", default="*", help="glob over the names, e.g. 'resnet*'")
 
     p = sub.add_parser("report", help="print the stage table of a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a directory `slimkit compress` wrote (holds report.json)")
 
     p = sub.add_parser("decode", help="decode a .slim container into a model file")
     p.add_argument("slim_file")
@@ -132,10 +182,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from slimkit.recipe import load_recipe
     from slimkit.report import format_stage_table
 
-    recipe = load_recipe(args.recipe, overrides=_overrides(args))
+    recipe = load_recipe(args.recipe, overrides=_run_overrides(args), sets=args.sets)
     out = Path(args.out or f"runs/{recipe.name}")
+    if args.dry_run:
+        return _dry_run(recipe, out, args)
     distributed.init_from_env()
-    report = run_recipe(recipe, out, resume=args.resume, progress=not args.no_progress)
+    report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                        device=args.device)
     if distributed.is_main():
         from slimkit.deploy.run import RunDeployables
 
@@ -155,10 +208,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     train = {k: v for k, v in {"lr": args.lr, "optimizer": args.optimizer, "batch_size": args.batch_size}.items()
              if v is not None}
     recipe = parse_recipe({"name": "train", "description": "train only", "train": train}, "cli",
-                          overrides=_overrides(args))
-    out = Path(args.out or f"runs/train-{recipe.model}")
+                          overrides=_run_overrides(args), sets=args.sets)
+    out = Path(args.out or f"runs/train-{_slug(recipe.model)}")
+    if args.dry_run:
+        return _dry_run(recipe, out, args)
     distributed.init_from_env()
-    report = run_recipe(recipe, out, resume=args.resume, progress=not args.no_progress)
+    report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                        device=args.device)
     if distributed.is_main():
         row = report["stages"][0]
         print(f"{recipe.model} on {recipe.data}: {row['accuracy']:.2f}% test accuracy; saved {out / 'model.pt'}")
@@ -205,6 +261,30 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_overrides(args: argparse.Namespace) -> dict:
+    """The recipe keys ``compress`` and ``train`` flags override (``--set`` comes on top)."""
+    return {**_overrides(args), "seed": args.seed, "latency_threads": args.latency_threads}
+
+
+def _slug(text: str) -> str:
+    """A model source as a directory name: ``mynet.py:MyNet`` -> ``mynet.py-MyNet``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if "/" in text else text).strip("-") or "model"
+
+
+def _dry_run(recipe, out: Path, args: argparse.Namespace) -> int:
+    from slimkit import rundir
+    from slimkit.dryrun import dry_run
+    from slimkit.train import resolve_device
+
+    resolve_device(args.device)
+    rundir.check(out, recipe.to_dict(), resume=args.resume, overwrite=args.overwrite)
+    dry_run(recipe)
+    print(f"dry run: every stage fits; `slimkit {args.command}` without --dry-run writes {out}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from slimkit.recipe import list_recipes
 
@@ -213,10 +293,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stages(args: argparse.Namespace) -> int:
+    from slimkit.catalog import describe_stage
+    from slimkit.stages import STAGES
+
+    kinds = args.kinds or STAGES.names()
+    print("\n\n".join(describe_stage(STAGES.get(kind)) for kind in kinds))
+    print("\nIn a recipe: stages: [{name: NAME, KIND: {FIELD: VALUE, ...}, finetune: {epochs: E, ...}}]; "
+          "from the command line: --set stages[N].KIND.FIELD=VALUE")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    from slimkit.catalog import describe_models
     from slimkit.models import list_models
 
-    print("\n".join(list_models()))
+    names = list_models(args.pattern)
+    if not names:
+        raise ConfigError(f"no zoo model matches {args.pattern!r}; `slimkit models` lists them all")
+    print(describe_models(names))
     return 0
 
 
@@ -269,21 +364,27 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "train": cmd_train, "eval": cmd_eval, "profile": cmd_profile,
+COMMANDS = {"stages": cmd_stages,
+            "compress": cmd_compress, "train": cmd_train, "eval": cmd_eval, "profile": cmd_profile,
             "recipes": cmd_recipes, "models": cmd_models, "report": cmd_report, "decode": cmd_decode,
             "search": cmd_search, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.command or "compress"
-    if args.command is None:
-        args = parser.parse_args(["compress", *(argv or [])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), "slimkit")
     try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        command = args.command
         return COMMANDS[command](args)
     except SlimkitError as err:
-        print(f"slimkit {command}: error: {err}", file=sys.stderr)
+        prefix = "slimkit" if command == "slimkit" else f"slimkit {command}"
+        hint = f"; see {prefix} --help" if isinstance(err, UsageError) else ""
+        print(f"{prefix}: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"slimkit {command}: interrupted; run it again with --resume to continue", file=sys.stderr)
