@@ -5,7 +5,7 @@
 
 ``--zoo timm``: one model per timm architecture module (``timm.list_modules()``), the
 smallest variant of each with at most ``--max-params`` parameters (counted on the meta
-device), random init, ratio 0.5, l1, local, the classifier ignored; slimkit's
+device; timm's ``test_*`` configurations skipped), random init, ratio 0.5, l1, local, the classifier ignored; slimkit's
 ``structured_`` and Torch-Pruning's ``MagnitudePruner`` (L1) on fresh copies in the same
 run. A model counts as *pruned* when its forward works after pruning with the same output
 shape and at most 0.8 of the dense MACs; *broken* when pruning returned but the forward
@@ -78,6 +78,8 @@ def timm_models(max_params: float) -> list[tuple[str, str]]:
     for module in timm.list_modules():
         best = None
         for name in timm.list_models(module=module):
+            if name.startswith("test_"):  # timm's own tiny test configurations are not architectures
+                continue
             try:
                 with torch.device("meta"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")

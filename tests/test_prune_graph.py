@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -320,3 +321,120 @@ def test_graph_cache_serves_copies_and_never_a_stale_graph(monkeypatch):
     twin.conv1.stride = (2, 2)  # an attribute that changes shapes, same channel counts
     _same_graph(build_graph(twin, x, cache=False), build_graph(twin, x))
     assert len(traced) == 6
+
+
+# -- the op-rule table: functional spellings, the extension point ------------------------
+
+class FunctionalNet(nn.Module):
+    """Layers in their functional spelling: F.conv2d on a standardized weight, F.batch_norm on get_attr
+    parameters, F.linear, a per-channel gain and a class token and position embedding as in ViTs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.gain = nn.Parameter(torch.rand(8, 1, 1, 1) + 0.5)
+        self.bn = nn.BatchNorm2d(8)
+        self.w2 = nn.Parameter(torch.randn(6, 8, 1, 1))
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.pos = nn.Parameter(torch.randn(1, 17, 6))
+        self.fc_w = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x):
+        w = self.w1.reshape(1, self.w1.shape[0], -1)
+        w = F.batch_norm(w, None, None, training=True, momentum=0.0).reshape_as(self.w1)
+        y = F.conv2d(x, w * self.gain, padding=1)
+        y = F.relu(F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias))
+        y = F.conv2d(F.max_pool2d(y, 2), self.w2) * self.scale.view(1, -1, 1, 1)
+        tokens = y.flatten(2).transpose(1, 2)  # [N, 16, 6]
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], 1) + self.pos
+        return F.linear(tokens[:, 0], self.fc_w)
+
+
+
+def test_functional_layers_read_their_get_attr_parameters():
+    net = FunctionalNet().eval()
+    g = build_graph(net, X)
+    assert {grp.name: len(grp.units) for grp in g.groups} == {"w1": 8, "w2": 6}
+    axes = {axis for unit in g.units.values() for axis in unit.members}
+    assert {("", "param:w1:0"), ("", "param:gain:0"), ("bn", "out"), ("", "param:w2:1"), ("", "param:w2:0"),
+            ("", "param:scale:0"), ("", "param:cls:2"), ("", "param:pos:2"), ("", "param:fc_w:1")} <= axes
+    uids = [u for grp in g.groups for u in grp.units[:2]]
+    prune_units_(net, g, uids)
+    assert net.w1.shape[0] == net.gain.shape[0] == net.bn.num_features == net.w2.shape[1] == 6
+    assert net.w2.shape[0] == net.scale.shape[0] == net.cls.shape[2] == net.pos.shape[2] == net.fc_w.shape[1] == 4
+    assert net(X).shape == (1, 4)
+
+
+class Eca(nn.Module):
+    """ECA attention: a Conv1d slides along the channel axis of the pooled features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        s = self.eca(y.mean((2, 3)).view(x.shape[0], 1, -1)).view(x.shape[0], -1, 1, 1)
+        return self.head(y * s.sigmoid().expand_as(y))
+
+
+class Glu(nn.Module):
+    """A gated MLP: fc1's output is chunked in two halves that gate each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 8), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = self.fc1(x.mean((2, 3))).chunk(2, dim=-1)
+        return self.fc2(a * torch.sigmoid(b))
+
+
+def test_eca_passes_channels_and_even_chunks_pair_halves():
+    g, groups = _groups(Eca(), X)
+    assert groups == {"a": 8} and ("eca", "in") not in g.axes
+    net = Glu()
+    g, groups = _groups(net, X)
+    assert groups == {"fc1": 4}  # unit i is channels i and i + 4 of fc1
+    assert sorted(g.units[g.groups[0].units[0]].members[("fc1", "out")].tolist()) == [0, 4]
+    prune_units_(net, g, g.groups[0].units[:1])
+    assert net.fc1.out_features == 6 and net(X).shape == (1, 2)
+
+
+def test_layer_norm_over_channels_keep_or_prune():
+    net = torchvision.models.convnext_tiny(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    keep = build_graph(net, x, norm_channels="keep")
+    prune = build_graph(net, x, norm_channels="prune")
+    assert "features.0.0" in keep.fixed_reasons and "LayerNorm" in keep.fixed_reasons["features.0.0"]
+    stream = next(grp for grp in prune.groups if "features.0.0" in grp.producers)
+    assert len(stream.units) == 96
+    with pytest.raises(ValueError, match="norm_channels must be 'keep' or 'prune'"):
+        build_graph(net, x, norm_channels="sometimes")
+
+
+def test_unknown_op_names_it_and_the_extension_point():
+    with pytest.raises(UnsupportedModelError, match=r"function cumsum .*register_channel_rule"):
+        build_graph(Unknown(), X)
+
+
+def test_wrongly_shaped_input_fails_in_one_line():
+    from slimkit.exceptions import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_graph(Residual(), torch.randn(1, 5, 8, 8))
+    message = str(info.value)
+    assert "\n" not in message and "(1, 5, 8, 8)" in message and "fx node 'stem'" in message
+
+
+def test_docs_custom_layer_example_is_refused_then_pruned(capsys):
+    """The worked example of docs/structured-pruning.md, run as written."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "structured-pruning.md").read_text()
+    block = doc.split("<!-- example: custom layer -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    exec(compile(block, "docs/structured-pruning.md", "exec"), {})
+    assert "function unfold" in capsys.readouterr().out

@@ -55,13 +55,25 @@ def _fixed_roots(uf: UnionFind, roots: np.ndarray) -> dict[int, str]:
     return {r: reasons[i] for r, i in zip(fixed.tolist(), first.tolist(), strict=True)}
 
 
-def _producers_of(uf: UnionFind, roots: np.ndarray) -> dict[int, set[str]]:
-    """Names of the layers whose fresh slots joined each root."""
+def producer_label(axis: Axis) -> str:
+    """How groups name a producer: the layer, or ``layer.param`` for a parameter used in forward."""
+    name, role = axis
+    if role.startswith("param:"):
+        pname = role.split(":")[1]
+        return f"{name}.{pname}" if name else pname
+    return name
+
+
+def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, set[str]], dict[str, str]]:
+    """Labels of the producers whose fresh slots joined each root, and the layer of every label."""
     out: dict[int, set[str]] = defaultdict(set)
-    for start, count, (name, _) in uf.produced:
+    layer: dict[str, str] = {}
+    for start, count, axis in uf.produced:
+        label = producer_label(axis)
+        layer[label] = axis[0]
         for root in np.unique(roots[start:start + count]).tolist():
-            out[root].add(name)
-    return out
+            out[root].add(label)
+    return out, layer
 
 
 def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str],
@@ -81,6 +93,15 @@ def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int,
     if not p or set(r.tolist()) != members.get(p, set()):
         return None
     return p, [sorted(row) for row in r.reshape(g, -1).tolist()]
+
+
+def _balanced(r: np.ndarray, g: int) -> bool:
+    """Every root has as many channels in each of the ``g`` blocks: any removal keeps the blocks equal.
+
+    (GLU's halves, united channel by channel, are one unit per pair.)
+    """
+    rows = np.sort(r.reshape(g, -1), axis=1)
+    return len(np.unique(r)) < len(r) and bool((rows == rows[0]).all())
 
 
 def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
@@ -109,7 +130,7 @@ def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.
         failed = None
         for slots, g, reason in constraints:
             r = roots[slots]
-            if all(x in fixed for x in r.tolist()):
+            if all(x in fixed for x in r.tolist()) or _balanced(r, g):
                 continue
             found = _partition_of(slots, g, roots, fixed, producers_of, members)
             if found is not None:
@@ -130,7 +151,7 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
     uf = builder.uf
     roots = uf.roots()
     fixed_roots = _fixed_roots(uf, roots)
-    producers_of = _producers_of(uf, roots)
+    producers_of, layer_of = _producers_of(uf, roots)
     units: dict[int, Unit] = {}
     fixed_reasons: dict[str, str] = {}
     grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
@@ -142,7 +163,7 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
             for p in producers:
                 fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
             continue
-        units[root] = Unit(root, members, producers)
+        units[root] = Unit(root, members, tuple(sorted({layer_of[p] for p in producers})))
         grouped[producers].append(root)
     groups = [Group(",".join(p), p, sorted(u), partitions.get(p)) for p, u in grouped.items()]
     used = builder.used

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -55,11 +56,36 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _original(err: BaseException) -> BaseException:
-    """The error a node raised, under the wrapping ShapeProp adds around it."""
-    while err.__cause__ is not None and "ShapeProp" in str(err):
-        err = err.__cause__
-    return err
+class TensorShape(NamedTuple):
+    """What the rules read of a node's value: its shape and dtype (``node.meta["tensor_meta"]``)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorShape(tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return [_shapes(v) for v in value]
+    return None
+
+
+class _ShapeProp(torch.fx.Interpreter):
+    """Runs the graph once and records every node's shape (fx's ShapeProp, without its traceback print)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as err:
+            raise _NodeError(n, err) from err
+        n.meta["tensor_meta"] = _shapes(result)
+        return result
+
+
+class _NodeError(Exception):
+    def __init__(self, node: torch.fx.Node, err: BaseException) -> None:
+        super().__init__(f"{_first_line(err)} (at fx node {node.name!r})")
 
 
 def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModule:
@@ -68,8 +94,6 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     Raises UnsupportedModelError when fx cannot trace the forward, ConfigError (one line)
     when ``example_inputs`` do not fit the model.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     try:
         gm = _symbolic_trace(model)
     except Exception as err:  # fx raises many types on shape-dependent control flow
@@ -84,11 +108,14 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     model.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_inputs)
-    except Exception as err:
+            prop = _ShapeProp(gm)
+            prop.extra_traceback = False
+            prop.run(example_inputs)
+    except _NodeError as err:
         raise ConfigError(
             f"example_inputs of shape {tuple(example_inputs.shape)} do not fit {type(model).__name__}: "
-            f"{_first_line(_original(err))}; pass one batch the model accepts (e.g. [1, C, H, W] at its input size)"
+            f"{_first_line(err)}; "
+            "pass one batch the model accepts (e.g. [1, C, H, W] at its input size)"
         ) from None
     finally:
         model.train(was_training)
