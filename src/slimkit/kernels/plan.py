@@ -122,8 +122,15 @@ def plan(model: nn.Module, example_inputs: torch.Tensor, candidates=DEFAULT_CAND
     """
     candidates = _check_candidates(candidates)
     inputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, name=n: inputs.setdefault(name, args[0].detach()))
-               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def record(name):
+        def hook(module, args):  # returns None: the call goes on unchanged
+            inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     old_threads = torch.get_num_threads()

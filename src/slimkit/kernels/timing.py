@@ -13,13 +13,22 @@ from collections.abc import Callable
 import numpy as np
 
 
-def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds per call of each candidate, called round-robin ``repeats`` times after ``warmup``."""
+def interleaved_ms(candidates: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 2,
+                   min_seconds: float = 0.0, max_repeats: int = 500) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, called round-robin after ``warmup`` rounds.
+
+    At least ``repeats`` rounds; more (up to ``max_repeats``) until ``min_seconds`` have passed,
+    so that fast candidates get enough samples for a median that a scheduler time slice
+    (several ms on a loaded machine) cannot move.
+    """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    began = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (rounds < max_repeats and time.perf_counter() - began < min_seconds):
+        rounds += 1
         for name, fn in candidates.items():
             start = time.perf_counter()
             fn()
