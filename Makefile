@@ -20,7 +20,7 @@ $(TEST_STAMP): pyproject.toml $(STAMP)
 	touch $@
 
 run: $(STAMP)
-	$(BIN)/slimkit compress
+	$(BIN)/slimkit compress --overwrite
 
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests benchmarks

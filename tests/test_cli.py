@@ -101,3 +101,29 @@ def test_malformed_recipe_file(tmp_path, capsys):
 def test_recipes_lists_the_builtins(capsys):
     assert main(["recipes"]) == 0
     assert "deep-compression" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    from slimkit.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, sub_name)
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"slimkit {name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "")
+    assert not missing, f"flags without help: {missing}"
+
+
+def test_compress_without_a_subcommand_flag_is_refused_not_run(capsys):
+    """Bare `slimkit` prints help (tested in test_run_dirs); flags need their subcommand."""
+    assert main(["--recipe", "kd"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'kd'" in err and "see slimkit --help" in err and err.count("\n") == 1

@@ -206,6 +206,7 @@ def test_a_corrupt_image_in_a_folder_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, main(["train", "--data", f"imagefolder:{tmp_path}", "--epochs", "1",
                                         "--out", str(tmp_path / "run"), "--no-progress"]))
     assert "broken.png is not a readable image" in err
+    assert "error: imagefolder:" in (tmp_path / "run" / "run.log").read_text(), "the run's log keeps the error"
 
 
 def test_deliberate_errors_below_the_cli_are_slimkit_errors_that_stay_value_errors():

@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "onnxruntime-int8")
     p.add_argument("--techniques", help="comma-separated among channels,rank,bits (default: channels,rank; "
                                         "+bits for size and energy budgets)")
-    p.add_argument("--strategy", default="both", choices=["both", "greedy", "evolution"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategy", default="both", choices=["both", "greedy", "evolution"],
+                   help="greedy (NetAdapt-style), evolution, or both (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
     p.add_argument("--trial-epochs", type=int, default=1, help="fine-tune epochs of each candidate")
     p.add_argument("--final-epochs", type=int, default=3, help="fine-tune epochs of the winner (recipe.yaml)")
     p.add_argument("--population", type=int, default=16, help="evolutionary search population")
@@ -187,8 +188,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(recipe, out, args)
     distributed.init_from_env()
-    report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                        device=args.device)
+    report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
+                                             progress=not args.no_progress, device=args.device))
     if distributed.is_main():
         from slimkit.deploy.run import RunDeployables
 
@@ -213,8 +214,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(recipe, out, args)
     distributed.init_from_env()
-    report = run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                        device=args.device)
+    report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
+                                             progress=not args.no_progress, device=args.device))
     if distributed.is_main():
         row = report["stages"][0]
         print(f"{recipe.model} on {recipe.data}: {row['accuracy']:.2f}% test accuracy; saved {out / 'model.pt'}")
@@ -259,6 +260,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
         stats = realtime_profile(model, torch.zeros(shape), args.engine, args.runs, deadline, args.threads or 1)
         print(stats.summary())
     return 0
+
+
+def _logged(out: Path, run):
+    """``run()``; a deliberate error or Ctrl-C after the run started is also written to its run.log."""
+    from slimkit.rundir import LOG_FILE, RunDirError, RunLog
+
+    try:
+        return run()
+    except (SlimkitError, KeyboardInterrupt) as err:
+        if not isinstance(err, RunDirError) and (out / LOG_FILE).is_file():
+            RunLog(out)(f"error: {err}" if isinstance(err, SlimkitError) else "interrupted (continue with --resume)")
+        raise
 
 
 def _run_overrides(args: argparse.Namespace) -> dict:

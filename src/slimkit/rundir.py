@@ -37,6 +37,10 @@ _MARKERS = (RECIPE_FILE, "report.json", LOG_FILE, "models", "checkpoints")
 _IGNORED = frozenset({"name", "description", "data_dir", "download"})
 
 
+class RunDirError(ConfigError):
+    """A run directory that would mix two runs, or cannot hold one."""
+
+
 class _Missing:
     def __repr__(self) -> str:
         return "(not set)"
@@ -106,10 +110,10 @@ def _is_run_dir(root: Path) -> bool:
 def check(root: Path, recipe_dict: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
     """Refuse (ConfigError, one line) a run that would mix with what ``root`` holds; read-only."""
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: resume continues the run, "
+        raise RunDirError("--resume and --overwrite contradict each other: resume continues the run, "
                           "overwrite deletes it; pass one")
     if root.exists() and not root.is_dir():
-        raise ConfigError(f"--out {root}: is a file, not a directory; pass a new or empty directory")
+        raise RunDirError(f"--out {root}: is a file, not a directory; pass a new or empty directory")
     if not root.exists():
         return
     entries = [p.name for p in root.iterdir()]
@@ -118,20 +122,20 @@ def check(root: Path, recipe_dict: dict[str, Any], *, resume: bool, overwrite: b
         if recorded is not None:
             diff = recipe_difference(recorded, recipe_dict)
             if diff:
-                raise ConfigError(f"--resume {root}: {diff}; resume with the same recipe and flags, "
+                raise RunDirError(f"--resume {root}: {diff}; resume with the same recipe and flags, "
                                   "or start over with --overwrite")
         elif entries:
-            raise ConfigError(f"--resume {root}: no recorded recipe (recipe.yaml or report.json) here, so nothing "
+            raise RunDirError(f"--resume {root}: no recorded recipe (recipe.yaml or report.json) here, so nothing "
                               "to compare the requested run with; pass --out the directory of a slimkit run")
         return
     if not entries:
         return
     if not overwrite:
-        raise ConfigError(f"--out {root}: already holds {len(entries)} entries ({', '.join(sorted(entries)[:4])}"
+        raise RunDirError(f"--out {root}: already holds {len(entries)} entries ({', '.join(sorted(entries)[:4])}"
                           f"{', ...' if len(entries) > 4 else ''}); continue that run with --resume, replace it "
                           "with --overwrite, or pass another --out")
     if not _is_run_dir(root):
-        raise ConfigError(f"--out {root}: holds files but no slimkit run (no recipe.yaml, report.json, models/); "
+        raise RunDirError(f"--out {root}: holds files but no slimkit run (no recipe.yaml, report.json, models/); "
                           "--overwrite only clears run directories: pass a new or empty directory")
 
 
@@ -151,7 +155,7 @@ def prepare(root: Path, recipe_dict: dict[str, Any], overrides: dict[str, Any], 
         text = header + yaml.safe_dump(recipe_dict, sort_keys=False)
         atomic_write_bytes(root / RECIPE_FILE, text.encode())
     except OSError as err:
-        raise ConfigError(f"--out {root}: cannot write there ({err.strerror or type(err).__name__}"
+        raise RunDirError(f"--out {root}: cannot write there ({err.strerror or type(err).__name__}"
                           f"{': ' + err.filename if err.filename else ''}); pass a writable directory") from None
 
 
