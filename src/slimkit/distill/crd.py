@@ -202,6 +202,8 @@ def build_crd(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: St
     runner = M.Teacher(teacher, [pairs[0][1]] if pairs else ())
 
     def loss(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        if not slots.rows:  # a new slot table (a resumed run restores the banks, not the key -> row map)
+            crd.filled.zero_()
         t_logits, t_feats = runner(inputs)
         f_s = students.take(inputs)[0] if students else outputs
         f_t = t_feats[0] if pairs else t_logits

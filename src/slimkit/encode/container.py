@@ -309,8 +309,11 @@ def encode_model(model: nn.Module, formats: tuple[str, ...] = FORMATS) -> tuple[
 
             payload, layout, kept = dct_payload(module, formats)
             record = _record(KIND_DCT, key, payload)
+            entries = max(layout.value_count, 1)
+            index_bytes = len(layout.gaps) if layout.format in ("csr", "csc") else len(layout.bitmask)
+            index_bits = 8 * index_bytes / (entries if layout.format in ("csr", "csc") else max(kept, 1))
             infos.append(TensorInfo(key, "dct", layout.format, tensor.numel(), kept,
-                                    round(8 * len(layout.values) / max(layout.value_count, 1), 3), 0.0,
+                                    round(8 * len(layout.values) / entries, 3), round(index_bits, 3),
                                     layout.gap_bits, len(record)))
         elif leaf == "weight" and module is not None and "weight_codebook" in module._buffers:
             flags = FLAG_SHARED_BUFFERS | (FLAG_MASK if has_mask else 0)
