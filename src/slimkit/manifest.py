@@ -5,8 +5,13 @@ layer classes: a plain ``state_dict`` of the original class no longer fits. A sa
 is therefore a *manifest* plus a state dict, in one file readable with
 ``torch.load(weights_only=True)`` (no pickled code):
 
-- ``arch``: how to build the original skeleton (a zoo name with ``num_classes`` and
-  ``in_channels``), or None when the caller supplies the skeleton;
+- ``arch``: how to build the original skeleton: the model source as
+  :func:`slimkit.models.create_model` spells it (a zoo name, ``torchvision:NAME``,
+  ``timm:NAME``, ``/abs/path/file.py:callable``, ``package.module:callable``) with
+  ``num_classes``, ``in_channels`` and its keyword ``args``; None when the caller supplies
+  the skeleton;
+- ``data``: what the model was trained on (:func:`data_spec`: dataset, image size, input
+  shape, classes, normalisation), so evaluating or exporting it needs no flags;
 - ``modules``: for every module, in ``named_modules`` order, its class and constructor
   arguments (for the layer types listed in :data:`MODULE_SPECS`), or just its class name;
 - ``state_dict``: the weights and buffers (masks included).
@@ -17,7 +22,9 @@ buffers the transforms registered, and loads the state dict strictly.
 
 from __future__ import annotations
 
+import importlib
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,9 +100,19 @@ def module_manifest(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def _class_for(qualname: str) -> type[nn.Module]:
-    for cls in MODULE_SPECS:
-        if _qualname(cls) == qualname:
-            return cls
+    for attempt in range(2):
+        for cls in MODULE_SPECS:
+            if _qualname(cls) == qualname:
+                return cls
+        module_name = qualname.rpartition(".")[0]
+        # slimkit's own layer classes register their specs where they are defined: import that module
+        # (only slimkit's: a file must not be able to make us import arbitrary modules)
+        if attempt or not module_name.startswith("slimkit."):
+            break
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            break
     raise CorruptFileError(
         f"saved model uses module class {qualname} that slimkit cannot rebuild; "
         "import the module that registers it (register_module_spec) before loading"
@@ -159,6 +176,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         "format": FORMAT,
         "version": VERSION,
         "arch": arch_of(model),
+        "data": data_spec_of(model),
         "modules": module_manifest(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
@@ -166,15 +184,124 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     return atomic_save(payload, path)
 
 
+_DATA_ATTR = "slimkit_data"
+
+
+def data_spec(bundle: Any, data_dir: str | os.PathLike | None = None, image_size: int | None = None) -> dict[str, Any]:
+    """What a model trained on ``bundle`` (a :class:`slimkit.data.DataBundle`) expects, as plain data.
+
+    ``dataset`` is the name :func:`slimkit.data.load_data` takes (an image folder with its
+    absolute path), ``input_shape`` is ``[C, H, W]``, ``mean``/``std`` the per-channel
+    normalisation applied to the inputs (None where the loader records none).
+    """
+    base, sep, arg = bundle.name.partition(":")
+    dataset = f"{base}:{os.path.abspath(arg)}" if sep and base == "imagefolder" else bundle.name
+    return {
+        "dataset": dataset,
+        "data_dir": os.path.abspath(data_dir) if data_dir is not None else None,
+        "image_size": image_size,
+        "input_shape": [int(d) for d in bundle.input_shape],
+        "num_classes": int(bundle.num_classes),
+        "mean": [float(v) for v in bundle.mean] if bundle.mean is not None else None,
+        "std": [float(v) for v in bundle.std] if bundle.std is not None else None,
+    }
+
+
+def set_data_spec(model: nn.Module, spec: dict[str, Any] | None) -> nn.Module:
+    """Attach a :func:`data_spec` to ``model`` (kept through deep copies and in-place transforms)."""
+    if spec:
+        setattr(model, _DATA_ATTR, dict(spec))
+    return model
+
+
+def data_spec_of(model: nn.Module) -> dict[str, Any] | None:
+    """The data spec a model carries (set by the pipeline, read back from saved files), or None."""
+    spec = getattr(model, _DATA_ATTR, None)
+    return dict(spec) if spec else None
+
+
+def _shape(values: Any) -> str:
+    return "x".join(str(v) for v in values)
+
+
+def check_data_fits(model: nn.Module, bundle: Any, what: str) -> None:
+    """One ConfigError line when ``bundle`` is not what ``model`` was trained on, or its output does not
+    have one logit per class of ``bundle``: a mismatch must never become a wrong score."""
+    spec = data_spec_of(model)
+    if spec:
+        trained = f"{what} was trained on {spec['dataset']} ({_shape(spec['input_shape'])}, " \
+                  f"{spec['num_classes']} classes)"
+        if list(bundle.input_shape) != list(spec["input_shape"]):
+            hint = ""
+            if list(bundle.input_shape)[0] == spec["input_shape"][0]:
+                hint = f"; pass --image-size {spec['input_shape'][-1]}"
+            raise ConfigError(f"{trained}, but {bundle.name} gives {_shape(bundle.input_shape)} inputs{hint}")
+        if int(bundle.num_classes) != int(spec["num_classes"]):
+            raise ConfigError(f"{trained}, but {bundle.name} has {bundle.num_classes} classes")
+        mean = [round(float(v), 6) for v in bundle.mean] if bundle.mean is not None else None
+        std = [round(float(v), 6) for v in bundle.std] if bundle.std is not None else None
+        want_mean = [round(v, 6) for v in spec["mean"]] if spec.get("mean") is not None else None
+        want_std = [round(v, 6) for v in spec["std"]] if spec.get("std") is not None else None
+        if (mean, std) != (want_mean, want_std) and None not in (want_mean, mean):
+            raise ConfigError(f"{trained} normalised with mean {want_mean} std {want_std}, but {bundle.name} "
+                              f"is normalised with mean {mean} std {std}; evaluate it on data prepared the same way")
+    example = torch.zeros(1, *bundle.input_shape)
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"{what} cannot run on {bundle.name} inputs of shape {_shape(example.shape)} "
+                          f"({type(err).__name__}: {reason})") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != bundle.num_classes:
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{what} gives outputs {got} on {bundle.name}, which has {bundle.num_classes} classes "
+                          "(expected [N, classes])")
+
+
+def _peek_pickle(path: Path) -> bytes:
+    """The raw pickle stream of a torch zip file (read as bytes, never unpickled), or b''."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            return archive.read(name) if name else b""
+    except (zipfile.BadZipFile, OSError):
+        return b""
+
+
+def _is_slim(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"SLIM"
+
+
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw saved dict, validated; CorruptFileError for anything not a slimkit model."""
+    """The raw saved dict, validated; one ConfigError/CorruptFileError line for anything else
+    (a training checkpoint, a plain state dict, a pickled module, a .slim container, a damaged file)."""
+    from slimkit.models.weights import read_weights_file
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"model file {str(path)!r} does not exist")
+    if _is_slim(path):
+        raise ConfigError(f"{path} is a .slim container; read it with slimkit.encode.load (the CLI commands "
+                          "accept it directly), or convert it with: slimkit decode FILE")
+    raw = _peek_pickle(path)
+    if b"hook_modules" in raw and b"optimizer" in raw:
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        where = f" ({run / 'model.pt'} or {run / 'models'}/NN-<stage>.pt)" if run else ""
+        raise ConfigError(f"{path} is a training checkpoint (what --resume continues from), not a model file; "
+                          f"evaluate a model file slimkit wrote{where}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged zip
-        raise CorruptFileError(f"{path}: not a readable slimkit model file ({type(err).__name__}: {err})") from None
+        payload = read_weights_file(path, "model file")
+    except ConfigError as err:
+        if "pickled" in str(err) or "TorchScript" in str(err):
+            raise ConfigError(str(err).replace("and pass that file", "and build the model with --model SOURCE "
+                                                                     "--weights FILE")) from None
+        raise CorruptFileError(f"{path}: not a readable slimkit model file ({err})") from None
+    if isinstance(payload, dict) and payload.get("format") != FORMAT and payload and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()):
+        raise ConfigError(f"{path} is a plain state dict, which does not say what model it belongs to; "
+                          "pass --model SOURCE (e.g. torchvision:resnet18 or mynet.py:MyNet) with it")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CorruptFileError(f"{path}: not a slimkit model file (no '{FORMAT}' header)")
     if payload.get("version", 0) > VERSION:
@@ -183,28 +310,57 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`.
+    """Rebuild a model saved by :func:`save_model` (or a ``.slim`` container), from its recorded source.
 
-    Zoo models are rebuilt by name; any other model needs ``model=skeleton`` (an instance
-    of the original, unpruned class). Returns the model in eval mode.
+    The skeleton is built from the recorded source spelling (zoo, torchvision, timm, your
+    file or module, with its arguments); ``model=skeleton`` (an instance of the original,
+    unchanged class) replaces that, e.g. for a model built outside ``create_model``.
+    Returns the model in eval mode, carrying its data spec (:func:`data_spec_of`).
     """
+    if Path(path).is_file() and _is_slim(Path(path)):
+        from slimkit.encode import load
+
+        return load(path, model)
     payload = read_payload(path)
-    return restore(path, payload.get("arch"), payload["modules"], payload["state_dict"], model)
+    return restore(path, payload.get("arch"), payload["modules"], payload["state_dict"], model,
+                   data=payload.get("data"))
+
+
+def model_meta(model: nn.Module) -> dict[str, Any]:
+    """What every slimkit file format stores beside the weights: source, data spec, module manifest."""
+    from slimkit.models import arch_of
+
+    return {"arch": arch_of(model), "data": data_spec_of(model), "modules": module_manifest(model)}
+
+
+def skeleton_from(source: str | os.PathLike, arch: dict[str, Any] | None) -> nn.Module:
+    """The unchanged model a saved file's ``arch`` names, built again from its source."""
+    from slimkit.models import create_model
+
+    if not arch or not arch.get("name"):
+        raise ConfigError(f"{source}: the file does not record where the model came from (it was built outside "
+                          "slimkit.models.create_model); in Python load it with load_model(path, "
+                          "model=<an instance of its class>)")
+    try:
+        return create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                            **(arch.get("args") or {}))
+    except ConfigError as err:
+        hint = "; put it back there" if ".py:" in str(arch["name"]) else ""
+        raise ConfigError(f"{source}: cannot rebuild its model from the recorded source {arch['name']!r}: "
+                          f"{err}{hint}") from None
 
 
 def restore(source: str | os.PathLike, arch: dict[str, Any] | None, modules: list[dict[str, Any]],
-            state: dict[str, torch.Tensor], model: nn.Module | None = None) -> nn.Module:
-    """Build the skeleton (by zoo name, or ``model``), apply the manifest, load ``state``.
+            state: dict[str, torch.Tensor], model: nn.Module | None = None,
+            data: dict[str, Any] | None = None) -> nn.Module:
+    """Build the skeleton (from ``arch``, or ``model``), apply the manifest, load ``state``.
 
     Shared by every slimkit file format; ``source`` names the file in error messages.
     Tensors stored in another dtype than the model's (e.g. decoded weights) are cast.
+    ``data`` (a :func:`data_spec`) is attached to the result.
     """
-    from slimkit.models import create_model
-
     if model is None:
-        if not arch:
-            raise ConfigError(f"{source}: the model is not from the zoo; pass model=<an instance of its class>")
-        model = create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"])
+        model = skeleton_from(source, arch)
     rebuild(model, modules)
     _add_missing_buffers(model, state)
     expected = model.state_dict()
@@ -215,4 +371,5 @@ def restore(source: str | os.PathLike, arch: dict[str, Any] | None, modules: lis
     except RuntimeError as err:
         first = " ".join(str(err).strip().splitlines()[0:2])
         raise CorruptFileError(f"{source}: weights do not fit the rebuilt model: {first}") from None
+    set_data_spec(model, data)
     return model.eval()

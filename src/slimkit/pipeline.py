@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from slimkit import distributed as dist
-from slimkit.manifest import load_model, save_model
+from slimkit.manifest import check_data_fits, data_spec, load_model, save_model, set_data_spec
 from slimkit.prune.masks import mask_hooks
 from slimkit.recipe import Recipe, Stage
 from slimkit.stages import DISTILL_METHODS, STAGES, StageContext, StageOutput
@@ -120,7 +120,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
     """
     from slimkit import rundir
     from slimkit.data import load_data
-    from slimkit.models import create_model
+    from slimkit.models import arch_of, create_model
+    from slimkit.models.weights import load_weights
     from slimkit.report import write_report
     from slimkit.train import resolve_device
 
@@ -169,11 +170,24 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
         say(f"[0] baseline: loaded from {baseline_path}")
     elif recipe.baseline:
         model = load_model(recipe.baseline)
+        check_data_fits(model, data, f"baseline {recipe.baseline}")
+        say(f"[0] baseline: {(arch_of(model) or {}).get('name', type(model).__name__)} loaded from {recipe.baseline}")
     else:
-        model = create_model(recipe.model, num_classes=data.num_classes, in_channels=data.in_channels)
-        say(f"[0] baseline: training {recipe.model} on {recipe.data} for {recipe.train.epochs} epochs")
-        fit(model, data.train, recipe.train, checkpoint=paths.checkpoint("baseline"), resume=resume,
-            progress=progress, desc="baseline")
+        model = create_model(recipe.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                             **recipe.model_args)
+        check_data_fits(model, data, f"model {recipe.model}")
+        if recipe.weights:
+            load_weights(model, recipe.weights, recipe.model)
+            say(f"[0] baseline: {recipe.model} with the weights of {recipe.weights} (not trained)")
+        else:
+            say(f"[0] baseline: training {recipe.model} on {recipe.data} for {recipe.train.epochs} epochs")
+            fit(model, data.train, recipe.train, checkpoint=paths.checkpoint("baseline"), resume=resume,
+                progress=progress, desc="baseline", device=device)
+            model.cpu()
+    # every model the run saves records its source (the loaded file's wins over recipe.model) and its data
+    report["model"] = (arch_of(model) or {}).get("name", recipe.model)
+    spec = data_spec(data, recipe.data_dir, recipe.image_size)
+    set_data_spec(model, spec)
     model.eval()
     baseline = copy.deepcopy(model)
     if dist.is_main():
@@ -214,6 +228,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
         if output.finalize is not None:
             output = output.finalize(model)
             model = output.model
+        set_data_spec(model, spec)  # a stage's new model (a distilled student) is trained on the same data
         model.eval()
         accuracy = output.accuracy if output.accuracy is not None else evaluate(model, data.test)
         prof = _measure(model, example_inputs, recipe.latency_runs, recipe.latency_threads)

@@ -49,6 +49,9 @@ class RecipeHeader(Config):
     image_size: int | None = Field(None, ge=8, description="resize images (e.g. CIFAR at 224)")
     augment: bool = Field(False, description="random crop + flip on the training split (CIFAR, image folders)")
     baseline: str | None = Field(None, description="saved model to start from instead of training one")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model builder")
+    weights: str | None = Field(None, description="state dict or checkpoint to load into the model; the baseline "
+                                                  "is then not trained")
     train: TrainConfig = TrainConfig()
     latency_runs: int = Field(30, ge=1, description="timed forwards per latency figure (median and p99)")
     latency_threads: int = Field(
@@ -213,10 +216,15 @@ def apply_sets(data: dict[str, Any], sets: Sequence[str]) -> dict[str, Any]:
 
 def _check_names(header: RecipeHeader) -> None:
     from slimkit.data import DATASETS
-    from slimkit.models import MODELS
+    from slimkit.models.sources import check_source
 
-    if header.model not in MODELS:
-        raise UnknownNameError(f"model: {MODELS.unknown_message(header.model)}")
+    try:
+        check_source(header.model)
+    except ConfigError as err:
+        raise type(err)(f"model: {err}") from None
+    if header.baseline and header.weights:
+        raise ConfigError("weights: and baseline: both give the starting model; keep one (baseline: a model file "
+                          "slimkit wrote, weights: a state dict for model:)")
     dataset = header.data.split(":", 1)[0]
     if dataset not in DATASETS:
         raise UnknownNameError(f"data: {DATASETS.unknown_message(header.data)}")
