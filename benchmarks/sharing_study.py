@@ -9,7 +9,8 @@ at each budget (``--bits``: the k-means width sets the byte budget):
   every layer, chosen so the ``.slim`` file is as large as k-means' (least-squares projected
   init, then the hashed vectors trained in place);
 - ``HashedNets (scratch)``: the paper's procedure, the same hashed layers (same ratio) from a
-  random init, trained for the dense epochs + the fine-tune epochs at the dense rate;
+  random init, trained for the dense epochs + the fine-tune epochs (at ``--hashed-lr``: a hashed
+  value's gradient sums ``n/K`` weights' gradients, and the dense rate 0.02 diverged);
 - ``DCT``: :func:`slimkit.encode.dct.dct_compress_` at ``b + 1`` bits with the fraction of
   dropped coefficients (``zero_fraction``) fitted by bisection so that the file is no
   larger than k-means' (codebooks fine-tuned in the frequency domain).
@@ -122,7 +123,7 @@ def run(args) -> dict:
         dense_acc.append(evaluate(dense, data.test))
         dense_bytes = slim_bytes(dense)
         print(f"seed {seed}: dense {args.model} {dense_acc[-1]:.2f}%, {dense_bytes} bytes", flush=True)
-        ft = TrainConfig(epochs=args.finetune, lr=args.finetune_lr, weight_decay=0.0, batch_size=32, seed=seed)
+        ft = TrainConfig(epochs=args.finetune, lr=args.hashed_lr, weight_decay=0.0, batch_size=32, seed=seed)
         # a shared value's gradient is the sum over its weights: the recipe's smaller rate for codebooks
         centroid_ft = ft.model_copy(update={"lr": args.centroid_lr})
         for bits in args.bits:
@@ -137,7 +138,7 @@ def run(args) -> dict:
             hash_weights_(scratch, {"conv_ratio": ratio, "linear_ratio": ratio, "seed": seed, "init": "random"})
             scratch.hash_ratio = ratio
             built["HashedNets (scratch)"] = (scratch, None, TrainConfig(epochs=args.epochs + args.finetune,
-                                                                        lr=args.lr, batch_size=32, seed=seed))
+                                                                        lr=args.hashed_lr, batch_size=32, seed=seed))
             for method in METHODS:
                 model, hooks, cfg = built[method]
                 before = evaluate(model.eval(), data.test)
@@ -227,7 +228,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="dense training epochs (SGD, batch 32)")
     parser.add_argument("--lr", type=float, default=0.02, help="dense training rate (deep-compression recipe's)")
     parser.add_argument("--finetune", type=int, default=2, help="fine-tune epochs after compression")
-    parser.add_argument("--finetune-lr", type=float, default=0.01, help="HashedNets fine-tune rate")
+    parser.add_argument("--hashed-lr", type=float, default=0.005,
+                        help="HashedNets rate (fine-tune and scratch): each value's gradient sums ~n/K weights")
     parser.add_argument("--centroid-lr", type=float, default=0.0005,
                         help="k-means and DCT codebook fine-tune rate (deep-compression recipe's)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="k-means widths that set the budgets")
