@@ -93,7 +93,7 @@ def run_export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | 
 
         calibration = list(calibration_batches(bundle.train, QuantConfig()))
     path = Path(output) if output is not None else default_path(model_path, spec.name)
-    if path.is_dir():
+    if path.is_dir() or str(output or "").endswith(("/", os.sep)):  # -o DIR/: the default name inside it
         path = default_path(path / model_path.name, spec.name)
     existing = run_dir / f"model{spec.suffix}" if run_dir is not None else None
     try:

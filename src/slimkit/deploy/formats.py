@@ -184,8 +184,25 @@ def _write_slim(request: ExportRequest) -> str:
     """The .slim container (Huffman-coded shared weights, bit-packed quantized/binary layers)."""
     from slimkit.deploy.slim import write_slim
 
+    how = ".slim container, decoded exactly by slimkit (slimkit decode / slimkit.encode.load)"
+    if _same_slim(request) and _copy_existing(request):
+        return f"the run's own {how} ({request.existing})"
     write_slim(request.model, request.path)
-    return ".slim container, decoded exactly by slimkit (slimkit decode / slimkit.encode.load)"
+    return how
+
+
+def _same_slim(request: ExportRequest) -> bool:
+    """Whether the run's .slim file decodes to exactly this model's tensors (else it is written anew)."""
+    if request.existing is None or not request.existing.is_file():
+        return False
+    from slimkit.encode.container import read_state
+
+    try:
+        _, state = read_state(request.existing)
+    except Exception:  # damaged or from another slimkit: write a fresh one
+        return False
+    want = request.model.state_dict()
+    return set(state) == set(want) and all(torch.equal(state[k].to(want[k].dtype), want[k].cpu()) for k in want)
 
 
 def _open_pte(path: Path) -> Runner:
