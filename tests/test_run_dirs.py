@@ -127,6 +127,22 @@ def test_out_on_a_file_or_an_unwritable_path(tmp_path, make_out, message, capsys
     assert message in err
 
 
+def test_a_run_that_stops_before_computing_leaves_nothing_in_the_way(tmp_path, capsys):
+    out = tmp_path / "run"
+    for _ in range(2):  # the second attempt meets the same data error, not a "used directory" refusal
+        err = _one_line_error(capsys, main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "nowhere"),
+                                            "--out", str(out)]))
+        assert "nowhere" in err
+    assert not out.exists()
+    out.mkdir()
+    (out / "recipe.yaml").write_text("name: x\n")
+    (out / "run.log").write_text("an attempt that stopped early\n")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("name: bare\nmodel: lenet-300-100\ntrain: {epochs: 0}\nlatency_runs: 2\n")
+    assert main(["compress", "--recipe", str(bare), "--out", str(out), "--no-progress"]) == 0
+    assert "an attempt" not in (out / "run.log").read_text()
+
+
 def test_set_reaches_any_field_and_reports_bad_paths():
     recipe = load_recipe("deep-compression", sets=["stages[0].finetune.epochs=1", "train.batch_size=32",
                                                    "stages[2].finetune={epochs: 2}", "train.lr=1e-3"])

@@ -8,7 +8,8 @@ Everything a run produces goes under its run directory (``runs/<name>/``):
   (``model.onnx``, ``model.int8.onnx``, ``model.slim``) and, in ``report.json``
   ``deployables.ship``, the one to ship (:mod:`slimkit.deploy.run`); stage artifacts stay
   in ``stages/NN/``;
-- ``checkpoints/``: per-epoch training checkpoints.
+- ``checkpoints/``: per-epoch training checkpoints;
+- ``recipe.yaml``: the recipe as run (after flags and ``--set``), ``run.log``: what the run said.
 
 With ``resume=True`` finished stages are loaded from ``models/`` and an interrupted
 training phase continues from its last checkpoint, so the run ends where an
@@ -128,7 +129,13 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
     paths = RunPaths(Path(out_dir))
     device = resolve_device(device)
     rundir.check(paths.root, recipe.to_dict(), resume=resume, overwrite=overwrite)
-    dist.barrier()  # every rank has looked before rank 0 writes
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    seed_everything(recipe.train.seed)
+    data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
+                     image_size=recipe.image_size, augment=recipe.augment)
+    example_inputs = torch.zeros(1, *data.input_shape)
+    dist.barrier()  # every rank has looked (and found its data) before rank 0 writes
     if dist.is_main():
         rundir.prepare(paths.root, recipe.to_dict(), recipe.overrides, overwrite=overwrite)
         run_log = rundir.RunLog(paths.root)
@@ -142,12 +149,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
         def say(message: str) -> None:
             pass
     dist.barrier()
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
-    seed_everything(recipe.train.seed)
-    data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
-                     image_size=recipe.image_size, augment=recipe.augment)
-    example_inputs = torch.zeros(1, *data.input_shape)
     report: dict[str, Any] = {
         "recipe": recipe.to_dict(),
         "source": recipe.source,

@@ -6,7 +6,9 @@ recipe, after the command-line flags and ``--set``; it runs again as it is with
 
 - A new run refuses a directory that already holds files, unless ``overwrite``, which
   clears what the old run left (only in a directory a slimkit run wrote: one that holds
-  ``recipe.yaml``, ``report.json``, ``run.log``, ``models/`` or ``checkpoints/``).
+  ``recipe.yaml``, ``report.json``, ``run.log``, ``models/`` or ``checkpoints/``). A
+  directory holding only ``recipe.yaml`` and ``run.log`` (an attempt that stopped before
+  computing anything) counts as empty.
 - ``resume`` compares the recorded recipe with the requested one and refuses any
   difference, naming the first differing field; appending stages to the recorded ones is
   allowed (the finished stages stay what they were).
@@ -33,6 +35,8 @@ RECIPE_FILE = "recipe.yaml"
 LOG_FILE = "run.log"
 #: entries whose presence shows that a slimkit run wrote the directory
 _MARKERS = (RECIPE_FILE, "report.json", LOG_FILE, "models", "checkpoints")
+#: what a run writes before it computes anything: a directory holding only these is still unused
+_RECORDS = frozenset({RECIPE_FILE, LOG_FILE})
 #: recipe keys that change neither what a run computes nor what it measures
 _IGNORED = frozenset({"name", "description", "data_dir", "download"})
 
@@ -128,7 +132,7 @@ def check(root: Path, recipe_dict: dict[str, Any], *, resume: bool, overwrite: b
             raise RunDirError(f"--resume {root}: no recorded recipe (recipe.yaml or report.json) here, so nothing "
                               "to compare the requested run with; pass --out the directory of a slimkit run")
         return
-    if not entries:
+    if set(entries) <= _RECORDS:  # an earlier attempt stopped before computing anything
         return
     if not overwrite:
         raise RunDirError(f"--out {root}: already holds {len(entries)} entries ({', '.join(sorted(entries)[:4])}"
@@ -142,7 +146,7 @@ def check(root: Path, recipe_dict: dict[str, Any], *, resume: bool, overwrite: b
 def prepare(root: Path, recipe_dict: dict[str, Any], overrides: dict[str, Any], *, overwrite: bool) -> None:
     """Create ``root`` (clearing it when ``overwrite``) and record the recipe; call after :func:`check`."""
     try:
-        if overwrite and root.is_dir():
+        if root.is_dir() and (overwrite or {p.name for p in root.iterdir()} <= _RECORDS):
             for entry in root.iterdir():
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
