@@ -38,6 +38,7 @@ from slimkit.config import Config
 from slimkit.exceptions import ConfigError
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph, gc_paused
+from slimkit.prune.graph.macs import traced_macs
 from slimkit.prune.surgery import prune_units_
 from slimkit.selection import classifier_name, matches
 
@@ -98,6 +99,12 @@ def _macs(model: nn.Module, x: torch.Tensor) -> int:
     from slimkit.measure import count_macs
 
     return int(count_macs(model, x))
+
+
+def _graph_macs(graph: ChannelGraph, model: nn.Module, x: torch.Tensor) -> int:
+    """MACs counted on the traced graph (meta tensors) where that equals count_macs, else for real."""
+    macs = traced_macs(graph, model, x)
+    return macs if macs is not None else _macs(model, x)
 
 
 def _candidates(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Module, scores: dict[int, float],
@@ -241,7 +248,7 @@ def structured_(
             f"ignore={list(cfg.ignore or [classifier_name(model)])}; skipped: {dict(list(skipped.items())[:5])}"
         )
     params_before = _params(model)
-    macs_before = _macs(model, example_inputs)
+    macs_before = _graph_macs(graph, model, example_inputs)
     ratio = cfg.ratio
     if cfg.target != "channels" and cfg.ratio > 0:
         ratio = _solve_ratio(model, example_inputs, graph, groups, scores, cfg, params_before, macs_before)
@@ -256,7 +263,7 @@ def structured_(
         criterion=cfg.criterion, scope=cfg.scope, ratio=float(ratio), target=cfg.target,
         units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
         params_before=params_before, params_after=_params(model),
-        macs_before=macs_before, macs_after=_macs(model, example_inputs),
+        macs_before=macs_before, macs_after=_graph_macs(graph, model, example_inputs),
         groups=group_rows, layers=changes, skipped=skipped, warnings=list(graph.warnings),
     )
 

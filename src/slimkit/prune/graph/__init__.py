@@ -106,7 +106,9 @@ def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, 
             gm = trace(model, example_inputs)
             builder = Builder(model, on_unsupported, norm_channels)
             builder.run(gm)
-            return assemble(builder, model)
+            graph = assemble(builder, model)
+            graph.traced = gm
+            return graph
     finally:
         model.train(was_training)
 

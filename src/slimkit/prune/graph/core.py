@@ -9,6 +9,7 @@ import contextlib
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -54,6 +55,8 @@ class ChannelGraph:
     fixed_reasons: dict[str, str]
     warnings: list[str] = field(default_factory=list)
     modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    #: the fx GraphModule of a fresh build (it shares the model's modules), None from the cache
+    traced: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
