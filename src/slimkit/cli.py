@@ -48,8 +48,16 @@ def _input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+MODEL_SPELLINGS = "zoo name, torchvision:NAME, timm:NAME, path/to/file.py:callable or package.module:callable"
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="zoo model name (overrides the recipe)")
+    parser.add_argument("--model", help=f"model source (overrides the recipe): {MODEL_SPELLINGS}")
+    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                        help="keyword argument for the model builder (repeatable, VALUE read as YAML; replaces "
+                             "the recipe's model_args)")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="state dict or checkpoint to start from (the baseline is then not trained)")
     parser.add_argument("--data", help="dataset: digits, mnist, fashion-mnist, cifar10, cifar100, imagefolder:PATH")
     parser.add_argument("--data-dir", help="where dataset files live (default ./data)")
     parser.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
@@ -97,15 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="optimizer (train.optimizer, default sgd)")
     p.add_argument("--batch-size", type=_positive, help="batch size per process (train.batch_size, default 64)")
 
-    p = sub.add_parser("eval", help="accuracy of a saved model (model.pt) on a dataset")
-    p.add_argument("model_path")
-    p.add_argument("--data", default="digits")
-    p.add_argument("--data-dir", default="data")
+    p = sub.add_parser("eval", help="accuracy of a saved model (model.pt, .slim) on the data it was trained on")
+    p.add_argument("model_path", help="a model file slimkit wrote (.pt or .slim), or a state dict with --model")
+    p.add_argument("--data", help="dataset (default: the one the model recorded)")
+    p.add_argument("--data-dir", help="where dataset files live (default: the recorded one, else ./data)")
+    p.add_argument("--image-size", type=int, help="resize images (default: the recorded size)")
+    p.add_argument("--model", help=f"model source for a plain state dict: {MODEL_SPELLINGS}")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument for --model")
 
     p = sub.add_parser("profile", help="params, MACs, bytes and latency of a model")
-    p.add_argument("--model", required=True, help="zoo model name or a saved model file")
-    p.add_argument("--input-shape", default="1,3,224,224", help="comma-separated, e.g. 1,3,224,224")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("model_path", nargs="?", help="a model file slimkit wrote (.pt or .slim)")
+    p.add_argument("--model", help=f"a model file, or a model source: {MODEL_SPELLINGS}")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument for --model")
+    p.add_argument("--input-shape", help="comma-separated, e.g. 1,3,224,224 (default: a saved model's recorded "
+                                         "input, else 1,3,224,224)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of a --model source (default 1000)")
     p.add_argument("--layers", action="store_true", help="per-layer table")
     p.add_argument("--no-latency", action="store_true", help="count only; do not time forwards")
     p.add_argument("--threads", type=_positive, default=DEFAULT_LATENCY_THREADS,
@@ -126,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a directory `slimkit compress` wrote (holds report.json)")
 
     p = sub.add_parser("decode", help="decode a .slim container into a model file")
-    p.add_argument("slim_file")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("slim_file", help="a .slim file slimkit wrote")
+    p.add_argument("-o", "--output", help="model file to write (default: FILE's name with .decoded.pt)")
 
     p = sub.add_parser("export", help="write a deployable file (ONNX, int8 ONNX, .slim, ExecuTorch) of a model")
     p.add_argument("target", metavar="MODEL|RUN_DIR", help="a model file slimkit wrote, or a run directory "
@@ -174,7 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict:
     return {"model": args.model, "data": args.data, "data_dir": args.data_dir, "download": args.download,
-            "image_size": args.image_size, "epochs": args.epochs, "threads": args.threads}
+            "image_size": args.image_size, "epochs": args.epochs, "threads": args.threads,
+            "weights": args.weights, "model_args": _model_args(args) or None}
+
+
+def _model_args(args: argparse.Namespace) -> dict:
+    from slimkit.models.saved import parse_model_args
+
+    return parse_model_args(getattr(args, "model_arg", None))
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -224,12 +245,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from slimkit.data import load_data
-    from slimkit.manifest import load_model
+    from slimkit.models.saved import model_data, open_model
     from slimkit.train import evaluate
 
-    model = load_model(args.model_path)
-    data = load_data(args.data, data_dir=args.data_dir)
-    print(f"{args.model_path}: {evaluate(model, data.test):.2f}% on {args.data} test ({len(data.test)} images)")
+    if args.model:  # a plain state dict: the architecture comes from --model, its shape from the data
+        data = load_data(args.data or "digits", data_dir=args.data_dir, image_size=args.image_size)
+        model = open_model(args.model_path, args.model, _model_args(args), data.num_classes, data.in_channels)
+    else:
+        model = open_model(args.model_path)
+    data = model_data(model, args.model_path, args.data, args.data_dir, args.image_size)
+    print(f"{args.model_path}: {evaluate(model, data.test):.2f}% on {data.name} test ({len(data.test)} images)")
     return 0
 
 
@@ -238,15 +263,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from slimkit.measure import format_layer_table, format_summary, profile
 
-    shape = _input_shape(args.input_shape)
-    if Path(args.model).is_file():
-        from slimkit.manifest import load_model
+    target = args.model_path or args.model
+    if target is None or (args.model_path and args.model):
+        raise ConfigError("profile: give one model, a saved file (slimkit profile runs/NAME/model.pt) or "
+                          "--model SOURCE")
+    if Path(target).is_file() or target.endswith((".pt", ".pth", ".slim")):
+        from slimkit.manifest import data_spec_of
+        from slimkit.models import arch_of
+        from slimkit.models.saved import open_model
 
-        model = load_model(args.model)
+        model = open_model(target)
+        recorded = (data_spec_of(model) or {}).get("input_shape")  # files from before the data spec: 224 px
+        recorded = recorded or [(arch_of(model) or {}).get("in_channels", 3), 224, 224]
+        shape = _input_shape(args.input_shape or ",".join(map(str, [1, *recorded])))
     else:
         from slimkit.models import create_model
 
-        model = create_model(args.model, num_classes=args.num_classes, in_channels=shape[1])
+        shape = _input_shape(args.input_shape or "1,3,224,224")
+        model = create_model(target, num_classes=args.num_classes, in_channels=shape[1], **_model_args(args))
     from slimkit.measure.realtime import deadline_from, realtime_profile
 
     deadline = deadline_from(args.deadline_ms, args.fps)
@@ -340,10 +374,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_decode(args: argparse.Namespace) -> int:
     from slimkit.encode import load
     from slimkit.manifest import save_model
+    from slimkit.models.saved import decoded_path
 
-    model = load(args.slim_file)
-    save_model(model, args.output)
-    print(f"decoded {args.slim_file} -> {args.output}")
+    output = args.output or decoded_path(args.slim_file)
+    model = load(args.slim_file)  # keeps the recorded source and data spec
+    save_model(model, output)
+    print(f"decoded {args.slim_file} -> {output}")
     return 0
 
 

@@ -43,15 +43,16 @@ def read_weights_file(path: str | os.PathLike, what: str = "weights file") -> An
                           f"code: {_SAVE_HINT}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # zip/pickle damage surfaces as many types; a refused global as UnpicklingError
+        if not isinstance(err, pickle.UnpicklingError) and "Weights only load failed" not in str(err):
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ConfigError(f"{path} is not a readable PyTorch weights file ({type(err).__name__}: "
+                              f"{reason})") from None
         # torch's message recommends weights_only=False, the unsafe option; name the object instead
         found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"Unsupported class ([\w.]+)", str(err))
         holds = f" ({found.group(1)})" if found else ""
         raise ConfigError(f"{path} holds a pickled Python object{holds}, not plain tensors; slimkit never "
                           f"unpickles code: {_SAVE_HINT}") from None
-    except Exception as err:  # zip/pickle damage surfaces as many types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ConfigError(f"{path} is not a readable PyTorch weights file ({type(err).__name__}: {reason})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
