@@ -49,8 +49,8 @@ DEFAULT_LAYERS = {
     "lenet5": ("conv1", "conv2"),
 }
 ALGOS = ("direct", *[a for a in AUTO_CANDIDATES if a != "torch"])
-DIRECT_MAX_MACS = 30_000_000
 # the numba reference loop is only timed on small shapes
+DIRECT_MAX_MACS = 30_000_000
 MIN_SECONDS = 1.0  # per shape: small shapes get more rounds (a median a time slice cannot move)
 
 

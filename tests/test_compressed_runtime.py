@@ -79,3 +79,16 @@ def test_layers_it_cannot_run_sparse_are_decoded_and_reported(tmp_path):
 def test_unknown_runtime_is_one_line(slim_file):
     with pytest.raises(ValueError, match="runtime must be one of decoded, compressed, got 'sparse'"):
         load(slim_file[1], runtime="sparse")
+
+
+def test_slimkit_compressed_is_an_engine_of_the_deploy_registry(slim_file, tmp_path):
+    from slimkit.deploy.engines import ENGINES, EngineInput
+
+    model = load(slim_file[1])
+    x = torch.randn(2, 1, 28, 28)
+    spec = ENGINES.get("slimkit-compressed")
+    runner = spec.build(EngineInput(model, model, x[:1], tmp_path))
+    assert spec.family == "slimkit" and runner.path.is_file()
+    assert any(isinstance(m, COMPRESSED_LAYERS) for m in runner.model.modules())
+    with torch.no_grad():
+        assert torch.allclose(runner(x), model(x), atol=1e-5)

@@ -32,7 +32,7 @@ from slimkit.deploy.runners import OnnxRunner, Runner, TorchRunner
 from slimkit.registry import Registry
 
 #: Modules that register engines; imported the first time the registry is read.
-ENGINE_MODULES = ("slimkit.deploy.executorch",)
+ENGINE_MODULES = ("slimkit.deploy.executorch", "slimkit.deploy.compressed")
 
 
 @dataclass(frozen=True)

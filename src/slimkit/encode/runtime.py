@@ -3,8 +3,8 @@
 
 ``load_compressed(path)`` (reached as ``slimkit.encode.load(path, runtime="compressed")``)
 rebuilds the model's module tree but never makes the dense fp32 weight of a pruned,
-weight-shared Linear or Conv2d: each SHARED record becomes a :class:`SharedSparseLinear` or
-:class:`SharedSparseConv2d` that keeps the layer as a
+weight-shared Linear or Conv2d: each SHARED record becomes a ``SharedSparseLinear`` or
+``SharedSparseConv2d`` (:mod:`slimkit.kernels.sparse`) that keeps the layer as a
 :class:`~slimkit.kernels.sparse.SharedSparseMatrix` (8/16-bit relative-index entries holding
 the b-bit centroid index, row pointers, the codebook) and computes with the sparse kernels
 of :mod:`slimkit.kernels.sparse`. Every other record (biases, batch-norm statistics,
@@ -28,55 +28,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError, CorruptFileError
-from slimkit.kernels.sparse import SharedSparseMatrix, sparse_conv2d, sparse_linear
-
-
-class SharedSparseLinear(nn.Module):
-    """``y = x W^T + b`` with ``W [out, in]`` kept as b-bit indices + codebook (:class:`SharedSparseMatrix`)."""
-
-    def __init__(self, matrix: SharedSparseMatrix, bias: bool) -> None:
-        super().__init__()
-        self.matrix = matrix
-        self.out_features, self.in_features = matrix.shape
-        self.register_buffer("bias", torch.zeros(self.out_features) if bias else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] == 1 and x.shape[1] == self.in_features and x.dtype == torch.float32:
-            # batch 1, the real-time case: as few tensor operations around the kernel as possible
-            out = torch.empty(1, self.out_features)
-            bias = self.bias.numpy() if self.bias is not None else np.zeros(self.out_features, dtype=np.float32)
-            self.matrix.matvec(x.detach().numpy()[0], bias, out.numpy()[0])
-            return out
-        lead = x.shape[:-1]
-        out = sparse_linear(x.reshape(-1, self.in_features).float(), self.matrix, self.bias)
-        return out.reshape(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        m = self.matrix
-        return (f"{self.in_features}, {self.out_features}, {m.order}, nonzeros={m.nonzeros}, "
-                f"entries={m.entries.size}x{8 * m.entries.itemsize}bit, bytes={m.nbytes}")
-
-
-class SharedSparseConv2d(nn.Module):
-    """Sparse im2col-GEMM convolution (groups 1) from b-bit indices + codebook, ``W`` viewed as ``[O, C*kh*kw]``."""
-
-    def __init__(self, matrix: SharedSparseMatrix, conv: nn.Conv2d) -> None:
-        super().__init__()
-        self.matrix = matrix
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding)
-        self.register_buffer("bias", torch.zeros(conv.out_channels) if conv.bias is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(x.float(), self.matrix, self.kernel_size, self.bias, self.stride, self.padding)
-
-    def extra_repr(self) -> str:
-        m = self.matrix
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, nonzeros={m.nonzeros}, bytes={m.nbytes}")
-
-
-COMPRESSED_LAYERS = (SharedSparseLinear, SharedSparseConv2d)
+from slimkit.kernels.sparse import COMPRESSED_LAYERS, SharedSparseConv2d, SharedSparseLinear, SharedSparseMatrix
 
 
 def _unsupported(module: nn.Module | None) -> str | None:
@@ -185,3 +137,4 @@ def resident_bytes(model: nn.Module) -> int:
         if isinstance(module, COMPRESSED_LAYERS):
             total += module.matrix.nbytes
     return total
+

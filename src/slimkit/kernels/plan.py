@@ -90,8 +90,7 @@ def _is_shared(module: nn.Module) -> bool:
 
 def _sparse_module(module: nn.Module) -> nn.Module:
     """The compressed-runtime module of a pruned + shared Linear/Conv2d (same function, indices + codebook)."""
-    from slimkit.encode.runtime import SharedSparseConv2d, SharedSparseLinear
-    from slimkit.kernels.sparse import SharedSparseMatrix
+    from slimkit.kernels.sparse import SharedSparseConv2d, SharedSparseLinear, SharedSparseMatrix
 
     index = module.weight_index.detach().reshape(module.weight_index.shape[0], -1).to(torch.int64).numpy()
     flat = index.ravel()

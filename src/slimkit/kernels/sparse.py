@@ -27,6 +27,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from torch import nn
 
 from slimkit.kernels._threads import parallel_for
 
@@ -235,3 +236,55 @@ def sparse_conv2d(x: torch.Tensor, matrix: SharedSparseMatrix, kernel: tuple[int
     out = torch.from_numpy(matrix.matmul(np.ascontiguousarray(cols.detach().numpy()), threads))  # [O, N*L]
     out = out.view(matrix.shape[0], n, oh, ow).permute(1, 0, 2, 3) if n > 1 else out.view(1, -1, oh, ow)
     return out + bias.view(1, -1, 1, 1) if bias is not None else out
+
+
+class SharedSparseLinear(nn.Module):
+    """``y = x W^T + b`` with ``W [out, in]`` kept as b-bit indices + codebook (:class:`SharedSparseMatrix`)."""
+
+    def __init__(self, matrix: SharedSparseMatrix, bias: bool) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.out_features, self.in_features = matrix.shape
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.matrix
+        if x.dim() == 2 and x.shape[0] == 1 and m.order == "csr" and m.nonzeros < PARALLEL_WORK \
+                and x.shape[1] == self.in_features and x.dtype == torch.float32:
+            # batch 1, the real-time case: one tensor made, the kernel called directly (each Python-level
+            # step costs about as much as the kernel on the small layers of these models)
+            out = torch.empty(1, self.out_features)
+            bias = self.bias.numpy() if self.bias is not None else np.zeros(self.out_features, dtype=np.float32)
+            _kernels()[0](m.ptr, m.entries, m.index_bits, m.mask, m.codebook, x.detach().numpy()[0], bias,
+                          out.numpy()[0], 0, self.out_features)
+            return out
+        lead = x.shape[:-1]
+        out = sparse_linear(x.reshape(-1, self.in_features).float(), self.matrix, self.bias)
+        return out.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        m = self.matrix
+        return (f"{self.in_features}, {self.out_features}, {m.order}, nonzeros={m.nonzeros}, "
+                f"entries={m.entries.size}x{8 * m.entries.itemsize}bit, bytes={m.nbytes}")
+
+
+class SharedSparseConv2d(nn.Module):
+    """Sparse im2col-GEMM convolution (groups 1) from b-bit indices + codebook, ``W`` viewed as ``[O, C*kh*kw]``."""
+
+    def __init__(self, matrix: SharedSparseMatrix, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding)
+        self.register_buffer("bias", torch.zeros(conv.out_channels) if conv.bias is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x.float(), self.matrix, self.kernel_size, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        m = self.matrix
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, nonzeros={m.nonzeros}, bytes={m.nbytes}")
+
+
+COMPRESSED_LAYERS = (SharedSparseLinear, SharedSparseConv2d)
