@@ -71,12 +71,31 @@ def structured_stage(model: nn.Module, config: StructuredStageConfig, ctx: Stage
     return StageOutput(model=model, details=details, phase="materialized")
 
 
+def _check_penalized(model: nn.Module, config: SparseTrainConfig) -> None:
+    """ConfigError when the penalty would find no layer: it would add zero, and the stage would do nothing."""
+    from slimkit.exceptions import ConfigError
+    from slimkit.selection import matches
+
+    if config.penalty == "bn_l1":
+        found = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and matches(n, config.layers)]
+        what, fix = "affine BatchNorm layer", "use penalty: group_lasso or a model with BatchNorm"
+    else:
+        found = [n for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.groups == 1 and matches(n, config.layers)]
+        what, fix = "ungrouped Conv2d layer", "check layers"
+    if not found:
+        raise ConfigError(f"sparse-train: penalty {config.penalty} finds no {what} among layers={list(config.layers)} "
+                          f"of {type(model).__name__}, so it would add nothing; {fix}")
+
+
 @register_stage("sparse-train", SparseTrainConfig)
 def sparse_train_stage(model: nn.Module, config: SparseTrainConfig, ctx: StageContext) -> StageOutput:
     """Sparse training: the stage's fine-tune runs with an L1-on-gamma or group-lasso penalty."""
     hooks = sparse_hooks(config.penalty, config.lam, config.layers)
     gammas = [m.weight.detach().abs() for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    _check_penalized(model, config)
     details = {"penalty": config.penalty, "lam": config.lam}
     if gammas:
         import torch
