@@ -138,3 +138,58 @@ def test_export_executorch_int8_check(int8_run, tmp_path, capsys):
     check = _check_line(capsys.readouterr().out)
     assert check["engine"] == "executorch-int8" and check["agreement"] >= 90.0
     assert Path(path).stat().st_size < 0.4 * (out / "models" / "00-baseline.pt").stat().st_size
+
+
+MYNET = '''
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, num_classes, in_channels=3, width=6):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+'''
+
+
+def _image_folder(root: Path) -> Path:
+    """Real PNGs, root/{train,test}/{disc,stripe}/, each class with its own stripe pattern."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for c, name in enumerate(("disc", "stripe")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
+                pixels[:, c::2, c] = 250
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_export_a_users_model_and_image_folder_run_with_no_extra_flags(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mynet.py").write_text(MYNET)
+    folder = _image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    assert main(["compress", "--model", f"{tmp_path / 'mynet.py'}:MyNet", "--data", f"imagefolder:{folder}",
+                 "--recipe", "slimming", "--out", str(out), "--no-progress", "--set", "train.epochs=1",
+                 "train.batch_size=4", "stages[0].finetune.epochs=0", "stages[1].finetune.epochs=0",
+                 "latency_runs=1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"ship: {out / 'model.onnx'} (")
+    monkeypatch.chdir(tmp_path / "images")  # the recorded data and source are absolute paths
+    for fmt, engine in (("int8-onnx", "onnxruntime-int8"), ("onnx", "onnxruntime-fp32")):
+        assert main(["export", str(out), "--format", fmt, "--check"]) == 0, capsys.readouterr().err
+        check = _check_line(capsys.readouterr().out)
+        assert check["engine"] == engine and check["data"] == f"imagefolder:{folder}" and check["samples"] == 8
+        if fmt == "onnx":
+            assert check["agreement"] == 100.0 and check["accuracy"] == check["reference"]
+    assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()

@@ -10,10 +10,8 @@ runs on in its engine beside the PyTorch model.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -54,21 +52,10 @@ def resolve_target(target: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, run
 
 
-def _bundle(model: nn.Module, what: str, data: str | None, data_dir: str | None, image_size: int | None) -> Any:
-    try:
-        from slimkit.models.saved import model_data
-    except ImportError:  # an older tree without recorded data specs
-        from slimkit.data import load_data
-
-        return load_data(data or "digits", data_dir=data_dir, image_size=image_size)
-    return model_data(model, what, data, data_dir, image_size)
-
-
 def _recorded_shape(model: nn.Module) -> list[int] | None:
-    from slimkit import manifest
+    from slimkit.manifest import data_spec_of
 
-    spec_of: Callable[[nn.Module], dict | None] | None = getattr(manifest, "data_spec_of", None)
-    spec = spec_of(model) if spec_of else None
+    spec = data_spec_of(model)
     return list(spec["input_shape"]) if spec and spec.get("input_shape") else None
 
 
@@ -84,7 +71,9 @@ def run_export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | 
     shape = _recorded_shape(model) if data is None and image_size is None else None
     bundle = None
     if check or spec.needs_calibration or shape is None:
-        bundle = _bundle(model, what, data, data_dir, image_size)
+        from slimkit.models.saved import model_data
+
+        bundle = model_data(model, what, data, data_dir, image_size)
         shape = list(bundle.input_shape)
     example = torch.zeros(1, *shape)
     calibration: list[torch.Tensor] = []
