@@ -33,6 +33,17 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def configure_numba() -> None:
+    """Keep numba off OpenMP: slimkit's kernels need no numba threading layer, but ``numba.set_num_threads``
+    (called by user code) starts one, and its OpenMP layer spin-waits against torch's threads."""
+    import os
+
+    import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
+
+
 def threads_for(threads: int | None = None) -> int:
     """The thread count a kernel runs on: ``threads`` or torch's intra-op count, at least 1."""
     return max(1, int(threads if threads is not None else torch.get_num_threads()))
