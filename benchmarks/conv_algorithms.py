@@ -121,7 +121,10 @@ def run_shape(model: str, layer: str, conv: nn.Conv2d, shape, batch: int, thread
             if reason:
                 row["skipped"][name] = reason
                 continue
-            conv2d(x, w, bias, conv.stride, conv.padding, algorithm=name)  # weight transform made once, as deployed
+            # the first call makes the weight transform once, as deployed; its error against F.conv2d is recorded
+            ref = F.conv2d(x, w, bias, conv.stride, conv.padding)
+            out = conv2d(x, w, bias, conv.stride, conv.padding, algorithm=name)
+            row.setdefault("rel_error", {})[name] = float((out - ref).abs().max() / ref.abs().max())
             runs[name] = lambda name=name: conv2d(x, w, bias, conv.stride, conv.padding, algorithm=name)
             row["mults"][name] = sum(multiplications(case, name).values())
     else:
@@ -150,6 +153,15 @@ def show(rows: list[dict], peaks: dict[int, float]) -> None:
             f"{100 * flops / (ms['torch'] * 1e-3) / pk:.0f} % | -"
         print(f"| {r['model']} | {r['layer']} | {r['shape']} | {r['batch']} | {r['threads']} | {ms['torch']:.2f} | "
               + " | ".join(cells) + f" | {tail} |")
+
+
+def show_errors(rows: list[dict]) -> None:
+    worst: dict[str, float] = {}
+    for r in rows:
+        for name, err in r.get("rel_error", {}).items():
+            worst[name] = max(worst.get(name, 0.0), err)
+    print("\nmax |slimkit - F.conv2d| / max |F.conv2d| over the shapes above (fp32): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
 
 def show_f4(rows: list[dict]) -> None:
@@ -217,6 +229,7 @@ def main() -> None:
                     for threads in args.threads:
                         rows.append(run_shape(model, layer, conv, shape, batch, threads, args.repeats))
         show(rows, peaks)
+        show_errors(rows)
         show_f4(rows)
         result.update(peaks=peaks, rows=rows)
     if args.plan or args.plan_only:
