@@ -88,6 +88,7 @@ class SearchConfig(Config):
     evolution_trials: int = Field(2, ge=0)
     margin: float = Field(0.05, ge=0, lt=0.5, description="aim this share below a latency budget (noise)")
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
+    trial_samples: int | None = Field(None, ge=16, description="train each trial on only this many samples")
     sensitivity_samples: int = Field(256, ge=16)
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     ranks: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)
@@ -241,7 +242,7 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
 
     target = budget * (1 - cfg.margin) if metric == "latency_p99_ms" else budget
     payload = {"baseline": baseline, "example": example, "header": header, "seed": cfg.seed,
-               "val_fraction": cfg.val_fraction,
+               "val_fraction": cfg.val_fraction, "trial_samples": cfg.trial_samples,
                "train": {"lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "epochs": cfg.trial_epochs},
                "data": {"name": cfg.data, "data_dir": cfg.data_dir, "seed": cfg.seed, "image_size": cfg.image_size}}
     trials: list[dict[str, Any]] = []

@@ -36,6 +36,10 @@ def load_split(payload: dict[str, Any]):
     spec = payload["data"]
     data = load_data(spec["name"], data_dir=spec["data_dir"], seed=spec["seed"], image_size=spec.get("image_size"))
     train, val = _split(data.train, payload["val_fraction"], payload["seed"])
+    if payload.get("trial_samples"):
+        from torch.utils.data import Subset
+
+        train = Subset(train.dataset, train.indices[: payload["trial_samples"]])
     return data, train, val
 
 
