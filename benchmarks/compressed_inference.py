@@ -76,6 +76,11 @@ def measure(path: Path, data, threads: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def _label(file: str) -> str:
+    path = Path(file)
+    return f"{path.parent.name}/{path.name}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slim", nargs="*", default=[], help=".slim files (default: build both LeNets quickly)")
@@ -91,12 +96,12 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kept = r["resident_compressed"]
-        print(f"| {Path(r['file']).name} | {r['threads']} | {r['accuracy_decoded']:.2f} / "
+        print(f"| {_label(r['file'])} | {r['threads']} | {r['accuracy_decoded']:.2f} / "
               f"{r['accuracy_compressed']:.2f} | {r['file_bytes']:,} | {kept:,} ({kept / r['file_bytes']:.2f}x)"
               f" | {r['resident_decoded']:,} / {r['weights_decoded']:,} | {r['dense_ms']:.3f} | "
               f"{r['compressed_ms']:.3f} | {r['dense_ms'] / r['compressed_ms']:.2f}x |")
     for r in rows[:: len(args.threads)]:
-        print(f"{Path(r['file']).name}: " + "; ".join(f"{k}: {v}" for k, v in r["layers"].items()))
+        print(f"{_label(r['file'])}: " + "; ".join(f"{k}: {v}" for k, v in r["layers"].items()))
 
 
 if __name__ == "__main__":
