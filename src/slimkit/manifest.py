@@ -338,9 +338,9 @@ def skeleton_from(source: str | os.PathLike, arch: dict[str, Any] | None) -> nn.
     from slimkit.models import create_model
 
     if not arch or not arch.get("name"):
-        raise ConfigError(f"{source}: the file does not record where the model came from (it was built outside "
-                          "slimkit.models.create_model); in Python load it with load_model(path, "
-                          "model=<an instance of its class>)")
+        raise ConfigError(f"{source}: the model is not from the zoo or another source slimkit records (it was "
+                          "built outside slimkit.models.create_model); in Python load it with load_model(path, "
+                          "model=<an instance of its class>), or build it with --model SOURCE")
     try:
         return create_model(arch["name"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
                             **(arch.get("args") or {}))
