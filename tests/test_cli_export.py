@@ -193,3 +193,25 @@ def test_export_a_users_model_and_image_folder_run_with_no_extra_flags(tmp_path,
         if fmt == "onnx":
             assert check["agreement"] == 100.0 and check["accuracy"] == check["reference"]
     assert (out / "model.int8.onnx").is_file() and (out / "model.onnx").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["torchvision:mobilenet_v2", "timm:test_resnet"])
+def test_export_library_model_files_with_no_extra_flags(source, tmp_path, capsys):
+    pytest.importorskip(source.partition(":")[0])
+    from slimkit.data import load_data
+    from slimkit.manifest import data_spec, save_model, set_data_spec
+    from slimkit.models import create_model
+
+    folder = _image_folder(tmp_path / "images")
+    bundle = load_data(f"imagefolder:{folder}")
+    model = create_model(source, num_classes=2, in_channels=3)
+    set_data_spec(model, data_spec(bundle))
+    save_model(model.eval(), tmp_path / "model.pt")
+    for fmt in ("onnx", "int8-onnx"):
+        assert main(["export", str(tmp_path / "model.pt"), "--format", fmt, "--check"]) == 0, capsys.readouterr().err
+        check = _check_line(capsys.readouterr().out)
+        assert check["data"] == f"imagefolder:{folder}" and check["samples"] == 8
+        if fmt == "onnx":
+            assert check["agreement"] == 100.0
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "model.int8.onnx").is_file()
