@@ -14,7 +14,8 @@ crashes or the output shape changed; *refused* when the library raised before pr
 table between the ``<!-- coverage-timm -->`` markers of docs/structured-pruning.md.
 
     python benchmarks/prune_coverage.py --size 64 [--models resnet18,mobilenet_v2] [--write-docs]
-    python benchmarks/prune_coverage.py --zoo timm --size 96 --json /tmp/timm.json --write-docs
+    python benchmarks/prune_coverage.py --zoo timm --size 64 --json /tmp/timm.jsonl --write-docs
+    python benchmarks/prune_coverage.py --zoo timm --size 64 --table-from /tmp/timm.jsonl --write-docs
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import copy
 import json
 import re
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -120,18 +122,33 @@ def _torch_pruning(model, x) -> None:
                               ignored_layers=ignored).step()
 
 
-def run_one(model: torch.nn.Module, x: torch.Tensor, prune) -> dict:
-    """Status, MACs and params left, reason of one library on one model."""
+class CpuTimeout(Exception):
+    """A library spent more than ``--cpu-limit`` seconds of CPU time on one model."""
+
+
+def _on_cpu_limit(signum, frame):
+    raise CpuTimeout
+
+
+def run_one(model: torch.nn.Module, x: torch.Tensor, prune, cpu_limit: float = 0) -> dict:
+    """Status, MACs and params left, reason of one library on one model (pruning limited to ``cpu_limit`` s)."""
     macs, params = count_macs(model, x), sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         shape = tuple(model(x).shape)
     start = time.perf_counter()
+    if cpu_limit:
+        signal.signal(signal.SIGPROF, _on_cpu_limit)
+        signal.setitimer(signal.ITIMER_PROF, cpu_limit)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prune(model, x)
+    except CpuTimeout:
+        return {"status": "timeout", "reason": f"over {cpu_limit:.0f} s of CPU time"}
     except Exception as err:
         return {"status": "refused", "reason": _line(err)}
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
     seconds = time.perf_counter() - start
     try:
         with torch.no_grad():
@@ -148,7 +165,7 @@ def run_one(model: torch.nn.Module, x: torch.Tensor, prune) -> dict:
     return row
 
 
-def timm_row(module: str, name: str, size: int | None) -> dict:
+def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0) -> dict:
     import timm
 
     torch.manual_seed(0)
@@ -160,7 +177,7 @@ def timm_row(module: str, name: str, size: int | None) -> dict:
            "input": list(x.shape[1:])}
     for lib, prune in (("slimkit", _slimkit), ("torch_pruning", _torch_pruning)):
         try:
-            row[lib] = run_one(copy.deepcopy(dense), x, prune)
+            row[lib] = run_one(copy.deepcopy(dense), x, prune, cpu_limit)
         except Exception as err:  # the dense model itself fails (the row says so)
             row[lib] = {"status": "dense fails", "reason": _line(err)}
     return row
@@ -205,7 +222,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="input size (default: 64, timm: the model's own)")
     parser.add_argument("--models", default=None, help="comma-separated names (timm: module=model or model)")
     parser.add_argument("--max-params", type=float, default=60e6)
-    parser.add_argument("--json", default=None, help="timm: stream rows to this JSON-lines file")
+    parser.add_argument("--cpu-limit", type=float, default=0, help="timm: CPU seconds per library and model (0: none)")
+    parser.add_argument("--json", default=None, help="timm: append rows to this JSON-lines file")
+    parser.add_argument("--table-from", default=None,
+                        help="timm: only print (and --write-docs) the table of a --json file (the last row per module)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -221,8 +241,16 @@ def main() -> None:
         if args.write_docs:
             _write_docs("coverage", table)
         return
-    if args.json:
-        Path(args.json).write_text("")
+    if args.table_from:
+        rows = {}
+        for line in Path(args.table_from).read_text().splitlines():
+            row = json.loads(line)
+            rows[row["module"]] = row
+        table = timm_table(sorted(rows.values(), key=lambda r: r["module"]), args.size)
+        print(table)
+        if args.write_docs:
+            _write_docs("coverage-timm", table)
+        return
     if args.models:
         todo = [tuple(m.split("=")) if "=" in m else (m, m) for m in args.models.split(",")]
     else:
@@ -230,7 +258,7 @@ def main() -> None:
     rows = []
     for module, name in todo:
         start = time.perf_counter()
-        row = timm_row(module, name, args.size)
+        row = timm_row(module, name, args.size, args.cpu_limit)
         rows.append(row)
         print(json.dumps(row), f"({time.perf_counter() - start:.1f} s)", flush=True)
         if args.json:

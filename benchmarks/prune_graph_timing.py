@@ -13,16 +13,23 @@ cost of the conv kernels), the median over ``--repeats`` fresh models of:
   its graph) plus ``step`` at the same ratio.
 
 The ratio is slimkit prune / Torch-Pruning prune, both from an unpruned model (below 1 =
-slimkit faster).
+slimkit faster). Models are torchvision names or ``timm:NAME``. ``--cold`` adds the first
+prune call in a fresh process for each library (what one CLI call pays: imports done, one
+untimed forward, then the first call, which includes every lazy import and first-use cost).
 
     python benchmarks/prune_graph_timing.py --models resnet50,mobilenet_v3_large --size 224
+    python benchmarks/prune_graph_timing.py --cold --repeats 3 --models \
+        resnet50,mobilenet_v3_large,efficientnet_b0,timm:resnet50,timm:mobilenetv3_large_100,timm:efficientnet_b0
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -76,13 +83,45 @@ def time_torch_pruning(make, x: torch.Tensor, repeats: int) -> tuple[float, floa
     except ImportError:
         return None
 
-    def prune(model: torch.nn.Module) -> None:
-        classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
-        tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
-                                  pruning_ratio=CONFIG["ratio"], ignored_layers=classifier).step()
-
     graph_s = _median(make, lambda m: tp.DependencyGraph().build_dependency(m, example_inputs=x), repeats)
-    return graph_s, _median(make, prune, repeats)
+    return graph_s, _median(make, lambda m: _tp_prune(m, x), repeats)
+
+
+def build(name: str) -> torch.nn.Module:
+    """A torchvision model by name, or a timm model as ``timm:NAME`` (random init)."""
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:]).eval()
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def _tp_prune(model: torch.nn.Module, x: torch.Tensor) -> None:
+    import torch_pruning as tp
+
+    classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1:]
+    tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                              pruning_ratio=CONFIG["ratio"], ignored_layers=classifier).step()
+
+
+def cold_one(lib: str, name: str, size: int) -> float:
+    """Seconds of the first prune call in this (fresh) process, after one untimed forward."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model, x = build(name), torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        model(x)
+    if lib == "slimkit":
+        return _seconds(lambda: structured_(model, x, CONFIG))
+    import torch_pruning  # noqa: F401  (imported before timing, as slimkit is)
+
+    return _seconds(lambda: _tp_prune(model, x))
+
+
+def cold(lib: str, name: str, size: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--cold-one", f"{lib}:{name}", "--size", str(size)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["s"]
 
 
 def main() -> None:
@@ -91,26 +130,37 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="fresh models per measurement (median)")
+    parser.add_argument("--cold", action="store_true", help="add first-call times in fresh processes")
+    parser.add_argument("--cold-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cold_one:
+        lib, name = args.cold_one.split(":", 1)
+        print(json.dumps({"s": cold_one(lib, name, args.size)}))
+        return
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     x = torch.zeros(1, 3, args.size, args.size)
+    cold_cols = " slimkit cold s | Torch-Pruning cold s | cold ratio |" if args.cold else ""
     print("| model | slimkit graph s | slimkit prune 50% s | slimkit prune, graph cached s | "
-          "Torch-Pruning graph s | Torch-Pruning prune s | slimkit / Torch-Pruning |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"Torch-Pruning graph s | Torch-Pruning prune s | slimkit / Torch-Pruning |{cold_cols}")
+    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if args.cold else ""))
     for name in args.models.split(","):
         def make(name=name):
-            return getattr(torchvision.models, name)(weights=None).eval()
+            return build(name)
 
         with torch.no_grad():
             make()(x)
         graph_s, prune_s, cached_s = time_slimkit(make, x, args.repeats)
         theirs = time_torch_pruning(make, x, args.repeats)
+        extra = ""
+        if args.cold:
+            ours_c, theirs_c = cold("slimkit", name, args.size), cold("torch_pruning", name, args.size)
+            extra = f" {ours_c:.2f} | {theirs_c:.2f} | {ours_c / theirs_c:.2f}x |"
         if theirs is None:
             print(f"| {name} | {graph_s:.2f} | {prune_s:.2f} | {cached_s:.2f} | not installed | not installed | - |")
         else:
             print(f"| {name} | {graph_s:.2f} | {prune_s:.2f} | {cached_s:.2f} | {theirs[0]:.2f} | {theirs[1]:.2f} "
-                  f"| {prune_s / theirs[1]:.2f}x |")
+                  f"| {prune_s / theirs[1]:.2f}x |{extra}", flush=True)
 
 
 if __name__ == "__main__":
