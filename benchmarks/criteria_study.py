@@ -49,9 +49,10 @@ from slimkit.prune.second_order import lobs_prune_, obd_prune_
 from slimkit.train import TrainConfig, TrainHooks, evaluate, fit
 
 WEIGHT_METHODS = ("magnitude", "obd", "lobs", "dns", "l0")
-CHANNEL_METHODS = ("l1", "sparsity_gamma", "fisher", "l1+refit", "thinet", "lasso")
+CHANNEL_METHODS = ("none", "l1", "sparsity_gamma", "fisher", "l1+refit", "thinet", "lasso")
 LABEL = {"magnitude": "magnitude (Han 2015)", "obd": "OBD, Fisher diagonal (LeCun 1990)",
          "lobs": "L-OBS (Dong 2017)", "dns": "DNS (Guo 2016)", "l0": "L0 gates (Louizos 2018)",
+         "none": "no pruning (same fine-tune)",
          "l1": "L1 norm (Li 2017)", "sparsity_gamma": "S x gamma", "fisher": "Fisher (Theis 2018)",
          "l1+refit": "L1 + LS refit", "thinet": "ThiNet + LS refit (Luo 2017)",
          "lasso": "LASSO + LS refit (He 2017)"}
@@ -142,6 +143,39 @@ def part_weights(args, data) -> dict:
             "methods": {m: {k: _stats(v) for k, v in r.items() if v} for m, r in rows.items()}}
 
 
+def part_l0(args, data) -> dict:
+    """L0 weight gates on LeNet-300-100: sparsity and accuracy over ``--l0-lams`` x ``--l0-epochs``."""
+    train = TrainConfig(epochs=args.epochs, lr=0.05, batch_size=args.batch_size)
+    rows: dict[str, dict[str, list]] = {}
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = create_model("lenet-300-100", num_classes=data.num_classes, in_channels=data.in_channels)
+        fit(dense, data.train, train.model_copy(update={"seed": seed}), progress=False)
+        for epochs in args.l0_epochs:
+            for lam in args.l0_lams:
+                model = copy.deepcopy(dense)
+                add_l0_gates_(model, {"target": "weights", "lam": lam, "init_drop": args.l0_init_drop})
+                tune = TrainConfig(epochs=epochs, lr=0.01, batch_size=args.batch_size, seed=seed)
+                fit(model, data.train, tune, TrainHooks(penalties=(L0Penalty(lam),)), progress=False)
+                fold_l0_(model)
+                row = rows.setdefault(f"{epochs}:{lam}", {"sparsity": [], "after": []})
+                row["sparsity"].append(100 * sparsity_of(model)["total"])
+                row["after"].append(evaluate(model, data.test))
+                print(f"l0 seed {seed} epochs {epochs} lam {lam}: {row['sparsity'][-1]:.2f} % sparse, "
+                      f"{row['after'][-1]:.2f} %", flush=True)
+    return {k: {m: _stats(v) for m, v in r.items()} for k, r in rows.items()}
+
+
+def l0_md(res: dict, args) -> str:
+    lines = [f"L0 weight gates on LeNet-300-100, {args.data}, dense {args.epochs} epochs, then the L0-penalised "
+             f"fine-tune (SGD lr 0.01, gate_lr 100, init_drop {args.l0_init_drop}), {args.seeds} seeds", "",
+             "| fine-tune epochs | lam (per gate) | sparsity (%) | accuracy (%) |", "|---:|---:|---:|---:|"]
+    for key, r in res.items():
+        epochs, lam = key.split(":")
+        lines.append(f"| {epochs} | {lam} | {_fmt(r['sparsity'])} | {_fmt(r['after'])} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- channels -----------------------------------------------------------------------------
 
 TRAIN = {"resnet20-cifar": {"optimizer": "sgd", "lr": 0.05}, "mobilenet_v3_small": {"optimizer": "adam", "lr": 2e-3}}
@@ -154,7 +188,9 @@ def channel_run(method: str, dense: nn.Module, data, x: torch.Tensor, args, tune
     batches = samples_of(data, args.samples)
     inputs = [b for b, _ in batches]
     t0 = time.perf_counter()
-    if method in ("l1", "sparsity_gamma", "fisher"):
+    if method == "none":
+        pass
+    elif method in ("l1", "sparsity_gamma", "fisher"):
         structured_(model, x, {"ratio": args.ratio, "criterion": method},
                     batches=batches if method == "fisher" else None)
     else:
@@ -260,7 +296,7 @@ def plot(res: dict, path: Path, kind: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "weights", "channels"], default="all")
+    p.add_argument("--part", choices=["all", "weights", "channels", "l0"], default="all")
     p.add_argument("--data", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
@@ -271,7 +307,10 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.95)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--samples", type=int, default=256, help="training samples for Hessians / reconstruction")
-    p.add_argument("--l0-lam", type=float, default=0.02, help="L0 penalty per gate")
+    p.add_argument("--l0-lam", type=float, default=0.02, help="L0 penalty per gate (weights part)")
+    p.add_argument("--l0-lams", type=float, nargs="+", default=[0.01, 0.02, 0.04, 0.06], help="l0 part")
+    p.add_argument("--l0-init-drop", type=float, default=0.5, help="l0 part: initial gate drop rate")
+    p.add_argument("--l0-epochs", type=int, nargs="+", default=[2, 8], help="l0 part: fine-tune epochs")
     p.add_argument("--models", nargs="+", default=["resnet20-cifar", "mobilenet_v3_small"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/criteria_study")
@@ -289,6 +328,11 @@ def main() -> None:
         plot(results["weights"], out / "weights.png", "weights")
         results_path.write_text(json.dumps(results, indent=1))
         print((out / "weights.md").read_text(), flush=True)
+    if args.part in ("all", "l0"):
+        results["l0"] = part_l0(args, data)
+        (out / "l0.md").write_text(l0_md(results["l0"], args))
+        results_path.write_text(json.dumps(results, indent=1))
+        print((out / "l0.md").read_text(), flush=True)
     if args.part in ("all", "channels"):
         results["channels"] = part_channels(args, data)
         (out / "channels.md").write_text(channels_md(results["channels"], args))

@@ -127,9 +127,13 @@ def thinet_select(stats: Stats, keep: int) -> list[int]:
     return [stats.ids[i] for i in alive.nonzero().flatten().tolist()]
 
 
-def _fista(G: torch.Tensor, r: torch.Tensor, lam: float, lip: float, steps: int = 300) -> torch.Tensor:
-    """``argmin_b b^T G b - 2 r^T b + lam ||b||_1`` by FISTA (Beck & Teboulle 2009); ``lip = 2 max eig G``."""
-    b = z = torch.zeros_like(r)
+def _fista(G: torch.Tensor, r: torch.Tensor, lam: float, lip: float, start: torch.Tensor | None = None,
+           steps: int = 200, tol: float = 1e-6) -> torch.Tensor:
+    """``argmin_b b^T G b - 2 r^T b + lam ||b||_1`` by FISTA (Beck & Teboulle 2009); ``lip = 2 max eig G``.
+
+    Starts from ``start`` (a neighbouring ``lam``'s solution) and stops once no coefficient moves by ``tol``.
+    """
+    b = z = torch.zeros_like(r) if start is None else start.clone()
     t = 1.0
     for _ in range(steps):
         grad = 2 * (G @ z - r)
@@ -137,7 +141,10 @@ def _fista(G: torch.Tensor, r: torch.Tensor, lam: float, lip: float, steps: int 
         nb = torch.sign(v) * (v.abs() - lam / lip).clamp_min(0)
         nt = (1 + math.sqrt(1 + 4 * t * t)) / 2
         z = nb + (t - 1) / nt * (nb - b)
+        done = float((nb - b).abs().max()) < tol
         b, t = nb, nt
+        if done:
+            break
     return b
 
 
@@ -149,14 +156,14 @@ def lasso_select(stats: Stats, keep: int) -> list[int]:
     r = stats.r / d
     lo, hi = 0.0, 2 * float(r.abs().max()) + 1e-12  # at hi every beta is 0
     lip = 2 * float(torch.linalg.eigvalsh(G).max().clamp_min(1e-12))
-    best = _fista(G, r, lo, lip)
-    for _ in range(24):
+    best = dense = _fista(G, r, lo, lip)
+    for _ in range(16):
         mid = (lo + hi) / 2
-        beta = _fista(G, r, mid, lip)
+        beta = _fista(G, r, mid, lip, start=dense)
         if int((beta != 0).sum()) <= keep:
             hi, best = mid, beta
         else:
-            lo = mid
+            lo, dense = mid, beta
     order = sorted(range(len(stats.ids)), key=lambda i: (-float(best[i].abs()), i))
     return sorted(stats.ids[i] for i in order[:keep])
 
