@@ -17,7 +17,11 @@ The paper hashes fully connected layers; convolutions are hashed the same way ov
 their flattened ``[out, in/groups, kh, kw]`` weight. Converting a trained dense layer,
 ``init="project"`` starts from the least-squares projection of its weight onto the
 hashed subspace, ``w_k = mean_{j: h(j)=k} xi(j) W_j`` (what minimizes ``||W - V||^2``);
-``init="random"`` draws ``w`` like the paper's from-scratch training.
+``init="random"`` draws ``w`` like the paper's from-scratch training. A trained weight has
+little structure the hash can use, so the projection keeps about ``ratio`` of each layer's
+energy (``relative_sq_error`` ~ ``1 - ratio`` in the report): the converted network starts near
+chance and needs training, and at these ratios training from scratch did better
+(docs/sharing-methods.md).
 
 The hash is splitmix64 (Steele, Lea & Flood 2014) of the position mixed with the seed,
 computed with unsigned 64-bit integer arithmetic, so it is the same on every machine.
