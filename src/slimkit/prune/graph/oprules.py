@@ -573,6 +573,13 @@ def multihead_attention(op: ChannelOp) -> Any:
     return [None, None]
 
 
+#: attention written as one wrapped function (fx keeps it whole): its channels are kept
+for _key in ("function:torchvision.models.swin_transformer.shifted_window_attention",):
+    register_channel_rule(_key, lambda op: op.keep(f"{op.what}: fused window attention"))
+#: Swin's patch merging pads H and W of a channels-last tensor
+register_channel_rule("function:torchvision.models.swin_transformer._patch_merging_pad", "pass")
+
+
 @rule(F.scaled_dot_product_attention)
 def sdpa(op: ChannelOp) -> Any:
     """Attention ``softmax(q k^T) v``: the query/key feature dims are contracted together."""
