@@ -137,22 +137,24 @@ def run_shape(model: str, layer: str, conv: nn.Conv2d, shape, batch: int, thread
     return row
 
 
-def show(rows: list[dict], peaks: dict[int, float]) -> None:
+def show_header() -> None:
     print("| model | layer | input -> out, kernel | batch | threads | torch ms | "
           + " | ".join(ALGOS) + " | fastest slimkit | torch / fastest | torch % peak | fastest % peak |")
-    print("|---|---|---|---:|---:|---:|" + "---:|" * len(ALGOS) + "---|---:|---:|---:|")
-    for r in rows:
-        ms = r["ms"]
-        mine = {k: v for k, v in ms.items() if k != "torch"}
-        best = min(mine, key=mine.get) if mine else None
-        flops = 2 * r["macs"] / 1e9
-        cells = [f"{ms[a]:.2f}" if a in ms else "-" for a in ALGOS]
-        pk = peaks[r["threads"]]
-        tail = (f"{best} | {ms['torch'] / ms[best]:.2f} | {100 * flops / (ms['torch'] * 1e-3) / pk:.0f} % | "
-                f"{100 * flops / (ms[best] * 1e-3) / pk:.0f} %") if best else "- | - | " \
-            f"{100 * flops / (ms['torch'] * 1e-3) / pk:.0f} % | -"
-        print(f"| {r['model']} | {r['layer']} | {r['shape']} | {r['batch']} | {r['threads']} | {ms['torch']:.2f} | "
-              + " | ".join(cells) + f" | {tail} |")
+    print("|---|---|---|---:|---:|---:|" + "---:|" * len(ALGOS) + "---|---:|---:|---:|", flush=True)
+
+
+def show(r: dict, peaks: dict[int, float]) -> None:
+    ms = r["ms"]
+    mine = {k: v for k, v in ms.items() if k != "torch"}
+    best = min(mine, key=mine.get) if mine else None
+    flops = 2 * r["macs"] / 1e9
+    cells = [f"{ms[a]:.2f}" if a in ms else "-" for a in ALGOS]
+    pk = peaks[r["threads"]]
+    tail = (f"{best} | {ms['torch'] / ms[best]:.2f} | {100 * flops / (ms['torch'] * 1e-3) / pk:.0f} % | "
+            f"{100 * flops / (ms[best] * 1e-3) / pk:.0f} %") if best else "- | - | " \
+        f"{100 * flops / (ms['torch'] * 1e-3) / pk:.0f} % | -"
+    print(f"| {r['model']} | {r['layer']} | {r['shape']} | {r['batch']} | {r['threads']} | {ms['torch']:.2f} | "
+          + " | ".join(cells) + f" | {tail} |", flush=True)
 
 
 def show_errors(rows: list[dict]) -> None:
@@ -223,12 +225,13 @@ def main() -> None:
         print("measured peak (2048^3 fp32 GEMM): "
               + ", ".join(f"{t} thread(s) {g:.1f} GFLOP/s" for t, g in peaks.items()))
         rows = []
+        show_header()
         for model in args.models:
             for layer, conv, shape in conv_shapes(model, args.all_shapes):
                 for batch in args.batch:
                     for threads in args.threads:
                         rows.append(run_shape(model, layer, conv, shape, batch, threads, args.repeats))
-        show(rows, peaks)
+                        show(rows[-1], peaks)
         show_errors(rows)
         show_f4(rows)
         result.update(peaks=peaks, rows=rows)
