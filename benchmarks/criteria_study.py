@@ -285,7 +285,9 @@ def plot(res: dict, path: Path, kind: str) -> None:
             ax.bar([i + offset for i in xs], [v["mean"] for v in vals], 0.4, yerr=[v["std"] for v in vals],
                    color=color, label=f"{key} fine-tune", capsize=3)
         ax.axhline(r["dense"]["mean"], color="k", lw=0.8, ls="--", label="dense")
-        ax.set_xticks(list(xs), [LABEL[m].split(" (")[0] for m in methods], rotation=30, ha="right", fontsize=8)
+        names = [LABEL[m].split(" (")[0] + (f"\n{r['methods'][m]['sparsity']['mean']:.0%} sparse"
+                                           if "sparsity" in r["methods"][m] else "") for m in methods]
+        ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
     axes[0][0].legend(fontsize=8, loc="lower left")
