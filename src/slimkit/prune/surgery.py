@@ -34,13 +34,17 @@ SurgeryHandler = Callable[[nn.Module, str, torch.Tensor], None]
 SURGERY_HANDLERS: Registry[SurgeryHandler] = Registry("surgery handler")
 
 
-def register_surgery_handler(cls: type[nn.Module], handler: SurgeryHandler) -> None:
+def register_surgery_handler(cls: type[nn.Module] | str, handler: SurgeryHandler) -> None:
     """Cut layers of class ``cls`` (and subclasses) with ``handler(module, role, keep)``.
 
-    ``role`` is the member axis (``out``, ``in`` or one a channel rule named) and ``keep``
-    the sorted positions that stay (a LongTensor). A later registration replaces an earlier one.
+    ``cls``: the class, or its qualified name (``"timm.layers.mixed_conv2d.MixedConv2d"``:
+    no import needed). ``role`` is the member axis (``out``, ``in`` or one a channel rule
+    named) and ``keep`` the sorted positions that stay (a LongTensor). Layers are cut deepest
+    first (children before their parent), a layer's ``out`` before its ``in``. A later
+    registration replaces an earlier one.
     """
-    SURGERY_HANDLERS._entries[f"module:{qualified_name(cls)}".lower()] = handler
+    name = cls if isinstance(cls, str) else qualified_name(cls)
+    SURGERY_HANDLERS._entries[f"module:{name}".lower()] = handler
 
 
 def handler_for(module: nn.Module) -> SurgeryHandler | None:
@@ -166,7 +170,17 @@ def _layer_norm(m: nn.LayerNorm, role: str, keep: torch.Tensor) -> None:
     cut_tensor(m, "bias", keep, 0)
 
 
+def _mixed_conv(m: nn.Module, role: str, keep: torch.Tensor) -> None:
+    """timm's MixedConv2d: its ``split`` axis (the input channels) sets ``splits`` (its convs are cut on their own)."""
+    bounds = np.cumsum([0, *m.splits])
+    kept = keep.numpy()
+    m.splits = [int(((kept >= a) & (kept < b)).sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    m.in_channels = sum(m.splits)
+    m.out_channels = sum(c.out_channels for c in m.values())
+
+
 _PER_CHANNEL = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
+register_surgery_handler("timm.layers.mixed_conv2d.MixedConv2d", _mixed_conv)
 register_surgery_handler(nn.modules.conv._ConvNd, _conv)
 register_surgery_handler(nn.Linear, sliced({"weight": 0, "bias": 0}, {"weight": 1},
                                            {"out": "out_features", "in": "in_features"}))
@@ -207,8 +221,8 @@ def prune_units_(model: nn.Module, graph: ChannelGraph, unit_ids: Iterable[int])
     modules = dict(model.named_modules())
     changes = []
     removals = removals_for(graph, unit_ids)
-    for (name, role), drop in sorted(removals.items(), key=lambda item: (item[0][0], item[0][1] != "out",
-                                                                          item[0][1])):
+    for (name, role), drop in sorted(removals.items(), key=lambda item: (-item[0][0].count("."), item[0][0],
+                                                                          item[0][1] != "out", item[0][1])):
         size = len(graph.axes[(name, role)])
         _cut(name, modules[name], role, drop, size)
         changes.append({"layer": name, "axis": role, "before": int(size), "after": int(size - len(drop))})

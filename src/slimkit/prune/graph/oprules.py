@@ -919,6 +919,37 @@ def einsum(op: ChannelOp) -> Any:
     return einsum_core(op, list(zip(operands, lhs.split(","), strict=True)), out)
 
 
+def mixed_conv(op: ChannelOp) -> Any:
+    """timm's ``MixedConv2d`` (MixNet): the input is split by ``splits`` among convs of several kernel sizes
+    and their outputs concatenated; each piece follows its conv, the ``split`` axis updates ``splits``.
+    Even splits lose as many channels each (no kernel size is emptied); uneven ones are kept."""
+    x, m = op.x, op.module
+    if x is not None and x.dims != (1,):
+        return op.unsupported(f"{op.what} on channels outside dim 1")
+    in_slots = x.slots if x is not None else op.new_fixed(m.in_channels, "model input")
+    if len(set(m.splits)) == 1:  # every kernel size keeps as many inputs (none is emptied)
+        op.grouped(in_slots, len(m.splits), f"input of {op.name} split among {len(m.splits)} kernel sizes")
+    elif len(m.splits) > 1:
+        op.fix(Ann((1,), in_slots), f"input of {op.name} split unevenly among kernel sizes")
+    outs, start = [], 0
+    for i, (conv, n) in enumerate(zip(m.values(), m.splits, strict=True)):
+        piece, start, child = in_slots[start:start + n], start + n, f"{op.name}.{i}"
+        if conv.groups == 1:
+            op.member(child, "in", piece)
+            outs.append(op.produce(child, 1, "out", size=conv.out_channels).slots)
+        elif conv.groups == conv.in_channels:
+            outs.append(np.repeat(piece, conv.out_channels // conv.in_channels))
+            op.member(child, "out", outs[-1])
+        else:
+            op.fix(Ann((1,), piece), f"grouped conv {child} inside {op.name}")
+            outs.append(op.new_fixed(conv.out_channels, f"grouped conv {child} inside {op.name}"))
+    op.member(op.name, "split", in_slots)
+    return Ann((1,), np.concatenate(outs))
+
+
+register_channel_rule("module:timm.layers.mixed_conv2d.MixedConv2d", mixed_conv)
+
+
 @rule(F.embedding, nn.Embedding)
 def embedding(op: ChannelOp) -> Any:
     return op.keep(f"{op.what}: indices")
