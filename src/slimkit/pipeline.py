@@ -247,7 +247,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
                                                     report.get("baseline_bytes")).to_dict()
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     report["final_model"] = str(paths.root / "model.pt")
-    _publish(paths, report, write_report)
+    _publish(paths, report, write_report, figures=True)
     return report
 
 
@@ -282,6 +282,7 @@ def _previous_rows(paths: RunPaths) -> list[dict[str, Any]]:
         return []
 
 
-def _publish(paths: RunPaths, report: dict[str, Any], write_report: Callable[..., None]) -> None:
+def _publish(paths: RunPaths, report: dict[str, Any], write_report: Callable[..., None], *,
+             figures: bool = False) -> None:
     if dist.is_main():
-        write_report(paths.root, report)
+        write_report(paths.root, report, figures=figures)

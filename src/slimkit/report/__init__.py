@@ -182,15 +182,21 @@ def plot_accuracy_vs_size(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: str | Path, report: dict[str, Any]) -> None:
-    """Write report.json, report.md, report.html and accuracy_vs_size.png into ``run_dir`` atomically."""
-    from slimkit.report.html import write_run_html
+def write_report(run_dir: str | Path, report: dict[str, Any], *, figures: bool = True) -> None:
+    """Write report.json, report.md and (``figures``) report.html and accuracy_vs_size.png into ``run_dir``.
 
+    Every file is written atomically. ``figures=False`` writes only the JSON and the Markdown table: a run
+    refreshes those after every stage and draws the plots (about a second each with matplotlib) once at
+    its end; ``slimkit report RUN_DIR`` draws them for a run that stopped early.
+    """
     run_dir = Path(run_dir)
     atomic_write_bytes(run_dir / "report.json", json.dumps(report, indent=2, default=str).encode())
     atomic_write_bytes(run_dir / "report.md", render_markdown(report).encode())
-    plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
-    write_run_html(run_dir, report)
+    if figures:
+        from slimkit.report.html import write_run_html
+
+        plot_accuracy_vs_size(report, run_dir / "accuracy_vs_size.png")
+        write_run_html(run_dir, report)
 
 
 def read_report(run_dir: str | Path) -> dict[str, Any]:
