@@ -85,3 +85,20 @@ def test_save_load_reproduces_outputs(tmp_path, name):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LITERATURE)
+def test_recipe_builds_measures_and_saves_the_model(tmp_path, name):
+    """``model: NAME`` in a recipe, no training (an epoch of NiN costs minutes on a busy 2-core CPU)."""
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+
+    recipe = parse_recipe({"name": f"{name}-zero-epochs", "model": name, "data": "digits", "image_size": 8,
+                           "latency_runs": 1, "train": {"epochs": 0}, "stages": [{"train": {}}]})
+    report = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda _m: None)
+    baseline = report["stages"][0]
+    assert baseline["params"] == sum(p.numel() for p in create_model(name, 10, 1).parameters())
+    assert 0.0 <= baseline["accuracy"] <= 100.0 and baseline["macs"] > 0
+    saved = load_model(tmp_path / "run" / "models" / "00-baseline.pt")
+    assert sum(p.numel() for p in saved.parameters()) == baseline["params"]
