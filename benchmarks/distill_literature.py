@@ -19,7 +19,8 @@ conv2 [50, 8, 8], relu = ReLU(fc1) [500]; student: block1 [20, 28, 28], block2 [
 - TAKD: teacher -> auto-sized plain-CNN assistant -> student, KD at each step.
 
     .venv/bin/python benchmarks/distill_literature.py                      # digits, 3 seeds, 4 epochs
-    .venv/bin/python benchmarks/distill_literature.py --seeds 2 --epochs 3
+    .venv/bin/python benchmarks/distill_literature.py --seed-list 1 --out runs/dl1   # one seed per process
+    .venv/bin/python benchmarks/distill_literature.py --merge runs/dl0/results.json runs/dl1/results.json
     .venv/bin/python benchmarks/distill_literature.py --data cifar10 --download --teacher-epochs 40 \\
         --epochs 30 --seeds 3                                               # on a GPU
 
@@ -90,32 +91,54 @@ def run(args) -> dict:
     sizes = {n: count_params(build_student(n, data.num_classes, data.in_channels)) for n in (STUDENT, assistant)}
     print(f"teacher {TEACHER}: {teacher_acc:.2f}% ({count_params(teacher)} params); student {STUDENT} "
           f"({sizes[STUDENT]}); TAKD assistant {assistant} ({sizes[assistant]})", flush=True)
-    results: dict[str, list[float]] = {name: [] for name in [*METHODS, "TAKD"]}
-    for seed in range(args.seeds):
+    result = {"data": args.data, "teacher": TEACHER, "teacher_accuracy": teacher_acc,
+              "teacher_params": count_params(teacher), "student": STUDENT, "student_params": sizes[STUDENT],
+              "assistant": assistant, "epochs": args.epochs, "runs": {name: {} for name in [*METHODS, "TAKD"]}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in args.seed_list or range(args.seeds):
         cfg = TrainConfig(epochs=args.epochs, lr=args.lr, seed=seed)
         for name, spec in METHODS.items():
             acc, _ = train(STUDENT, teacher, spec, data, cfg)
-            results[name].append(acc)
+            result["runs"][name][str(seed)] = acc
             print(f"  seed {seed} {name:10s} {acc:6.2f}%", flush=True)
+            (out / "results.json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
         acc_a, ta = train(assistant, teacher, KD, data, cfg)
         acc, _ = train(STUDENT, ta.eval(), KD, data, cfg)
-        results["TAKD"].append(acc)
+        result["runs"]["TAKD"][str(seed)] = acc
         print(f"  seed {seed} {'TAKD':10s} {acc:6.2f}%  (assistant {acc_a:.2f}%)", flush=True)
-    table = {name: _stats(v) for name, v in results.items()}
-    base = results["CE alone"]
-    print(f"\n{STUDENT} student on {args.data}, {args.seeds} seeds x {args.epochs} epochs (SGD lr {args.lr}); teacher "
-          f"{TEACHER} {teacher_acc:.2f}%; {time.perf_counter() - started:.0f} s")
-    print("\n| method | test accuracy, mean ± std | paired gain over CE alone, mean (min, max) | runs |")
-    print("|---|---|---|---|")
-    for name, s in table.items():
-        gains = [a - b for a, b in zip(s["runs"], base)]
-        print(f"| {name} | {s['mean']:.2f} ± {s['std']:.2f} | {statistics.mean(gains):+.2f} "
-              f"({min(gains):+.2f}, {max(gains):+.2f}) | {', '.join(f'{v:.1f}' for v in s['runs'])} |")
-    result = {"data": args.data, "teacher": TEACHER, "teacher_accuracy": teacher_acc,
-              "teacher_params": count_params(teacher), "student": STUDENT, "student_params": sizes[STUDENT],
-              "assistant": assistant, "seeds": args.seeds, "epochs": args.epochs, "methods": table}
-    _plot(table, result, Path(args.plot))
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"{time.perf_counter() - started:.0f} s; results: {out / 'results.json'}")
     return result
+
+
+def summarize(results: list[dict], plot: Path) -> dict:
+    """Merge per-process results (their seeds), print the table with paired gains over CE, draw the plot."""
+    first = results[0]
+    runs: dict[str, dict[str, float]] = {name: {} for name in first["runs"]}
+    for r in results:
+        for name, per_seed in r["runs"].items():
+            runs[name].update(per_seed)
+    base = runs["CE alone"]
+    table = {}
+    print(f"\n{first['student']} ({first['student_params']} params) on {first['data']}, {first['epochs']} epochs "
+          f"(SGD lr 0.05, batch 64); teacher {first['teacher']} {first['teacher_accuracy']:.2f}% "
+          f"({first['teacher_params']} params); TAKD assistant {first['assistant']}")
+    print("\n| method | seeds | test accuracy, mean ± std | paired gain over CE alone, mean (min, max) | runs |")
+    print("|---|---|---|---|---|")
+    for name, per_seed in runs.items():
+        seeds = sorted(per_seed, key=int)
+        if not seeds:
+            continue
+        values = [per_seed[s] for s in seeds]
+        table[name] = _stats(values)
+        gains = [per_seed[s] - base[s] for s in seeds if s in base]
+        gain = f"{statistics.mean(gains):+.2f} ({min(gains):+.2f}, {max(gains):+.2f})" if gains else "-"
+        print(f"| {name} | {len(seeds)} | {table[name]['mean']:.2f} ± {table[name]['std']:.2f} | {gain} | "
+              f"{', '.join(f'{v:.1f}' for v in values)} |")
+    merged = {**first, "runs": runs, "methods": table, "seeds": max(len(v) for v in runs.values())}
+    _plot(table, merged, plot)
+    return merged
 
 
 def _plot(table: dict, result: dict, path: Path) -> None:
@@ -156,17 +179,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="student epochs (SGD, batch 64)")
     parser.add_argument("--teacher-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed-list", type=int, nargs="+", help="run these seeds instead of 0..seeds-1 "
+                        "(several processes in parallel, then --merge)")
     parser.add_argument("--out", default="runs/distill_literature")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="only merge these results files: "
+                        "table and plot")
     parser.add_argument("--plot", default="docs/figures/distill_literature.png")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.image_size = args.image_size or None
     torch.set_num_threads(args.threads)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    print(f"results: {out / 'results.json'}")
+    if args.merge:
+        summarize([json.loads(Path(p).read_text()) for p in args.merge], Path(args.plot))
+        return
+    summarize([run(args)], Path(args.plot))
 
 
 if __name__ == "__main__":
