@@ -208,7 +208,7 @@ def part_channels(args, data) -> dict:
     x = torch.zeros(1, *data.input_shape)
     out = {}
     for name in args.models:
-        rows: dict[str, dict[str, list]] = {m: {} for m in CHANNEL_METHODS}
+        rows: dict[str, dict[str, list]] = {m: {} for m in args.channel_methods}
         dense_acc, dense_params, dense_macs = [], 0, 0
         for seed in range(args.seeds):
             torch.manual_seed(seed)
@@ -220,7 +220,7 @@ def part_channels(args, data) -> dict:
             dense_params = sum(p.numel() for p in dense.parameters())
             dense_macs = int(count_macs(dense, x.to(next(dense.parameters()).device)))
             tune = TrainConfig(epochs=args.finetune_epochs, batch_size=args.batch_size, seed=seed, **TUNE[name])
-            for method in CHANNEL_METHODS:
+            for method in args.channel_methods:
                 r = channel_run(method, dense, data, x, args, tune)
                 for k, v in r.items():
                     rows[method].setdefault(k, []).append(v)
@@ -261,7 +261,7 @@ def channels_md(res: dict, args) -> str:
                 f"{r['dense_macs'] / 1e6:.2f} M MACs", "",
                 "| method | params | MACs (M) | before fine-tune (%) | after fine-tune (%) | pruning time (s) |",
                 "|---|---:|---:|---:|---:|---:|"]
-        for m in CHANNEL_METHODS:
+        for m in [m for m in CHANNEL_METHODS if m in r["methods"]]:
             s = r["methods"][m]
             out.append(f"| {LABEL[m]} | {s['params']['mean']:,.0f} | {s['macs']['mean'] / 1e6:.2f} | "
                        f"{_fmt(s['before'])} | {_fmt(s['after'])} | {s['prune_s']['mean']:.1f} |")
@@ -314,6 +314,7 @@ def main() -> None:
     p.add_argument("--l0-init-drop", type=float, default=0.5, help="l0 part: initial gate drop rate")
     p.add_argument("--l0-epochs", type=int, nargs="+", default=[2, 8], help="l0 part: fine-tune epochs")
     p.add_argument("--models", nargs="+", default=["resnet20-cifar", "mobilenet_v3_small"])
+    p.add_argument("--channel-methods", nargs="+", default=list(CHANNEL_METHODS), choices=CHANNEL_METHODS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/criteria_study")
     args = p.parse_args()
