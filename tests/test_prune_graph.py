@@ -438,3 +438,31 @@ def test_docs_custom_layer_example_is_refused_then_pruned(capsys):
     block = doc.split("<!-- example: custom layer -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
     exec(compile(block, "docs/structured-pruning.md", "exec"), {})
     assert "function unfold" in capsys.readouterr().out
+
+
+class ConstantViews(nn.Module):
+    """``scale.view(self.shape)`` (timm's Scale2d) and a view of the activations with a channel count baked in."""
+
+    def __init__(self, baked: bool):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+        self.scale, self.shape = nn.Parameter(torch.ones(8)), (8, 1, 1)
+        self.head, self.baked = nn.Linear(8, 2), baked
+
+    def forward(self, x):
+        y = self.b(self.a(x) * self.scale.view(self.shape))
+        y = y.view(x.shape[0], 8, -1) if self.baked else y.flatten(2)
+        return self.head(y.mean(2))
+
+
+def test_constant_shapes_keep_their_channels_or_leave_the_model_unchanged():
+    from slimkit.prune import structured_
+
+    net = ConstantViews(baked=False)
+    structured_(net, X, {"ratio": 0.5})
+    assert net.a.out_channels == 8 and net.b.out_channels == 4  # scale's fixed view keeps a's channels
+    net = ConstantViews(baked=True)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="would break its forward .*left as it was"):
+        structured_(net, X, {"ratio": 0.5})
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net(X).shape == (1, 2)

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.config import Config
-from slimkit.exceptions import ConfigError
+from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph, gc_paused
 from slimkit.prune.graph.macs import traced_macs
@@ -253,7 +253,18 @@ def structured_(
     if cfg.target != "channels" and cfg.ratio > 0:
         ratio = _solve_ratio(model, example_inputs, graph, groups, scores, cfg, params_before, macs_before)
     unit_ids = select_units(groups, scores, ratio, cfg)
-    changes = prune_units_(model, graph, unit_ids)
+    modules = dict(model.named_modules())
+    snapshot = _snapshot(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
+    try:
+        changes = prune_units_(model, graph, unit_ids)
+        macs_after = _graph_macs(graph, model, example_inputs)
+    except Exception as err:  # a forward the graph did not foresee: leave the model as it was
+        _restore(snapshot)
+        text = str(err).strip().splitlines()
+        raise UnsupportedModelError(
+            f"pruning {type(model).__name__} would break its forward ({type(err).__name__}: "
+            f"{text[0] if text else ''}); the model is left as it was: keep the layers involved with ignore, "
+            "or describe the op with slimkit.prune.register_channel_rule") from None
     chosen = set(unit_ids)
     group_rows = [
         {"group": g.name, "before": len(g.units), "after": len([u for u in g.units if u not in chosen])}
@@ -263,7 +274,7 @@ def structured_(
         criterion=cfg.criterion, scope=cfg.scope, ratio=float(ratio), target=cfg.target,
         units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
         params_before=params_before, params_after=_params(model),
-        macs_before=macs_before, macs_after=_graph_macs(graph, model, example_inputs),
+        macs_before=macs_before, macs_after=macs_after,
         groups=group_rows, layers=changes, skipped=skipped, warnings=list(graph.warnings),
     )
 

@@ -31,6 +31,15 @@ def meta_shapes(value: Any) -> Any:
     return None
 
 
+_RESHAPES = {"view", "reshape", torch.reshape, "expand"}
+
+
+def _constant_shape(args: tuple) -> bool:
+    """A target shape written as constants only (no ``-1``, nothing computed at run time)."""
+    flat = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+    return bool(flat) and all(isinstance(a, int) and a > 1 or a == 1 for a in flat) and any(a > 1 for a in flat)
+
+
 class Builder:
     """State of one graph build; ``norm_channels`` is ``keep`` or ``prune`` (see build_graph)."""
 
@@ -149,4 +158,6 @@ class Builder:
             others.setdefault(ref.target, ref.shape)
             others.update(dict(ref.others))
         others.pop(first.target, None)
-        return ParamRef(first.target, first.shape, tuple(others.items()))
+        frozen = any(r.frozen for r in refs) or (
+            node.target in _RESHAPES and _constant_shape(node.args[1:]) and len(node.args) > 1)
+        return ParamRef(first.target, first.shape, tuple(others.items()), frozen)

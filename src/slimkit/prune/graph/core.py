@@ -83,6 +83,8 @@ class ParamRef:
     target: str
     shape: tuple[int, ...]
     others: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: reshaped to a shape written as constants (``view(self.shape)``): it cannot lose channels
+    frozen: bool = False
 
     @property
     def owner(self) -> str:

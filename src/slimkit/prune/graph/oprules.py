@@ -128,6 +128,8 @@ def permute(x: Ann | None, perm: list[int]) -> Any:
 
 def _param_axis(ref: ParamRef, meta: tuple[int, ...], local: int) -> int | None:
     """Axis of the parameter ``ref`` that dim ``local`` of its current value (shape ``meta``) is."""
+    if ref.frozen:
+        return None
     if tuple(meta) == tuple(ref.shape):
         return local
     big = [i for i, s in enumerate(ref.shape) if s > 1]
