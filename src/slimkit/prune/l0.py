@@ -27,9 +27,9 @@ per gate; the paper's ``lambda / N``). At test time the gate is deterministic,
   zero channels physically (:func:`slimkit.prune.surgery.prune_units_`).
 
 >>> import torch
->>> gate = HardConcrete((1000,), init_drop=0.3)
->>> round(float(gate.expected_l0()) / 1000, 2)
-0.7
+>>> gate = HardConcrete((1000,), init_drop=0.3)  # log_alpha = log(0.7 / 0.3)
+>>> round(float(gate.expected_l0().detach()) / 1000, 2)  # sigmoid(0.85 - (2/3) log(0.1 / 1.1))
+0.92
 >>> bool((HardConcrete((3,), init_drop=0.999).deterministic() == 0).all())
 True
 """
@@ -61,7 +61,7 @@ class L0Config(Config):
     lam: float = Field(0.05, ge=0, description="penalty per gate on P(z != 0)")
     layers: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] | None = Field(None, description="default: none for weights, the classifier for channels")
-    init_drop: float = Field(0.1, gt=0, lt=1, description="initial P(z = 0)-like drop rate of log_alpha")
+    init_drop: float = Field(0.1, gt=0, lt=1, description="log_alpha starts at log((1 - p) / p) (the paper code)")
     gate_lr: float = Field(100.0, gt=0, description="SGD steps move log_alpha this many times as far as the weights")
     beta: float = Field(2 / 3, gt=0)
     gamma: float = Field(-0.1, lt=0)
