@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimkit.deploy.stages import Int8StageConfig
 from slimkit.encode import load, save
 from slimkit.encode.container import read_state
 from slimkit.exceptions import ConfigError
@@ -15,7 +16,6 @@ from slimkit.quantize import binarize_, quantize_
 from slimkit.quantize.fake import quant_layers
 from slimkit.quantize.packing import pack_bits, packed_nbytes, unpack_bits
 from slimkit.quantize.sensitivity import Sensitivity, choose_bits, fold_copy, layer_sensitivity
-from slimkit.deploy.stages import Int8StageConfig
 
 
 # --- runner ------------------------------------------------------------------------------
