@@ -151,15 +151,25 @@ def _shared_payload(module: nn.Module, flags: int, formats: tuple[str, ...]) -> 
     index = module._buffers["weight_index"].detach().cpu().numpy().astype(np.int64)
     codebook = module._buffers["weight_codebook"].detach().cpu().float().numpy()
     weight = module.weight.detach().cpu().float().numpy()
-    k = codebook.size
     expected = np.where(index >= 0, codebook[np.clip(index, 0, None)], 0).astype(np.float32)
     if not np.array_equal(expected, weight):
         raise ModelStateError("weight differs from its codebook[index]; "
                               "call slimkit.quantize.sharing.sync_centroids first")
-    symbols = (index + 1).ravel()  # 0 = zero, 1 + i = centroid i
-    layout = choose_layout(symbols, index.shape, k + 1, formats)
+    return codebook_payload(flags, index, codebook, formats)
+
+
+def codebook_payload(head: int, index: np.ndarray, codebook: np.ndarray,
+                     formats: tuple[str, ...] = FORMATS) -> tuple[bytes, Layout, int]:
+    """(payload, layout, kept entries) of a codebook record (``SHARED``, and ``DCT`` in ``slimkit.encode.dct``).
+
+    ``index``: int array of any shape, ``-1`` = zero/dropped, ``i`` = ``codebook[i]``; ``codebook``: ``k``
+    floats. Payload: ``u8 head | u8 ndim | u32 dims | u16 k | f32 codebook[k] | layout``, the layout being
+    the Huffman-coded symbols ``0`` = zero, ``1 + i`` = centroid ``i`` in the format that stores them smallest.
+    """
+    k = codebook.size
+    layout = choose_layout((index + 1).ravel(), index.shape, k + 1, formats)
     w = _Writer()
-    w.u8(flags)
+    w.u8(head)
     w.u8(index.ndim)
     for d in index.shape:
         w.u32(d)

@@ -40,16 +40,16 @@ from __future__ import annotations
 import math
 import struct
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-from slimkit.config import Config
-from slimkit.exceptions import ConfigError, CorruptFileError
-from slimkit.selection import matches, select_modules
+from slimkit.exceptions import ConfigError, CorruptFileError, ModelStateError
+from slimkit.quantize.sharing import ShareConfig, set_buffer
+from slimkit.selection import select_modules
 from slimkit.train import StepInfo, TrainHooks
 
 CODEBOOK = "dct_codebook"
@@ -98,39 +98,16 @@ def synthesize(codebook: torch.Tensor, index: torch.Tensor, transform: str) -> t
     return inverse_dct(coeffs, transform).to(torch.float32)
 
 
-class DCTConfig(Config):
-    """Settings of the ``dct`` stage: bits per coefficient and dropped fraction, per layer type or glob."""
+class DCTConfig(ShareConfig):
+    """Settings of the ``dct`` stage: bits per coefficient and dropped fraction, per layer type or glob.
+
+    ``per_layer``, ``init``, ``max_iter``, ``layers``, ``ignore`` and ``seed`` mean what they mean in the
+    ``share`` stage (:class:`slimkit.quantize.sharing.ShareConfig`); the k-means runs on DCT coefficients.
+    """
 
     conv_bits: int = Field(5, ge=1, le=15, description="bits per shared coefficient in Conv layers")
     linear_bits: int = Field(5, ge=1, le=15, description="bits per shared coefficient in Linear layers")
-    per_layer: dict[str, int] = Field(default_factory=dict, description="glob -> bits, first match wins")
     zero_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of smallest |coefficients| set to 0")
-    init: Literal["linear", "density", "random"] = "linear"
-    max_iter: int = Field(300, ge=1)
-    layers: tuple[str, ...] = ("*",)
-    ignore: tuple[str, ...] = ()
-    seed: int = 0
-
-    @field_validator("per_layer")
-    @classmethod
-    def _check_bits(cls, value: dict[str, int]) -> dict[str, int]:
-        for glob, bits in value.items():
-            if not 1 <= int(bits) <= 15:
-                raise ValueError(f"per_layer[{glob!r}] must be a bit width in 1..15, got {bits}")
-        return value
-
-    def bits_for(self, name: str, module: nn.Module) -> int:
-        for glob, bits in self.per_layer.items():
-            if matches(name, (glob,)):
-                return int(bits)
-        return self.linear_bits if isinstance(module, nn.Linear) else self.conv_bits
-
-
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    if name in module._buffers:
-        module._buffers[name] = value
-    else:
-        module.register_buffer(name, value)
 
 
 @torch.no_grad()
@@ -155,8 +132,8 @@ def dct_layer_(module: nn.Module, bits: int, zero_fraction: float = 0.0, init: s
         result = kmeans_1d(flat[keep], k, init=init, max_iter=max_iter, seed=seed)
         codebook = result.centroids.astype(np.float32)
         index[keep] = result.labels.astype(np.int16)
-    _set_buffer(module, CODEBOOK, torch.from_numpy(codebook).to(weight.device))
-    _set_buffer(module, INDEX, torch.from_numpy(index).view(weight.shape).to(weight.device))
+    set_buffer(module, CODEBOOK, torch.from_numpy(codebook).to(weight.device))
+    set_buffer(module, INDEX, torch.from_numpy(index).view(weight.shape).to(weight.device))
     original = weight.detach().double().clone()
     _write_weights(module)
     error = float((weight.double() - original).pow(2).sum() / original.pow(2).sum().clamp(min=1e-30))
@@ -256,36 +233,16 @@ def dct_payload(module: nn.Module, formats: tuple[str, ...]) -> tuple[bytes, Any
     layout (Huffman streams of the symbols ``0`` = dropped, ``1 + i`` = centroid ``i``) as in
     a ``SHARED`` record. Raises ValueError when the weight differs from its codebook.
     """
-    from slimkit.encode.container import _Writer
-    from slimkit.encode.sparse import FORMATS, choose_layout
+    from slimkit.encode.container import codebook_payload
 
     index_t, codebook_t = module._buffers[INDEX], module._buffers[CODEBOOK]
     transform = transform_of(tuple(module.weight.shape))
     if not torch.equal(synthesize(codebook_t, index_t, transform), module.weight.detach().cpu().float()):
-        raise ValueError("weight differs from the inverse DCT of its codebook; call "
+        raise ModelStateError("weight differs from the inverse DCT of its codebook; call "
                          "slimkit.encode.dct.sync_dct_centroids first")
     index = index_t.detach().cpu().numpy().astype(np.int64)
     codebook = codebook_t.detach().cpu().float().numpy()
-    k = codebook.size
-    layout = choose_layout((index + 1).ravel(), index.shape, k + 1, formats)
-    w = _Writer()
-    w.u8(TRANSFORMS.index(transform))
-    w.u8(index.ndim)
-    for d in index.shape:
-        w.u32(d)
-    w.u16(k)
-    w.raw(codebook.astype("<f4").tobytes())
-    w.u8(FORMATS.index(layout.format))
-    w.u8(layout.gap_bits)
-    w.u32(layout.value_count)
-    w.lengths(layout.value_lengths)
-    w.blob(layout.values)
-    if layout.format in ("csr", "csc"):
-        w.lengths(layout.gap_lengths)
-        w.blob(layout.gaps)
-    if layout.format == "bitmask":
-        w.blob(layout.bitmask)
-    return w.getvalue(), layout, int((index >= 0).sum())
+    return codebook_payload(TRANSFORMS.index(transform), index, codebook, formats)
 
 
 def decode_dct_record(payload: bytes, what: str, prefix: str) -> dict[str, torch.Tensor]:

@@ -69,7 +69,8 @@ class ShareConfig(Config):
         return self.linear_bits if isinstance(module, nn.Linear) else self.conv_bits
 
 
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set buffer ``name`` of ``module`` to ``value``, registering it on first use."""
     if name in module._buffers:
         module._buffers[name] = value
     else:
@@ -95,8 +96,8 @@ def share_layer_(module: nn.Module, bits: int, init: str = "linear", max_iter: i
         inertia, used = result.inertia, int(np.unique(result.labels).size)
     codebook_t = torch.from_numpy(codebook).to(weight.device)
     index_t = torch.from_numpy(index).view(weight.shape).to(weight.device)
-    _set_buffer(module, CODEBOOK, codebook_t)
-    _set_buffer(module, INDEX, index_t)
+    set_buffer(module, CODEBOOK, codebook_t)
+    set_buffer(module, INDEX, index_t)
     _write_weights(module)
     return {"weights": flat.size, "nonzeros": int(nonzero.sum()), "bits": bits, "clusters": k,
             "clusters_used": used, "inertia": round(inertia, 8)}
