@@ -1,4 +1,6 @@
-"""The seeds' MobileNetV3 pruning study (filter sparsity x BN gamma), at the scale the machine allows.
+"""The MobileNetV3 pruning study of Liu & Lei 2022 (filter sparsity x BN gamma), at the scale the machine allows.
+
+Liu & Lei 2022: "A Structured Pruning Method Integrating Characteristics of MobileNetV3".
 
 The method (see docs/mobilenetv3-study.md and /work/shared/REFERENCES.md): sparse-train
 with ``lam * sum |gamma|`` on every BatchNorm scale; score each output channel of the

@@ -161,7 +161,7 @@ def run(args) -> dict:
 
 def summarize(rows: dict, dense_acc: list[float], dense_bytes: int, args, started: float, seeds: int,
               final: bool = False) -> dict:
-    """Print the table over the seeds done so far, write ``results.json`` and the plot."""
+    """Print the table over every seed done so far, write ``results.json`` and the plot."""
     table = {k: {**v, "before": _stats(v["before"]), "after": _stats(v["after"]),
                  "bytes_mean": statistics.mean(v["bytes"])} for k, v in rows.items()}
     print(f"\n{args.model} on {args.data}: dense {statistics.mean(dense_acc):.2f}% ({dense_bytes} B .slim, fp32); "

@@ -5,8 +5,9 @@ A unit a criterion cannot score (``bn_gamma`` on a unit without BatchNorm) gets 
 is skipped with a reason. Registered names: ``l1``, ``l2`` (filter norm, Li et al. 2017,
 "Pruning Filters for Efficient ConvNets"), ``bn_gamma`` (|BN scale|, Liu et al. 2017,
 "Learning Efficient Convolutional Networks through Network Slimming"), ``sparsity``
-(the seeds' filter sparsity S alone), ``sparsity_gamma`` (S x |gamma|, the MobileNetV3
-pruning paper of the seeds), ``taylor`` (first-order Taylor, Molchanov et al. 2019) and
+(the filter sparsity S of Liu & Lei 2022 alone), ``sparsity_gamma`` (S x |gamma|, Liu & Lei 2022,
+"A Structured Pruning Method Integrating Characteristics of MobileNetV3"), ``taylor``
+(first-order Taylor, Molchanov et al. 2019) and
 ``random`` (the baseline that keeps us honest).
 
 Filter sparsity: for filter ``n`` of layer ``l``, ``S_l(n)`` is the fraction of its
@@ -198,13 +199,13 @@ def filter_sparsity(model: nn.Module, graph: ChannelGraph) -> dict[int, float]:
 
 @CRITERIA.register("sparsity")
 def sparsity(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
-    """Filter sparsity ``S`` alone (the seeds' ablation)."""
+    """Filter sparsity ``S`` alone (the ablation of Liu & Lei 2022)."""
     return filter_sparsity(model, graph)
 
 
 @CRITERIA.register("sparsity_gamma")
 def sparsity_gamma(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
-    """``S x |gamma|``: the importance of the seeds' MobileNetV3 pruning method."""
+    """``S x |gamma|``: the importance of Liu & Lei 2022's MobileNetV3 pruning method."""
     s = filter_sparsity(model, graph)
     g = bn_gamma(model, graph, ctx)
     return {uid: s[uid] * g[uid] for uid in graph.units}

@@ -1,7 +1,7 @@
 """Sparsity-inducing penalties for channel pruning, as ``TrainHooks`` penalties.
 
 - :class:`BNL1Penalty`: ``lam * sum |gamma|`` over BatchNorm scales (Network Slimming, Liu
-  et al. 2017; the seeds' MobileNetV3 method uses ``lam = 1e-5``), which drives whole
+  et al. 2017; Liu & Lei 2022's MobileNetV3 method uses ``lam = 1e-5``), which drives whole
   channels towards zero so that ``bn_gamma`` / ``sparsity_gamma`` can find them.
 - :class:`GroupLassoPenalty`: ``lam * sum_n ||W_n||_2`` over the filters of conv layers
   (structured sparsity learning, SSL, Wen et al. 2016).

@@ -31,7 +31,7 @@ class SparseTrainConfig(Config):
     """Penalty added to the loss during the stage's fine-tune."""
 
     penalty: Literal["bn_l1", "group_lasso"] = "bn_l1"
-    lam: float = Field(1e-5, ge=0, description="penalty weight (the seeds use 1e-5 for bn_l1)")
+    lam: float = Field(1e-5, ge=0, description="penalty weight (Liu & Lei 2022 use 1e-5 for bn_l1)")
     layers: tuple[str, ...] = ("*",)
 
 
