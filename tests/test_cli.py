@@ -84,7 +84,8 @@ def test_profile_prints_layers(capsys):
         (["eval", "/nonexistent/model.pt"], "does not exist"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default run directories (runs/<name>) of earlier runs must not decide the error
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message.lower() in err.lower()
