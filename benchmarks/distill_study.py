@@ -319,8 +319,9 @@ def _plot_pruning(result: dict, path: Path) -> None:
     low = min(min(v) for v in runs)
     ax.set_ylim(max(0, low - 5), 100)
     ax.set_ylabel("test accuracy (%)")
+    n_seeds = result["seeds"]
     ax.set_title(f"resnet20-cifar pruned to {100 * result['pruned_macs_fraction']:.0f}% MACs, digits, "
-                 f"{result['seeds']} seeds x {result['finetune_epochs']} epochs", fontsize=9)
+                 f"{n_seeds} seeds x {result['finetune_epochs']} epochs", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -208,7 +208,8 @@ def _plot(table: dict, result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(".slim file size (KiB, log)")
     ax.set_ylabel("test accuracy after fine-tune (%)")
-    ax.set_title(f"{result['model']} on {result['data']}: equal bytes, mean ± std over {result['seeds']} seeds",
+    n_seeds = result["seeds"]
+    ax.set_title(f"{result['model']} on {result['data']}: equal bytes, mean ± std over {n_seeds} seeds",
                  fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
