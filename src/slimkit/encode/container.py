@@ -413,12 +413,8 @@ def _decode_raw(payload: bytes, what: str) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(array), flags
 
 
-def _decode_shared(payload: bytes, what: str) -> tuple[np.ndarray, np.ndarray, int]:
-    r = _Reader(payload, what)
-    flags = r.u8()
-    shape = tuple(r.u32() for _ in range(r.u8()))
-    k = r.u16()
-    codebook = np.frombuffer(r.take(4 * k), dtype="<f4").astype(np.float32)
+def read_layout(r: _Reader, k: int, what: str) -> Layout:
+    """The index layout that :func:`codebook_payload` wrote after a ``k``-entry codebook (Huffman streams)."""
     fmt_id = r.u8()
     if fmt_id >= len(FORMATS):
         raise CorruptFileError(f"{what}: unknown sparse format id {fmt_id}")
@@ -431,6 +427,16 @@ def _decode_shared(payload: bytes, what: str) -> tuple[np.ndarray, np.ndarray, i
         layout.gaps = r.blob()
     if layout.format == "bitmask":
         layout.bitmask = r.blob()
+    return layout
+
+
+def _decode_shared(payload: bytes, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+    r = _Reader(payload, what)
+    flags = r.u8()
+    shape = tuple(r.u32() for _ in range(r.u8()))
+    k = r.u16()
+    codebook = np.frombuffer(r.take(4 * k), dtype="<f4").astype(np.float32)
+    layout = read_layout(r, k, what)
     try:
         symbols = decode_layout(layout, shape)
     except CorruptFileError as err:

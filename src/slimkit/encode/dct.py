@@ -251,8 +251,8 @@ def decode_dct_record(payload: bytes, what: str, prefix: str) -> dict[str, torch
     A record that decodes to an impossible layer (unknown transform, a transform that does
     not fit the shape, indices outside the codebook) raises one-line CorruptFileError.
     """
-    from slimkit.encode.container import _Reader
-    from slimkit.encode.sparse import FORMATS, Layout, decode_layout
+    from slimkit.encode.container import _Reader, read_layout
+    from slimkit.encode.sparse import decode_layout
 
     r = _Reader(payload, what)
     transform_id = r.u8()
@@ -266,18 +266,7 @@ def decode_dct_record(payload: bytes, what: str, prefix: str) -> dict[str, torch
     if k == 0:
         raise CorruptFileError(f"{what}: DCT record with an empty codebook")
     codebook = np.frombuffer(r.take(4 * k), dtype="<f4").astype(np.float32)
-    fmt_id = r.u8()
-    if fmt_id >= len(FORMATS):
-        raise CorruptFileError(f"{what}: unknown sparse format id {fmt_id}")
-    layout = Layout(FORMATS[fmt_id], r.u8())
-    layout.value_count = r.u32()
-    layout.value_lengths = r.lengths(k + 1)
-    layout.values = r.blob()
-    if layout.format in ("csr", "csc"):
-        layout.gap_lengths = r.lengths(1 << layout.gap_bits)
-        layout.gaps = r.blob()
-    if layout.format == "bitmask":
-        layout.bitmask = r.blob()
+    layout = read_layout(r, k, what)
     if r.pos != len(payload):
         raise CorruptFileError(f"{what}: {len(payload) - r.pos} unexpected bytes after the DCT payload")
     try:
