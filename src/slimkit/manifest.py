@@ -362,6 +362,17 @@ def restore(source: str | os.PathLike, arch: dict[str, Any] | None, modules: lis
     if model is None:
         model = skeleton_from(source, arch)
     rebuild(model, modules)
+    load_rebuilt_state(model, state, source)
+    set_data_spec(model, data)
+    return model.eval()
+
+
+def load_rebuilt_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Load ``state`` strictly into a rebuilt ``model``, in place.
+
+    Buffers the manifest adds (masks, codebooks) are registered first; tensors stored in another dtype
+    than the model's are cast. A state that does not fit is a one-line CorruptFileError naming ``source``.
+    """
     _add_missing_buffers(model, state)
     expected = model.state_dict()
     state = {k: v.to(expected[k].dtype) if k in expected and expected[k].dtype != v.dtype else v
@@ -371,5 +382,3 @@ def restore(source: str | os.PathLike, arch: dict[str, Any] | None, modules: lis
     except RuntimeError as err:
         first = " ".join(str(err).strip().splitlines()[0:2])
         raise CorruptFileError(f"{source}: weights do not fit the rebuilt model: {first}") from None
-    set_data_spec(model, data)
-    return model.eval()

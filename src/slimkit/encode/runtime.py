@@ -58,7 +58,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ord
     indices or decoded, and why). Raises CorruptFileError for a damaged file.
     """
     from slimkit.encode import container as c
-    from slimkit.manifest import _add_missing_buffers, rebuild, skeleton_from
+    from slimkit.manifest import load_rebuilt_state, rebuild, skeleton_from
 
     if order not in ("csr", "csc"):
         raise ConfigError(f"load(runtime='compressed'): order must be 'csr' or 'csc', got {order!r}")
@@ -111,15 +111,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ord
     if need_full:
         _, full = c.read_state(path)
         state.update({k: v for k, v in full.items() if k not in state and k.rpartition(".")[0] not in replaced})
-    _add_missing_buffers(model, state)
-    expected = model.state_dict()
-    state = {k: v.to(expected[k].dtype) if k in expected and expected[k].dtype != v.dtype else v
-             for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = " ".join(str(err).strip().splitlines()[0:2])
-        raise CorruptFileError(f"{where}: weights do not fit the rebuilt model: {first}") from None
+    load_rebuilt_state(model, state, where)
     model.compressed_report = report
     return model.eval()
 
