@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from _user_files import MYNET, make_image_folder
 from slimkit.cli import main
 
 INT8 = """
@@ -140,45 +141,14 @@ def test_export_executorch_int8_check(int8_run, tmp_path, capsys):
     assert Path(path).stat().st_size < 0.4 * (out / "models" / "00-baseline.pt").stat().st_size
 
 
-MYNET = '''
-from torch import nn
 
 
-class MyNet(nn.Module):
-    def __init__(self, num_classes, in_channels=3, width=6):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        )
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
-'''
-
-
-def _image_folder(root: Path) -> Path:
-    """Real PNGs, root/{train,test}/{disc,stripe}/, each class with its own stripe pattern."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("test", 4)):
-        for c, name in enumerate(("disc", "stripe")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8)
-                pixels[:, c::2, c] = 250
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.mark.slow
 def test_export_a_users_model_and_image_folder_run_with_no_extra_flags(tmp_path, monkeypatch, capsys):
     (tmp_path / "mynet.py").write_text(MYNET)
-    folder = _image_folder(tmp_path / "images")
+    folder = make_image_folder(tmp_path / "images", train=8, test=4, size=16)
     out = tmp_path / "run"
     assert main(["compress", "--model", f"{tmp_path / 'mynet.py'}:MyNet", "--data", f"imagefolder:{folder}",
                  "--recipe", "slimming", "--out", str(out), "--no-progress", "--set", "train.epochs=1",
@@ -203,7 +173,7 @@ def test_export_library_model_files_with_no_extra_flags(source, tmp_path, capsys
     from slimkit.manifest import data_spec, save_model, set_data_spec
     from slimkit.models import create_model
 
-    folder = _image_folder(tmp_path / "images")
+    folder = make_image_folder(tmp_path / "images", train=8, test=4, size=16)
     bundle = load_data(f"imagefolder:{folder}")
     model = create_model(source, num_classes=2, in_channels=3)
     set_data_spec(model, data_spec(bundle))

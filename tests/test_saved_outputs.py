@@ -7,11 +7,11 @@ import re
 import textwrap
 from importlib import resources
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from _user_files import MYNET, make_image_folder
 from slimkit.cli import main
 from slimkit.data import load_data
 from slimkit.manifest import save_model
@@ -20,42 +20,10 @@ from slimkit.pipeline import run_recipe
 from slimkit.recipe import list_recipes, parse_recipe
 from slimkit.train import evaluate
 
-MYNET = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-
-    class MyNet(nn.Module):
-        def __init__(self, num_classes, in_channels=3, width=8):
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            )
-            self.head = nn.Linear(2 * width, num_classes)
-
-        def forward(self, x):
-            return self.head(self.features(x).mean((2, 3)))
-""")
-
 SHORT = ["--set", "train.epochs=1", "train.batch_size=4", "stages[0].finetune.epochs=0", "stages[1].finetune.epochs=0",
          "latency_runs=1", "--no-progress"]
 
 
-def make_image_folder(root, classes=("disc", "stripe"), train=4, test=2, size=20):
-    """Real PNGs in root/train/<class>/ and root/test/<class>/, each class with its own pattern."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("test", test)):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                pixels[:, c::len(classes), c % 3] = 250
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def _model_files(out):
