@@ -12,12 +12,13 @@ from slimkit.train import evaluate, fit
 
 torch.set_num_threads(1)
 out = sys.argv[1]
-distributed.init_from_env()
-data = load_data("digits")
-model = create_model("lenet5", num_classes=10, in_channels=1)
-fit(model, data.train, {"epochs": 3, "lr": 0.02, "batch_size": 32}, progress=False)
-accuracy = evaluate(model, data.test)
-checksum = float(sum(p.double().sum() for p in model.parameters()))
-with open(f"{out}/rank{distributed.rank()}.json", "w") as handle:
-    json.dump({"rank": distributed.rank(), "world": distributed.world_size(), "accuracy": accuracy,
-               "checksum": checksum}, handle)
+with distributed.process_group_from_env():
+    data = load_data("digits")
+    model = create_model("lenet5", num_classes=10, in_channels=1)
+    fit(model, data.train, {"epochs": 3, "lr": 0.02, "batch_size": 32}, progress=False)
+    accuracy = evaluate(model, data.test)
+    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    seen = {"rank": distributed.rank(), "world": distributed.world_size(), "accuracy": accuracy,
+            "checksum": checksum}
+with open(f"{out}/rank{seen['rank']}.json", "w") as handle:
+    json.dump(seen, handle)

@@ -208,10 +208,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/{recipe.name}")
     if args.dry_run:
         return _dry_run(recipe, out, args)
-    distributed.init_from_env()
-    report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
-                                             progress=not args.no_progress, device=args.device))
-    if distributed.is_main():
+    with distributed.process_group_from_env():
+        report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
+                                                 progress=not args.no_progress, device=args.device))
+        main = distributed.is_main()
+    if main:
         from slimkit.deploy.run import RunDeployables
 
         print(format_stage_table(report["stages"]))
@@ -234,10 +235,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/train-{_slug(recipe.model)}")
     if args.dry_run:
         return _dry_run(recipe, out, args)
-    distributed.init_from_env()
-    report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
-                                             progress=not args.no_progress, device=args.device))
-    if distributed.is_main():
+    with distributed.process_group_from_env():
+        report = _logged(out, lambda: run_recipe(recipe, out, resume=args.resume, overwrite=args.overwrite,
+                                                 progress=not args.no_progress, device=args.device))
+        main = distributed.is_main()
+    if main:
         row = report["stages"][0]
         print(f"{recipe.model} on {recipe.data}: {row['accuracy']:.2f}% test accuracy; saved {out / 'model.pt'}")
     return 0

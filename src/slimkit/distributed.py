@@ -6,7 +6,9 @@ Outside torchrun every helper degrades to the single-process answer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,24 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group_from_env() -> Iterator[bool]:
+    """Join torchrun's process group for the block and leave it cleanly after (yields is-distributed).
+
+    Leaving matters: a process that exits with its gloo group still open can abort (SIGABRT) when
+    its peer closes the connection first. On success every rank waits at a barrier, then the group
+    is destroyed; after an exception the group is destroyed without waiting for peers.
+    """
+    joined = init_from_env()
+    try:
+        yield joined
+        if joined and dist.is_initialized():
+            dist.barrier()
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
