@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -41,6 +42,8 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._lazy_modules = lazy_modules
         self._loaded = not lazy_modules
+        self._loading = False
+        self._lock = threading.RLock()
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; used bare as a decorator when ``obj`` is None."""
@@ -55,10 +58,20 @@ class Registry(Generic[T]):
         return add if obj is None else add(obj)
 
     def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            for module in self._lazy_modules:
-                importlib.import_module(module)
+        # Marked loaded only once every module imported: a second thread waits for the first
+        # instead of reading a half-filled table; a failed import is raised again on next use.
+        if self._loaded:
+            return
+        with self._lock:
+            if self._loaded or self._loading:  # loading: a registering module reads its own registry
+                return
+            self._loading = True
+            try:
+                for module in self._lazy_modules:
+                    importlib.import_module(module)
+                self._loaded = True
+            finally:
+                self._loading = False
 
     def get(self, name: str) -> T:
         """The entry registered as ``name`` (case-insensitive), or UnknownNameError."""

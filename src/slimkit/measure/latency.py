@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError
-from slimkit.measure._inputs import as_args, eval_mode, num_threads, run_forward
+from slimkit.measure.inputs import as_args, eval_mode, num_threads, run_forward
 
 #: torch intra-op threads a run (``slimkit compress``, recipe ``latency_threads``) and ``slimkit profile``
 #: time with unless told otherwise. One thread: batch-1 latency of a small CNN then depends neither on

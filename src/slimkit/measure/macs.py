@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.measure._inputs import as_args, eval_mode, run_forward
+from slimkit.measure.inputs import as_args, eval_mode, run_forward
 
 #: rule(module, inputs, output) -> MACs of one call.
 MacRule = Callable[[nn.Module, tuple[Any, ...], Any], int]

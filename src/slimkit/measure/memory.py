@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from slimkit.measure._inputs import as_args, eval_mode, run_forward
+from slimkit.measure.inputs import as_args, eval_mode, run_forward
 
 #: storage key -> bytes of that storage.
 Storages = dict[tuple[str, int], int]

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from slimkit.measure._inputs import as_args, batch_size_of, num_threads
+from slimkit.measure.inputs import as_args, batch_size_of, num_threads
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.macs import LayerProfile, layer_profiles
 from slimkit.measure.memory import peak_activation_bytes
