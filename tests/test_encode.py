@@ -1,5 +1,9 @@
 """Huffman coding, sparse layouts and the .slim container: exact round trips and clear errors."""
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +210,121 @@ def test_encode_stage_reports_real_bytes(tmp_path):
     assert rows["fc1.weight"]["nonzeros"] == 40000 and rows["fc1.weight"]["format"] in FORMATS
     assert rows["fc1.bias"]["format"] == "raw" and out.details["verified"]
     assert sum(r["bytes"] for r in rows.values()) < size
+
+
+# --------------------------------------------------------------------------- the record codec table
+
+REFERENCE = Path(__file__).parent / "data" / "slim_v2"
+
+
+def _reference_skeleton() -> nn.Module:
+    """The model every file in tests/data/slim_v2 stores (make_files.py there wrote them)."""
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def _digest(t: torch.Tensor) -> list:
+    t = t.detach().cpu().contiguous()
+    return [str(t.dtype), list(t.shape), hashlib.sha256(t.numpy().tobytes()).hexdigest()]
+
+
+@pytest.mark.parametrize("name", ["shared_dct", "int4_per_channel", "int8_per_tensor", "binary"])
+def test_files_written_before_the_codec_table_decode_and_reencode_identically(name):
+    """Every record kind (RAW with/without mask, SHARED, DCT, PACKED uniform and binary) as commit 6bb6d82 wrote it."""
+    from slimkit.encode.container import encode_model
+
+    want = json.loads((REFERENCE / "tensors.json").read_text())[name]
+    path = REFERENCE / f"{name}.slim"
+    decoded = load(path, model=_reference_skeleton())
+    assert {k: _digest(v) for k, v in decoded.state_dict().items()} == want["tensors"]
+    data, infos = encode_model(decoded)
+    assert hashlib.sha256(data).hexdigest() == want["reencoded_sha256"]
+    if name != "binary":  # binary alpha is re-derived from the decoded weights (float rounding of a mean)
+        assert data == path.read_bytes()
+    kinds = {i.kind for i in infos}
+    assert kinds == {"shared_dct": {"raw", "shared", "dct"}, "binary": {"raw", "packed"}}.get(name, {"raw", "packed"})
+
+
+def test_the_built_in_record_kinds_come_from_their_owners_codecs():
+    from slimkit.slim_codecs import RECORD_CODECS, codec_of_kind, record_codecs
+
+    assert RECORD_CODECS.names() == ["dct", "packed", "shared"]
+    assert [(c.name, c.kind) for c in record_codecs()] == [("packed", 3), ("dct", 4), ("shared", 2)]  # precedence
+    assert codec_of_kind(3).decode.__module__ == "slimkit.quantize.packed_record"
+    assert codec_of_kind(2).encode.__module__ == "slimkit.encode.shared_record"
+    assert codec_of_kind(4).encode.__module__ == "slimkit.encode.dct_record"
+    assert codec_of_kind(1) is None and codec_of_kind(200) is None
+
+
+class HalfLinear(nn.Linear):
+    """A Linear layer whose weight a test codec stores as float16 (values chosen exactly representable)."""
+
+
+def _half_encode(module, formats):
+    from slimkit.slim_codecs import RecordFigures, Writer
+
+    w = Writer()
+    w.u8(module.weight.dim())
+    for d in module.weight.shape:
+        w.u32(d)
+    w.raw(module.weight.detach().numpy().astype("<f2").tobytes())
+    return w.getvalue(), RecordFigures("fp16", int((module.weight != 0).sum()), 16.0)
+
+
+def _half_decode(payload, what, prefix):
+    from slimkit.slim_codecs import Reader
+
+    r = Reader(payload, what)
+    shape = tuple(r.u32() for _ in range(r.u8()))
+    values = np.frombuffer(r.take(2 * int(np.prod(shape))), dtype="<f2").astype(np.float32).reshape(shape)
+    return {prefix + "weight": torch.from_numpy(values)}
+
+
+def _half_codec():
+    from slimkit.slim_codecs import RECORD_CODECS, RecordCodec, register_record_codec
+
+    if "half" not in RECORD_CODECS:
+        register_record_codec(RecordCodec(name="half", kind=200, precedence=5, claims=lambda m: isinstance(
+            m, HalfLinear), derived=lambda m: (), encode=_half_encode, decode=_half_decode))
+    return RECORD_CODECS.get("half")
+
+
+def test_a_codec_registered_elsewhere_stores_its_layers_and_only_them(tmp_path):
+    _half_codec()
+
+    def net():
+        return nn.Sequential(HalfLinear(6, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    model = net()
+    with torch.no_grad():  # float16-exact weights: the codec must give them back bit for bit
+        model[0].weight.copy_(torch.randint(-64, 64, (4, 6)) / 64)
+    infos = {i.name: i for i in save(model, tmp_path / "h.slim")}
+    assert (infos["0.weight"].kind, infos["0.weight"].format) == ("half", "fp16")
+    assert infos["2.weight"].kind == "raw" and infos["0.bias"].kind == "raw"
+    assert infos["0.weight"].bytes == 4 + 3 + len("0.weight") + 1 + 2 * 4 + 2 * 24 + 4  # framing, dims, fp16 values
+    loaded = load(tmp_path / "h.slim", model=net())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_codec_with_a_kind_taken_or_reserved_is_refused():
+    from slimkit.slim_codecs import RecordCodec, register_record_codec
+
+    half = _half_codec()
+    for kind, needle in [(3, "kind 3 is taken by 'packed'"), (1, "outside 2..255"), (256, "outside 2..255")]:
+        with pytest.raises(ConfigError, match=needle):
+            register_record_codec(RecordCodec("other", kind, 50, half.claims, half.derived, half.encode, half.decode))
+
+
+def test_a_record_of_an_unknown_kind_is_named(tmp_path):
+    import struct
+    import zlib
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    save(model, tmp_path / "m.slim")
+    data = (tmp_path / "m.slim").read_bytes()
+    body = struct.pack("<BH", 250, 3) + b"odd" + b"\x00"
+    record = struct.pack("<I", len(body)) + body + struct.pack("<I", zlib.crc32(body))
+    head = data[:4] + struct.pack("<HI", 2, struct.unpack("<I", data[6:10])[0] + 1)
+    (tmp_path / "odd.slim").write_bytes(head + struct.pack("<I", zlib.crc32(head)) + data[14:] + record)
+    with pytest.raises(CorruptFileError, match=r"record 3 \('odd'\): unknown record kind 250"):
+        load(tmp_path / "odd.slim", model=nn.Sequential(nn.Linear(3, 2)))

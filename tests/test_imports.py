@@ -41,7 +41,6 @@ KNOWN_PRIVATE_IMPORTS: set[str] = {
     "tests/test_prune_structured.py: slimkit.prune.structured._candidates",
     "tests/test_prune_structured.py: slimkit.prune.structured._params",
     "tests/test_prune_structured.py: slimkit.prune.structured._solve_ratio",
-    "tests/test_quantize_stages.py: slimkit.encode.container._decode_packed",
 }
 #: package-level import cycles (as sorted tuples of the units in one strongly connected component)
 KNOWN_PACKAGE_CYCLES: set[tuple[str, ...]] = set()

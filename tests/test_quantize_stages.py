@@ -341,7 +341,7 @@ def test_version_1_packed_records_still_decode():
     """A PACKED record as format version 1 wrote it (f32 scales, i32 zero points even when symmetric)."""
     import struct
 
-    from slimkit.encode.container import _decode_packed
+    from slimkit.quantize.packed_record import decode_packed
     from slimkit.quantize.packing import to_unsigned
 
     q = np.array([[-127, 0, 5], [3, 127, -64]], dtype=np.int32)
@@ -349,7 +349,7 @@ def test_version_1_packed_records_still_decode():
     codes = pack_bits(to_unsigned(q, 8), 8)
     payload = (struct.pack("<BBBB", 0, 8, 1, 2) + struct.pack("<II", 2, 3) + struct.pack("<I", 2) + scale.tobytes()
                + struct.pack("<I", 2) + np.zeros(2, "<i4").tobytes() + struct.pack("<I", len(codes)) + codes)
-    state = _decode_packed(payload, "record 1 (fc.weight)", "fc.")
+    state = decode_packed(payload, "record 1 (fc.weight)", "fc.")
     expected = torch.from_numpy(q.astype(np.float32)) * torch.from_numpy(scale.copy()).reshape(-1, 1)
     assert torch.equal(state["fc.weight"], expected)
     assert torch.equal(state["fc.w_zero"], torch.zeros(2, dtype=torch.int32))
