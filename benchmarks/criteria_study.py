@@ -87,12 +87,13 @@ def weight_run(method: str, dense: nn.Module, data, args, tune: TrainConfig) -> 
     batches = samples_of(data, args.samples)
     t0 = time.perf_counter()
     before = None
+    x = torch.zeros(1, *data.input_shape)
     if method == "magnitude":
-        magnitude_prune_(model, {"sparsity": args.sparsity})
+        magnitude_prune_(model, x, {"sparsity": args.sparsity})
     elif method == "obd":
-        obd_prune_(model, {"sparsity": args.sparsity, "scope": "layer"}, batches)
+        obd_prune_(model, x, {"sparsity": args.sparsity, "scope": "local"}, batches=batches)
     elif method == "lobs":
-        lobs_prune_(model, {"sparsity": args.sparsity}, [x for x, _ in batches])
+        lobs_prune_(model, x, {"sparsity": args.sparsity}, batches=batches)
     prune_s = time.perf_counter() - t0
     if method in ("magnitude", "obd", "lobs"):
         before = evaluate(model, data.test)
@@ -103,9 +104,9 @@ def weight_run(method: str, dense: nn.Module, data, args, tune: TrainConfig) -> 
 
         fit(model, data.train, tune, scheduled_hooks(model, MagnitudeConfig.coerce(cfg)), progress=False)
     elif method == "l0":
-        add_l0_gates_(model, {"target": "weights", "lam": args.l0_lam})
+        add_l0_gates_(model, x, {"target": "weights", "lam": args.l0_lam})
         fit(model, data.train, tune, TrainHooks(penalties=(L0Penalty(args.l0_lam),)), progress=False)
-        fold_l0_(model)
+        fold_l0_(model, x)
     return {"before": before, "after": evaluate(model, data.test), "sparsity": sparsity_of(model)["total"],
             "prune_s": prune_s}
 
@@ -133,9 +134,10 @@ def part_weights(args, data) -> dict:
                                                         "seed": seed}), progress=False)
         rows["dense+"]["after"].append(evaluate(extra, data.test))
         dsd = copy.deepcopy(dense)
-        dsd_(dsd, {"sparsity": 0.5, "sparse_epochs": args.finetune_epochs, "dense_epochs": args.finetune_epochs,
-                   "sparse_lr": 0.01, "dense_lr": 0.001}, fit_train(data.train, progress=False),
-             train.model_copy(update={"seed": seed}))
+        dsd_(dsd, torch.zeros(1, *data.input_shape),
+             {"sparsity": 0.5, "sparse_epochs": args.finetune_epochs, "dense_epochs": args.finetune_epochs,
+              "sparse_lr": 0.01, "dense_lr": 0.001}, train=fit_train(data.train, progress=False),
+             train_config=train.model_copy(update={"seed": seed}))
         rows["dsd"]["after"].append(evaluate(dsd, data.test))
         print(f"seed {seed} dense {dense_acc[-1]:.2f} dense+ {rows['dense+']['after'][-1]:.2f} "
               f"dsd {rows['dsd']['after'][-1]:.2f}", flush=True)
@@ -154,10 +156,11 @@ def part_l0(args, data) -> dict:
         for epochs in args.l0_epochs:
             for lam in args.l0_lams:
                 model = copy.deepcopy(dense)
-                add_l0_gates_(model, {"target": "weights", "lam": lam, "init_drop": args.l0_init_drop})
+                x = torch.zeros(1, *data.input_shape)
+                add_l0_gates_(model, x, {"target": "weights", "lam": lam, "init_drop": args.l0_init_drop})
                 tune = TrainConfig(epochs=epochs, lr=0.01, batch_size=args.batch_size, seed=seed)
                 fit(model, data.train, tune, TrainHooks(penalties=(L0Penalty(lam),)), progress=False)
-                fold_l0_(model)
+                fold_l0_(model, x)
                 row = rows.setdefault(f"{epochs}:{lam}", {"sparsity": [], "after": []})
                 row["sparsity"].append(100 * sparsity_of(model)["total"])
                 row["after"].append(evaluate(model, data.test))
@@ -186,7 +189,6 @@ def channel_run(method: str, dense: nn.Module, data, x: torch.Tensor, args, tune
     model = copy.deepcopy(dense).eval()
     x = x.to(next(model.parameters()).device)
     batches = samples_of(data, args.samples)
-    inputs = [b for b, _ in batches]
     t0 = time.perf_counter()
     if method == "none":
         pass
@@ -195,7 +197,7 @@ def channel_run(method: str, dense: nn.Module, data, x: torch.Tensor, args, tune
                     batches=batches if method == "fisher" else None)
     else:
         selector = "l1" if method == "l1+refit" else method
-        reconstruct_prune_(model, x, {"method": selector, "ratio": args.ratio}, inputs)
+        reconstruct_prune_(model, x, {"method": selector, "ratio": args.ratio}, batches=batches)
     prune_s = time.perf_counter() - t0
     row = {"params": sum(p.numel() for p in model.parameters()), "macs": int(count_macs(model, x)),
            "before": evaluate(model, data.test), "prune_s": prune_s}

@@ -131,22 +131,6 @@ def _plot(table: dict, teacher_acc: float, path: Path, args) -> None:
     print(f"plot: {path}")
 
 
-def _pruned_units(model: nn.Module, x: torch.Tensor, config: dict) -> tuple:
-    """The channel units ``structured_(model, x, config)`` removes (same selection code, no surgery)."""
-    from slimkit.prune.criteria import CRITERIA, ScoreContext
-    from slimkit.prune.graph import build_graph
-    from slimkit.prune.structured import StructuredConfig, _candidates, _macs, _params, _solve_ratio, select_units
-
-    cfg = StructuredConfig.coerce(config)
-    graph = build_graph(model, x)
-    scores = CRITERIA.get(cfg.criterion)(model, graph, ScoreContext(x, None, cfg.seed))
-    groups = _candidates(graph, cfg, model, scores, {})
-    ratio = cfg.ratio
-    if cfg.target != "channels":
-        ratio = _solve_ratio(model, x, graph, groups, scores, cfg, _params(model), _macs(model, x))
-    return graph, select_units(groups, scores, ratio, cfg)
-
-
 @torch.no_grad()
 def masked_copy(model: nn.Module, x: torch.Tensor, config: dict) -> nn.Module:
     """A copy of ``model`` whose channels ``structured_`` would remove are zeroed instead (masks, no surgery).
@@ -155,12 +139,13 @@ def masked_copy(model: nn.Module, x: torch.Tensor, config: dict) -> nn.Module:
     exactly 0 everywhere it is read (residual additions included), so the masked copy must
     compute the same function as the physically pruned model.
     """
+    from slimkit.prune import plan_structured
     from slimkit.prune.surgery import removals_for
 
-    graph, units = _pruned_units(model, x, config)
+    plan = plan_structured(model, x, config)  # the channels structured_ removes (same selection, no surgery)
     masked = copy.deepcopy(model)
     modules = dict(masked.named_modules())
-    for (name, role), idx in removals_for(graph, units).items():
+    for (name, role), idx in removals_for(plan.graph, plan.units).items():
         if role == "out":
             module, idx = modules[name], torch.as_tensor(idx)
             module.weight[idx] = 0

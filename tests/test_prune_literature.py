@@ -81,12 +81,14 @@ def test_hutchinson_estimates_the_exact_diagonal():
 def test_obd_prune_reaches_the_sparsity_and_refuses_exact_on_big_models():
     net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     batches = tiny_batches(16, 20, 5)
-    report = obd_prune_(net, {"sparsity": 0.8, "scope": "layer"}, batches)
-    assert report["layers"]["0"]["sparsity"] == 0.8 and report["layers"]["2"]["sparsity"] == 0.8
+    report = obd_prune_(net, batches[0][0][:1], {"sparsity": 0.8, "scope": "local"}, batches=batches)
+    assert report.layers["0"]["sparsity"] == 0.8 and report.layers["2"]["sparsity"] == 0.8
     assert int((net[0].weight == 0).sum()) == 480
     big = nn.Sequential(nn.Linear(200, 200), nn.Linear(200, 2))
     with pytest.raises(ConfigError, match="hessian: fisher or hutchinson"):
-        obd_prune_(big, {"sparsity": 0.5, "hessian": "exact"}, tiny_batches(4, 200, 2))
+        obd_prune_(big, torch.zeros(1, 200), {"sparsity": 0.5, "hessian": "exact"}, batches=tiny_batches(4, 200, 2))
+    with pytest.raises(ConfigError, match=r"batches=\[\(inputs, targets\)"):
+        obd_prune_(net, torch.zeros(1, 20), {"sparsity": 0.5}, batches=[torch.zeros(4, 20)])
 
 
 # -- L-OBS -------------------------------------------------------------------------------
@@ -111,11 +113,11 @@ def test_lobs_output_closer_to_the_original_than_magnitude(kind):
     with torch.no_grad():
         original = net(x)
     lobs, mag = copy.deepcopy(net), copy.deepcopy(net)
-    report = lobs_prune_(lobs, {"sparsity": 0.75, "rounds": 3}, [x])
-    assert report["layers"]["0"]["sparsity"] == 0.75
+    report = lobs_prune_(lobs, x[:1], {"sparsity": 0.75, "rounds": 3}, batches=[x])
+    assert report.layers["0"]["sparsity"] == 0.75
     from slimkit.prune import magnitude_prune_
 
-    magnitude_prune_(mag, {"sparsity": 0.75})
+    magnitude_prune_(mag, x[:1], {"sparsity": 0.75})
     with torch.no_grad():
         err_lobs = float((lobs(x) - original).pow(2).mean())
         err_mag = float((mag(x) - original).pow(2).mean())
@@ -150,13 +152,14 @@ def test_dsd_releases_the_mask_and_ends_dense(cycles):
 
     def train(model, tcfg, hooks):
         if hooks is not None:  # the sparse phase: the masks are in force
-            seen["masked"] = {n: m._buffers[MASK].clone() for n, m in masked_modules(model).items()}
+            seen["masked"] = {n: getattr(m, MASK).clone() for n, m in masked_modules(model).items()}
         return fit(model, data, tcfg, hooks, progress=False)
 
-    report = dsd_(net, {"sparsity": 0.5, "cycles": cycles, "sparse_epochs": 1, "dense_epochs": 1}, train, cfg)
-    assert report["dense"] and not masked_modules(net)
-    assert len(report["cycles"]) == cycles
-    for c in report["cycles"]:
+    report = dsd_(net, data.tensors[0][:1], {"sparsity": 0.5, "cycles": cycles, "sparse_epochs": 1,
+                                             "dense_epochs": 1}, train=train, train_config=cfg)
+    assert report.dense and not masked_modules(net)
+    assert len(report.cycles) == cycles
+    for c in report.cycles:
         assert c["sparse_sparsity"] == 0.5
         assert c["released"] > 0.9, "pruned weights must learn again once the mask is released"
         assert c["sparsity_after_dense"] < 0.05  # only weights of dead ReLU units stay 0
@@ -198,7 +201,7 @@ def test_hard_concrete_has_exact_zeros_and_the_closed_form_expected_l0():
 def test_l0_weight_gates_train_to_exact_zeros_and_fold_exactly():
     data = _blobs()
     net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
-    add_l0_gates_(net, {"target": "weights", "init_drop": 0.3})
+    add_l0_gates_(net, data.tensors[0][:1], {"target": "weights", "init_drop": 0.3})
     assert set(gates(net)) == {"0", "2"}
     fit(net, data, TrainConfig(epochs=3, lr=0.1, batch_size=32, weight_decay=0),
         TrainHooks(penalties=(L0Penalty(0.05),)), progress=False)
@@ -206,9 +209,9 @@ def test_l0_weight_gates_train_to_exact_zeros_and_fold_exactly():
     net.eval()
     with torch.no_grad():
         gated = net(x)
-    report = fold_l0_(net)
+    report = fold_l0_(net, x[:1])
     assert not gates(net)
-    zero = sum(v["zero"] for v in report["layers"].values())
+    zero = sum(v["zero"] for v in report.layers.values())
     assert zero > 0.2 * (20 * 32 + 32 * 4), report
     assert int((net[0].weight == 0).sum()) == int((net[0].weight_mask == 0).sum())
     torch.testing.assert_close(net(x), gated)
@@ -218,15 +221,15 @@ def test_l0_channel_gates_cut_the_zero_channels_and_keep_the_output():
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3),
                         nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
     x = torch.randn(4, 1, 6, 6)
-    report = add_l0_gates_(net, {"target": "channels"}, x[:1])
-    assert set(report["gated"]) == {"1", "4"}
+    report = add_l0_gates_(net, x[:1], {"target": "channels"})
+    assert set(report.gated) == {"1", "4"}
     alpha = net[1].l0_gate.log_alpha.detach().clone()
     alpha[[0, 3, 5]] = -10.0
     net[1].l0_gate.set_log_alpha_(alpha)
     with torch.no_grad():
         gated = net(x)
     folded = fold_l0_(net, x[:1])
-    assert folded["channels_removed"] == 3
+    assert folded.channels_removed == 3
     assert net[0].out_channels == 5 and net[3].in_channels == 5
     torch.testing.assert_close(net(x), gated, atol=1e-5, rtol=1e-5)
 
@@ -257,11 +260,12 @@ def test_reconstruction_beats_l1_at_the_same_channel_count(method):
     x = torch.randn(64, 3, 8, 8)
     inputs = [x[:32], x[32:]]
     recon, l1 = copy.deepcopy(reference), copy.deepcopy(reference)
-    r = reconstruct_prune_(recon, x[:1], {"method": method, "ratio": 0.5, "layers": ["0"]}, inputs)
-    plain = reconstruct_prune_(l1, x[:1], {"method": "l1", "ratio": 0.5, "layers": ["0"], "refit": False}, inputs)
+    r = reconstruct_prune_(recon, x[:1], {"method": method, "ratio": 0.5, "layers": ["0"]}, batches=inputs)
+    plain = reconstruct_prune_(l1, x[:1], {"method": "l1", "ratio": 0.5, "layers": ["0"], "refit": False},
+                               batches=inputs)
     assert recon[0].out_channels == l1[0].out_channels == 4
-    assert r["groups"][0]["error_selected"] < plain["groups"][0]["error_selected"]
-    assert r["groups"][0]["error_refit"] <= r["groups"][0]["error_selected"] + 1e-9
+    assert r.groups[0]["error_selected"] < plain.groups[0]["error_selected"]
+    assert r.groups[0]["error_refit"] <= r.groups[0]["error_selected"] + 1e-9
     held_out = torch.randn(64, 3, 8, 8)
     assert _next_layer_error(recon, reference, held_out) < _next_layer_error(l1, reference, held_out)
 
@@ -276,9 +280,10 @@ def test_least_squares_refit_is_exact_on_a_linear_layer():
         net[0].bias[5] = 2 * net[0].bias[2] - net[0].bias[3]
     reference = copy.deepcopy(net)
     x = torch.randn(50, 4)
-    report = reconstruct_prune_(net, x[:1], {"method": "thinet", "ratio": 0.34, "ridge": 0.0, "ignore": ["1"]}, [x])
+    report = reconstruct_prune_(net, x[:1], {"method": "thinet", "ratio": 0.34, "ridge": 0.0, "ignore": ["1"]},
+                                batches=[x])
     assert net[0].out_features == 4 and net[1].in_features == 4
-    assert report["groups"][0]["error_refit"] < 1e-10
+    assert report.groups[0]["error_refit"] < 1e-10
     fresh = torch.randn(20, 4)  # the dependency is exact, so the refit is exact on any input
     torch.testing.assert_close(net(fresh), reference(fresh), atol=1e-5, rtol=1e-5)
 
@@ -289,15 +294,15 @@ def test_reconstruction_on_a_residual_net_keeps_it_running():
 
     net = create_model("resnet20-cifar", num_classes=10, in_channels=1).eval()
     x = torch.randn(8, 1, 16, 16)
-    report = reconstruct_prune_(net, x[:1], {"method": "lasso", "ratio": 0.5, "layers": ["conv1"]}, [x])
-    stream = next(g for g in report["groups"] if "conv1" in g["group"].split(","))
+    report = reconstruct_prune_(net, x[:1], {"method": "lasso", "ratio": 0.5, "layers": ["conv1"]}, batches=[x])
+    stream = next(g for g in report.groups if "conv1" in g["group"].split(","))
     assert len(stream["consumers"]) > 1, "a residual stream is read by several blocks (multi-branch)"
     assert net(x).shape == (8, 10)
 
 
 def test_unknown_reconstruction_method_lists_the_choices():
     with pytest.raises(ConfigError, match="unknown pruning criterion 'thinett'"):
-        reconstruct_prune_(nn.Linear(2, 2), torch.zeros(1, 2), {"method": "thinett"}, [torch.zeros(1, 2)])
+        reconstruct_prune_(nn.Linear(2, 2), torch.zeros(1, 2), {"method": "thinett"}, batches=[torch.zeros(1, 2)])
 
 
 # -- Fisher pruning ----------------------------------------------------------------------

@@ -31,6 +31,8 @@ def lenet5() -> nn.Module:
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
+X8 = torch.zeros(1, 1, 8, 8)  # one input of mlp and cnn
+INPUTS = {mlp: X8, cnn: X8, lenet5: torch.zeros(1, 1, 28, 28)}
 
 
 def tiny_data(n: int = 96, side: int = 8) -> TensorDataset:
@@ -59,8 +61,8 @@ def context(tmp_path: Path, epochs: int = 2) -> StageContext:
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
 def test_layer_scope_prunes_exact_count(make, sparsity):
     model = make()
-    report = magnitude_prune_(model, {"sparsity": sparsity})
-    for name, row in report["layers"].items():
+    report = magnitude_prune_(model, INPUTS[make], {"sparsity": sparsity})
+    for name, row in report.layers.items():
         module = model.get_submodule(name)
         assert int((module.weight == 0).sum()) == round(sparsity * module.weight.numel())
         assert torch.equal(module.weight_mask == 0, module.weight == 0)
@@ -71,7 +73,7 @@ def test_layer_scope_prunes_exact_count(make, sparsity):
 def test_global_scope_reaches_overall_target_and_prunes_smallest(make):
     model = make()
     weights = torch.cat([m.weight.detach().abs().flatten() for m in model.modules() if hasattr(m, "weight")])
-    magnitude_prune_(model, {"sparsity": 0.8, "scope": "global"})
+    magnitude_prune_(model, X8, {"sparsity": 0.8, "scope": "global"})
     kept = torch.cat([m.weight.detach().abs().flatten() for m in model.modules() if hasattr(m, "weight")])
     assert int((kept == 0).sum()) == round(0.8 * weights.numel())
     threshold = weights.sort().values[round(0.8 * weights.numel()) - 1]
@@ -80,26 +82,26 @@ def test_global_scope_reaches_overall_target_and_prunes_smallest(make):
 
 def test_per_layer_globs_first_match_wins_and_unmatched_is_skipped():
     model = cnn()
-    report = magnitude_prune_(model, {"per_layer": {"0": 0.3, "[0-9]": 0.9}, "ignore": ("5",)})
-    assert report["layers"]["0"]["sparsity"] == pytest.approx(0.3, abs=0.02)
-    assert report["layers"]["2"]["sparsity"] == pytest.approx(0.9, abs=0.01)
-    assert "5" not in report["layers"]
+    report = magnitude_prune_(model, X8, {"per_layer": {"0": 0.3, "[0-9]": 0.9}, "ignore": ("5",)})
+    assert report.layers["0"]["sparsity"] == pytest.approx(0.3, abs=0.02)
+    assert report.layers["2"]["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert "5" not in report.layers
     model = cnn()
-    report = magnitude_prune_(model, {"per_layer": {"2": 0.5}})
-    assert set(report["layers"]) == {"2"} and set(report["skipped"]) == {"0", "5"}
+    report = magnitude_prune_(model, X8, {"per_layer": {"2": 0.5}})
+    assert set(report.layers) == {"2"} and set(report.skipped) == {"0", "5"} and report.changed == ["2"]
 
 
 def test_all_ones_mask_changes_nothing():
     model = cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    magnitude_prune_(model, {"sparsity": 0.0})
+    magnitude_prune_(model, X8, {"sparsity": 0.0})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_masks_hold_through_training_with_momentum_and_weight_decay(optimizer):
     model = cnn()
-    magnitude_prune_(model, {"sparsity": 0.7})
+    magnitude_prune_(model, X8, {"sparsity": 0.7})
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
     start = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
     cfg = TrainConfig(epochs=2, optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=1e-2, batch_size=16)
@@ -112,7 +114,7 @@ def test_masks_hold_through_training_with_momentum_and_weight_decay(optimizer):
 
 def test_masks_survive_manifest_save_load(tmp_path):
     model = lenet5()
-    magnitude_prune_(model, {"sparsity": 0.9})
+    magnitude_prune_(model, INPUTS[lenet5], {"sparsity": 0.9})
     save_model(model, tmp_path / "m.pt")
     loaded = load_model(tmp_path / "m.pt")
     assert torch.equal(loaded.fc1.weight_mask, model.fc1.weight_mask)
@@ -121,7 +123,7 @@ def test_masks_survive_manifest_save_load(tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["oneshot", "iterative", "agp", "dns"])
-@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("scope", ["local", "global"])
 def test_every_schedule_reaches_its_target(tmp_path, schedule, scope):
     model = cnn()
     config = STAGES.get("magnitude").config_cls.coerce(
@@ -131,7 +133,7 @@ def test_every_schedule_reaches_its_target(tmp_path, schedule, scope):
     layers = [m for m in out.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     total = sum(m.weight.numel() for m in layers)
     zeros = sum(int((m.weight == 0).sum()) for m in layers)
-    if scope == "layer":
+    if scope == "local":
         for m in layers:
             assert int((m.weight == 0).sum()) == round(0.75 * m.weight.numel())
     else:
@@ -193,4 +195,19 @@ def test_bad_configs_raise_config_error(bad):
 
 def test_selection_matching_nothing_is_an_error():
     with pytest.raises(ConfigError, match="no Conv1d/Conv2d/Linear module matches"):
-        magnitude_prune_(mlp(), {"sparsity": 0.5, "layers": ("conv*",)})
+        magnitude_prune_(mlp(), X8, {"sparsity": 0.5, "layers": ("conv*",)})
+
+
+def test_scope_layer_is_refused_with_the_new_spelling(tmp_path):
+    from slimkit.recipe import load_recipe
+
+    for cls in (MagnitudeConfig, STAGES.get("obd").config_cls, STAGES.get("dsd").config_cls):
+        with pytest.raises(ConfigError, match=r"^stages\[0\]\.x\.scope: scope 'layer' is now spelled 'local'.*"
+                                              r"write scope: local \(got 'layer'\)$"):
+            cls.coerce({"sparsity": 0.5, "scope": "layer"}, where="stages[0].x")
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("name: old\nmodel: lenet5\ndata: digits\nstages:\n"
+                      "  - name: prune\n    magnitude: {sparsity: 0.9, scope: layer}\n")
+    with pytest.raises(ConfigError, match="scope 'layer' is now spelled 'local'") as err:
+        load_recipe(recipe)
+    assert "\n" not in str(err.value)

@@ -37,6 +37,7 @@ True
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -46,7 +47,9 @@ from torch.nn.utils import parametrize
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
+from slimkit.prune.common import size_of, trace_input
 from slimkit.prune.masks import PRUNABLE, set_mask
+from slimkit.reports import Report
 from slimkit.selection import classifier_name, matches, select_modules
 
 #: attribute holding the channel gate on the gated module, and its forward-hook handle
@@ -66,6 +69,29 @@ class L0Config(Config):
     beta: float = Field(2 / 3, gt=0)
     gamma: float = Field(-0.1, lt=0)
     zeta: float = Field(1.1, gt=1)
+
+
+@dataclass(kw_only=True)
+class L0GateReport(Report):
+    """What :func:`add_l0_gates_` did: ``gated`` maps each gated layer to its number of gates."""
+
+    target: str
+    gated: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class L0FoldReport(Report):
+    """What :func:`fold_l0_` did.
+
+    ``layers``: per gated layer ``{"gates", "zero", "expected_l0"}``. For channel gates also
+    ``channels_removed``, the surgery rows ``cuts`` and ``max_abs_change`` (the largest output
+    change the cut caused on ``example_inputs``).
+    """
+
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    channels_removed: int = 0
+    cuts: list[dict[str, Any]] = field(default_factory=list)
+    max_abs_change: float = 0.0
 
 
 class HardConcrete(nn.Module):
@@ -153,7 +179,7 @@ def _channel_hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.T
     return out * z.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-def _channel_sites(model: nn.Module, example_inputs: torch.Tensor, cfg: L0Config) -> tuple[list[str], dict]:
+def _channel_sites(model: nn.Module, example_inputs: Any, cfg: L0Config) -> tuple[list[str], dict]:
     """Layers whose output channels get gates (one per single-producer group), and skipped groups."""
     from slimkit.prune.graph import build_graph
 
@@ -180,14 +206,16 @@ def _channel_sites(model: nn.Module, example_inputs: torch.Tensor, cfg: L0Config
     return sites, skipped
 
 
-def add_l0_gates_(model: nn.Module, config: L0Config | dict[str, Any],
-                  example_inputs: torch.Tensor | None = None) -> dict[str, Any]:
+def add_l0_gates_(model: nn.Module, example_inputs: Any, config: L0Config | dict[str, Any]) -> L0GateReport:
     """Attach hard-concrete gates to ``model`` in place (weights: parametrisations; channels: hooks).
 
-    ``example_inputs`` (``[1, C, H, W]``) is needed for ``target: channels`` (the channel graph).
-    Returns ``{"gated": {layer: gates}, "skipped": {...}}``.
+    ``example_inputs``: one batch (a tensor or a tuple of tensors): it traces the channel
+    graph for ``target: channels`` and the sizes are measured on it. The report's ``gated``
+    maps each gated layer to its number of gates.
     """
     cfg = L0Config.coerce(config, where="l0")
+    x = trace_input(model, example_inputs)
+    before = size_of(model, x)
     kw = {"init_drop": cfg.init_drop, "beta": cfg.beta, "gamma": cfg.gamma, "zeta": cfg.zeta, "gate_lr": cfg.gate_lr}
     gated, skipped = {}, {}
     if cfg.target == "weights":
@@ -196,9 +224,7 @@ def add_l0_gates_(model: nn.Module, config: L0Config | dict[str, Any],
             parametrize.register_parametrization(m, "weight", _WeightGate(gate))
             gated[name] = m.weight.numel()
     else:
-        if example_inputs is None:
-            raise ConfigError("l0 target 'channels' needs example inputs to build the channel graph")
-        sites, skipped = _channel_sites(model, example_inputs, cfg)
+        sites, skipped = _channel_sites(model, x, cfg)
         if not sites:
             raise ConfigError(f"l0: no single-producer channel group among layers={list(cfg.layers)}; "
                               f"skipped: {dict(list(skipped.items())[:4])}")
@@ -209,7 +235,8 @@ def add_l0_gates_(model: nn.Module, config: L0Config | dict[str, Any],
             m.add_module(_GATE, HardConcrete((channels,), **kw).to(m.weight.device).train(m.training))
             setattr(m, _HANDLE, m.register_forward_hook(_channel_hook))
             gated[name] = channels
-    return {"target": cfg.target, "gated": gated, "skipped": skipped}
+    return L0GateReport(verb="add_l0_gates_", changed=list(gated), skipped=skipped, before=before,
+                        after=size_of(model, x), target=cfg.target, gated=gated)
 
 
 @torch.no_grad()
@@ -220,48 +247,48 @@ def _fold_channel(m: nn.Module, z: torch.Tensor) -> None:
         m.bias.mul_(z)
 
 
-def fold_l0_(model: nn.Module, example_inputs: torch.Tensor | None = None) -> dict[str, Any]:
-    """Replace every gate by its deterministic value and remove the gates; returns a report.
+def fold_l0_(model: nn.Module, example_inputs: Any) -> L0FoldReport:
+    """Replace every gate by its deterministic value and remove the gates; returns an :class:`L0FoldReport`.
 
     Weights: ``w <- w * z`` with ``weight_mask`` where ``z = 0``. Channels: ``z`` folded into the
     gated layer (a BatchNorm's scale and shift, or a conv's filters and bias), then the channels
-    with ``z = 0`` are cut out of the model (``example_inputs`` traces it). ``max_abs_change``:
-    the largest output change the cut caused on ``example_inputs`` (0 up to rounding when the
-    activation after the gate maps 0 to 0).
+    with ``z = 0`` are cut out of the model. ``example_inputs`` (a tensor or a tuple of tensors)
+    traces the model and the sizes are measured on it; ``max_abs_change``: the largest output
+    change the cut caused on it (0 up to rounding when the activation after the gate maps 0 to 0).
     """
     was_training = model.training
     model.eval()
+    x = trace_input(model, example_inputs)
+    before = size_of(model, x)
     found = gates(model)
-    report: dict[str, Any] = {"layers": {}}
+    layers: dict[str, dict[str, Any]] = {}
     zero_channels: dict[str, torch.Tensor] = {}
     for name, gate in found.items():
         m = dict(model.named_modules())[name]
         z = gate.deterministic().detach()
-        report["layers"][name] = {"gates": z.numel(), "zero": int((z == 0).sum()),
-                                  "expected_l0": round(float(gate.expected_l0().detach()), 3)}
+        layers[name] = {"gates": z.numel(), "zero": int((z == 0).sum()),
+                        "expected_l0": round(float(gate.expected_l0().detach()), 3)}
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)  # eval: w * z
             set_mask(m, (z != 0).to(m.weight.dtype))
         else:
             getattr(m, _HANDLE).remove()
             delattr(m, _HANDLE)
-            del m._modules[_GATE]
+            delattr(m, _GATE)
             _fold_channel(m, z)
             zero_channels[name] = z == 0
-    if zero_channels:
-        report.update(_cut_zero_channels(model, example_inputs, zero_channels))
+    cut: dict[str, Any] = _cut_zero_channels(model, x, zero_channels) if zero_channels else {}
     model.train(was_training)
-    return report
+    return L0FoldReport(verb="fold_l0_", changed=list(found), before=before, after=size_of(model, x),
+                        layers=layers, **cut)
 
 
-def _cut_zero_channels(model: nn.Module, x: torch.Tensor | None, zero: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _cut_zero_channels(model: nn.Module, x: Any, zero: dict[str, torch.Tensor]) -> dict[str, Any]:
     from slimkit.prune.graph import build_graph
     from slimkit.prune.surgery import prune_units_
 
-    if x is None:
-        raise ConfigError("folding channel gates needs example inputs to trace the model")
-    x = x.to(next(model.parameters()).device)
     graph = build_graph(model, x)
+    args = x if isinstance(x, tuple) else (x,)
     units = []
     for uid, unit in graph.units.items():
         for (name, role), idx in unit.members.items():
@@ -269,11 +296,11 @@ def _cut_zero_channels(model: nn.Module, x: torch.Tensor | None, zero: dict[str,
                 units.append(uid)
                 break
     with torch.no_grad():
-        before = model(x)
+        before = model(*args)
     # every channel of a layer can go to zero; keep its strongest one so the layer survives
     changes = prune_units_(model, graph, _keep_one_per_group(graph, units))
     with torch.no_grad():
-        change = float((model(x) - before).abs().max())
+        change = float((model(*args) - before).abs().max())
     return {"channels_removed": len(units), "cuts": changes, "max_abs_change": change}
 
 

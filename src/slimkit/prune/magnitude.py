@@ -2,7 +2,7 @@
 
 Targets are sparsities (fraction of weights set to zero, in [0, 1)):
 
-- ``sparsity``: one target for every selected layer (``scope: layer``), or for all of
+- ``sparsity``: one target for every selected layer (``scope: local``), or for all of
   them together with one global magnitude threshold (``scope: global``);
 - ``per_layer``: ``{glob: sparsity}`` (first matching glob wins, in the order written),
   e.g. ``{"conv*": 0.34, "fc*": 0.92}``; layers no glob matches take ``sparsity`` or stay
@@ -15,9 +15,9 @@ value; weights that are already zero count as pruned first.
 >>> import torch
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
->>> report = magnitude_prune_(model, {"sparsity": 0.8})
->>> report["layers"]["0"]["sparsity"], report["layers"]["2"]["sparsity"]
-(0.8, 0.8)
+>>> report = magnitude_prune_(model, torch.zeros(1, 10), {"sparsity": 0.8})
+>>> report.layers["0"]["sparsity"], report.layers["2"]["sparsity"], report.after.nonzeros < report.before.nonzeros
+(0.8, 0.8, True)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from torch import nn
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
-from slimkit.prune.masks import MASK, PRUNABLE, set_mask
+from slimkit.prune.common import Scope, size_of
+from slimkit.prune.masks import PRUNABLE, MaskReport, set_mask
+from slimkit.reports import ModelSize
 from slimkit.selection import matches, select_modules
 
 
@@ -46,7 +48,7 @@ class MagnitudeConfig(Config):
 
     sparsity: float | None = Field(None, ge=0, lt=1, description="target for every selected layer / all of them")
     per_layer: dict[str, float] = Field(default_factory=dict, description="glob -> sparsity, first match wins")
-    scope: Literal["layer", "global"] = "layer"
+    scope: Scope = "local"
     layers: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     schedule: Literal["oneshot", "iterative", "agp", "dns"] = "oneshot"
@@ -75,7 +77,7 @@ class MagnitudeConfig(Config):
 
 
 def layer_targets(model: nn.Module, config: MagnitudeConfig) -> dict[str, float]:
-    """Final sparsity per selected layer name (``scope: layer``; global uses ``sparsity`` overall)."""
+    """Final sparsity per selected layer name (``scope: local``; global uses ``sparsity`` overall)."""
     modules = select_modules(model, PRUNABLE, config.layers, config.ignore, what="magnitude.layers")
     targets: dict[str, float] = {}
     for name in modules:
@@ -139,22 +141,26 @@ def apply_computed_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> di
     return {"layers": layers, "weights": total, "nonzeros": kept, "sparsity": round(1 - kept / max(total, 1), 6)}
 
 
-def magnitude_prune_(
-    model: nn.Module, config: MagnitudeConfig | dict[str, Any], scale: float = 1.0
-) -> dict[str, Any]:
-    """Prune ``model`` in place to ``scale`` x its targets in one shot; returns a per-layer report.
+def mask_report(verb: str, model: nn.Module, example_inputs: Any, before: ModelSize, table: dict[str, Any],
+                skipped: dict[str, str] | None = None, rounds: list[dict[str, Any]] | None = None) -> MaskReport:
+    """The :class:`MaskReport` of a masking verb from :func:`apply_computed_masks`' ``table``, measured after."""
+    return MaskReport(verb=verb, changed=list(table["layers"]), skipped=dict(skipped or {}), before=before,
+                      after=size_of(model, example_inputs), layers=table["layers"], weights=table["weights"],
+                      nonzeros=table["nonzeros"], sparsity=table["sparsity"], rounds=list(rounds or []))
 
+
+def magnitude_prune_(model: nn.Module, example_inputs: Any, config: MagnitudeConfig | dict[str, Any]) -> MaskReport:
+    """Prune ``model`` in place to its targets in one shot; returns a :class:`~slimkit.prune.masks.MaskReport`.
+
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) the sizes are measured on.
     Adds/updates ``weight_mask`` buffers and zeroes pruned weights. Layers selected but
     without a target are reported under ``skipped``. The schedule in ``config`` is not
     run here (see :mod:`slimkit.prune.schedules`).
     """
     config = MagnitudeConfig.coerce(config, where="magnitude")
-    masks = compute_masks(model, config, scale)
-    report = apply_computed_masks(model, masks)
+    before = size_of(model, example_inputs)
+    masks = compute_masks(model, config)
+    table = apply_computed_masks(model, masks)
     selected = select_modules(model, PRUNABLE, config.layers, config.ignore, what="magnitude.layers")
-    report["skipped"] = {n: "no target matches" for n in selected if n not in masks}
-    return report
-
-
-def has_masks(model: nn.Module) -> bool:
-    return any(MASK in m._buffers for m in model.modules())
+    skipped = {n: "no target matches" for n in selected if n not in masks}
+    return mask_report("magnitude_prune_", model, example_inputs, before, table, skipped)

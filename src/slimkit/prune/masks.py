@@ -21,11 +21,14 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError
+from slimkit.reports import Report
 from slimkit.train import StepInfo, TrainHooks
 
 MASK = "weight_mask"
@@ -34,31 +37,52 @@ PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _FREE_ATTR = "_slimkit_mask_free"
 
 
+@dataclass(kw_only=True)
+class MaskReport(Report):
+    """What a masking verb did (``magnitude_prune_``, ``iterative_prune_``, ``obd_prune_``, ``lobs_prune_``).
+
+    ``layers``: per masked layer ``{"weights", "nonzeros", "sparsity"}`` (entries of its weight,
+    entries kept, fraction pruned); ``weights`` / ``nonzeros`` / ``sparsity``: the same over all
+    of them. ``rounds``: ``{"round", "sparsity"}`` per step of a schedule that prunes in rounds.
+    """
+
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)
+    weights: int = 0
+    nonzeros: int = 0
+    sparsity: float = 0.0
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Store ``mask`` (same shape as ``module.weight``) as ``weight_mask`` and zero pruned weights."""
     mask = mask.to(dtype=module.weight.dtype, device=module.weight.device).detach()
     if mask.shape != module.weight.shape:
         raise ConfigError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(module.weight.shape)}")
-    if hasattr(module, MASK) and MASK in module._buffers:
-        module._buffers[MASK] = mask.clone()
+    if mask_of(module) is not None:
+        setattr(module, MASK, mask.clone())  # an existing buffer: nn.Module keeps it a buffer
     else:
         module.register_buffer(MASK, mask.clone())
     with torch.no_grad():
         module.weight.mul_(mask)
 
 
+def mask_of(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s own ``weight_mask`` buffer, or None."""
+    mask = getattr(module, MASK, None)
+    return mask if isinstance(mask, torch.Tensor) and not isinstance(mask, nn.Parameter) else None
+
+
 def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules (by qualified name) that carry a ``weight_mask`` buffer."""
-    return {name: m for name, m in model.named_modules() if isinstance(m._buffers.get(MASK), torch.Tensor)}
+    return {name: m for name, m in model.named_modules() if mask_of(m) is not None}
 
 
 def remove_masks(model: nn.Module) -> int:
     """Drop every ``weight_mask`` buffer (weights keep their zeros); returns how many were removed."""
-    count = 0
-    for module in masked_modules(model).values():
-        del module._buffers[MASK]
-        count += 1
-    return count
+    modules = masked_modules(model)
+    for module in modules.values():
+        delattr(module, MASK)
+    return len(modules)
 
 
 @torch.no_grad()
@@ -66,14 +90,14 @@ def apply_masks(model: nn.Module, *_: object) -> None:
     """Multiply every masked weight by its mask (usable as an ``after_step`` hook)."""
     for module in masked_modules(model).values():
         if not getattr(module, _FREE_ATTR, False):
-            module.weight.mul_(module._buffers[MASK])
+            module.weight.mul_(mask_of(module))
 
 
 def zero_masked_grads(model: nn.Module) -> None:
     """Zero the gradients of pruned weights (usable as a ``grad_hooks`` entry)."""
     for module in masked_modules(model).values():
         if module.weight.grad is not None and not getattr(module, _FREE_ATTR, False):
-            module.weight.grad.mul_(module._buffers[MASK])
+            module.weight.grad.mul_(mask_of(module))
 
 
 def _after_step(model: nn.Module, info: StepInfo) -> None:
@@ -132,8 +156,3 @@ class L1Penalty:
         if not terms:
             return torch.zeros(())
         return self.strength * torch.stack(terms).sum()
-
-
-def l1_hooks(strength: float, layers: Sequence[str] = ("*",), ignore: Sequence[str] = ()) -> TrainHooks:
-    """TrainHooks adding an :class:`L1Penalty` to the loss."""
-    return TrainHooks(penalties=(L1Penalty(strength, layers, ignore),))

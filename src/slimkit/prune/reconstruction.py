@@ -39,8 +39,8 @@ units (at least ``1 - max_layer_ratio``).
 >>> from torch import nn
 >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
 >>> xs = [torch.randn(16, 1, 10, 10)]
->>> report = reconstruct_prune_(net, xs[0][:1], {"method": "thinet", "ratio": 0.5, "ignore": ["2"]}, xs)
->>> net[0].out_channels, net[2].in_channels, report["groups"][0]["error_refit"] <= report["groups"][0]["error_selected"]
+>>> report = reconstruct_prune_(net, xs[0][:1], {"method": "thinet", "ratio": 0.5, "ignore": ["2"]}, batches=xs)
+>>> net[0].out_channels, net[2].in_channels, report.groups[0]["error_refit"] <= report.groups[0]["error_selected"]
 (4, 4, True)
 """
 
@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,11 +59,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.config import Config
-from slimkit.exceptions import ConfigError
+from slimkit.prune.common import Batch, inputs_of, size_of, trace_input
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph
 from slimkit.prune.surgery import prune_units_, removals_for
 from slimkit.registry import Registry
+from slimkit.reports import Report
 from slimkit.selection import classifier_name, matches
 
 
@@ -84,6 +85,21 @@ class Stats:
         """``E(S)`` of the kept unit ids."""
         pos = torch.tensor([self.ids.index(u) for u in keep], dtype=torch.long)
         return float(self.base - 2 * self.r[pos].sum() + self.G[pos][:, pos].sum())
+
+
+@dataclass(kw_only=True)
+class ReconstructionReport(Report):
+    """What :func:`reconstruct_prune_` did: ``groups`` has one row per pruned group.
+
+    A row: ``group``, unit counts ``before`` / ``after``, its ``consumers``, and the relative
+    reconstruction errors ``error_all`` (all units kept), ``error_selected`` (kept units, old
+    weights) and, with ``refit``, ``error_refit`` (after the least-squares refit).
+    """
+
+    method: str
+    ratio: float
+    refit: bool
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
 
 Selector = Callable[[Stats, int], list[int]]
@@ -312,22 +328,22 @@ def _select(cfg: ReconstructionConfig, model: nn.Module, graph: ChannelGraph, gr
     return sorted(order[:keep])
 
 
-def reconstruct_prune_(model: nn.Module, example_inputs: torch.Tensor, config: ReconstructionConfig | dict | None,
-                       inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
-    """Prune the channels of ``model`` group by group with reconstruction; returns a report.
+def reconstruct_prune_(model: nn.Module, example_inputs: Any, config: ReconstructionConfig | dict | None = None, *,
+                       batches: Iterable[Batch]) -> ReconstructionReport:
+    """Prune the channels of ``model`` group by group with reconstruction; returns a :class:`ReconstructionReport`.
 
-    ``example_inputs``: one batch to trace the model. ``inputs``: batches of model inputs
-    (``[N, C, H, W]``) the statistics are sampled on. Per group the report gives the unit
-    counts and the relative reconstruction error of the kept units before (``error_selected``)
-    and after (``error_refit``) the least-squares refit, and the error of keeping all units
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) to trace the model.
+    ``batches``: model inputs (``[N, C, H, W]``, or ``(inputs, targets)`` pairs: the targets
+    are not used) the statistics are sampled on. Per group the report gives the unit counts
+    and the relative reconstruction error of the kept units before (``error_selected``) and
+    after (``error_refit``) the least-squares refit, and the error of keeping all units
     (``error_all``, 0 for the first group).
     """
     cfg = ReconstructionConfig.coerce(config, where="reconstruct")
-    inputs = list(inputs)
-    if not inputs:
-        raise ConfigError("reconstruct: no input batches to sample the consumer statistics on")
+    inputs = inputs_of(batches, "reconstruct")
+    example_inputs = trace_input(model, example_inputs)
+    size_before = size_of(model, example_inputs)
     reference = copy.deepcopy(model).eval()
-    example_inputs = example_inputs.to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     ignore = cfg.ignore if cfg.ignore is not None else (classifier_name(model),)
@@ -342,6 +358,7 @@ def reconstruct_prune_(model: nn.Module, example_inputs: torch.Tensor, config: R
         else:
             names.append(g.name)
     rows = []
+    changed: dict[str, None] = {}  # edited layers, in order
     outputs: dict[str, np.ndarray] = {}  # layer -> its remaining output channels, as the reference numbers them
     for name in names:
         graph = build_graph(model, example_inputs)
@@ -380,10 +397,12 @@ def reconstruct_prune_(model: nn.Module, example_inputs: torch.Tensor, config: R
             if role == "out":
                 before = outputs.get(layer, np.arange(modules[layer].weight.shape[0]))
                 outputs[layer] = np.delete(before, drop)
-        prune_units_(model, graph, removed)
+        changed.update(dict.fromkeys(row["layer"] for row in prune_units_(model, graph, removed)))
         if cfg.refit:
             residuals = [_refit(model, k, captured[k], kept_cols[k], cfg.ridge) for k in consumers]
             row["error_refit"] = round(float(sum(residuals)), 6)
         rows.append(row)
     model.train(was_training)
-    return {"method": cfg.method, "ratio": cfg.ratio, "refit": cfg.refit, "groups": rows, "skipped": skipped}
+    return ReconstructionReport(verb="reconstruct_prune_", changed=list(changed), skipped=skipped,
+                                before=size_before, after=size_of(model, example_inputs), method=cfg.method,
+                                ratio=cfg.ratio, refit=cfg.refit, groups=rows)

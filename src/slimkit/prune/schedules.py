@@ -17,12 +17,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets
-from slimkit.prune.masks import _FREE_ATTR, mask_hooks, set_mask
+from slimkit.prune.common import size_of, trained_in_place
+from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets, mask_report
+from slimkit.prune.masks import _FREE_ATTR, PRUNABLE, MaskReport, mask_hooks, set_mask
+from slimkit.selection import select_modules
 from slimkit.train import StepInfo, TrainHooks
 
 
@@ -111,16 +114,21 @@ class DNSHook:
         return mask
 
 
-def iterative_prune_(
-    model: nn.Module, config: MagnitudeConfig, finetune: Callable[..., nn.Module], epochs: int | None = None
-) -> tuple[nn.Module, list[dict]]:
-    """``config.rounds`` rounds of prune -> fine-tune (no fine-tune after the last round).
+def iterative_prune_(model: nn.Module, example_inputs: Any, config: MagnitudeConfig | dict[str, Any], *,
+                     finetune: Callable[..., Any]) -> MaskReport:
+    """``config.rounds`` rounds of prune -> fine-tune (no fine-tune after the last round), in place.
 
-    ``finetune(model, hooks=..., epochs=...)`` trains with the mask hooks. Returns the
-    model and one report per round.
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) the sizes are measured on.
+    ``finetune(model, hooks=..., epochs=config.round_epochs)`` trains ``model`` in place with
+    the mask hooks. After the last round the masks are set at the configured targets exactly
+    (the geometric schedule reaches them up to float rounding). The report's ``rounds`` gives
+    the sparsity of every round; its table is the final one.
     """
-    reports = []
+    config = MagnitudeConfig.coerce(config, where="magnitude")
+    before = size_of(model, example_inputs)
+    rounds = []
     targets = layer_targets(model, config)
+    epochs = config.round_epochs
     for r in range(1, config.rounds + 1):
         kept = {n: (1 - s) ** (r / config.rounds) for n, s in targets.items()}
         if config.scope == "global":
@@ -133,11 +141,14 @@ def iterative_prune_(
             round_cfg = config.model_copy(update={"per_layer": {n: 1 - k for n, k in kept.items()},
                                                   "layers": tuple(kept), "sparsity": None})
             masks = compute_masks(model, round_cfg)
-        report = apply_computed_masks(model, masks)
-        reports.append({"round": r, "sparsity": report["sparsity"]})
+        table = apply_computed_masks(model, masks)
+        rounds.append({"round": r, "sparsity": table["sparsity"]})
         if r < config.rounds and (epochs is None or epochs > 0):
-            model = finetune(model, hooks=mask_hooks(), epochs=epochs) or model
-    return model, reports
+            trained_in_place(model, finetune(model, hooks=mask_hooks(), epochs=epochs), "iterative_prune_ finetune")
+    table = apply_computed_masks(model, compute_masks(model, config))  # idempotent at the final target
+    selected = select_modules(model, PRUNABLE, config.layers, config.ignore, what="magnitude.layers")
+    skipped = {n: "no target matches" for n in selected if n not in table["layers"]}
+    return mask_report("iterative_prune_", model, example_inputs, before, table, skipped, rounds)
 
 
 def scheduled_hooks(model: nn.Module, config: MagnitudeConfig) -> TrainHooks:

@@ -54,8 +54,9 @@ from torch import nn
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
-from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets
-from slimkit.prune.masks import MASK, PRUNABLE
+from slimkit.prune.common import Batch, Scope, inputs_of, size_of
+from slimkit.prune.magnitude import MagnitudeConfig, apply_computed_masks, compute_masks, layer_targets, mask_report
+from slimkit.prune.masks import PRUNABLE, MaskReport, mask_of, set_mask
 from slimkit.selection import select_modules
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -71,7 +72,7 @@ class OBDConfig(Config):
     """
 
     sparsity: float = Field(..., ge=0, lt=1, description="fraction of the selected weights to delete")
-    scope: Literal["layer", "global"] = "global"
+    scope: Scope = "global"
     layers: tuple[str, ...] = ("*",)
     ignore: tuple[str, ...] = ()
     hessian: Literal["fisher", "exact", "hutchinson"] = "fisher"
@@ -215,19 +216,30 @@ def _magnitude_config(cfg: OBDConfig | LOBSConfig, sparsity: float, scope: str) 
     return MagnitudeConfig(sparsity=sparsity, scope=scope, layers=cfg.layers, ignore=cfg.ignore)
 
 
-def obd_prune_(model: nn.Module, config: OBDConfig | dict[str, Any], batches: Batches,
-               sparsity: float | None = None) -> dict[str, Any]:
-    """Mask the lowest-saliency weights of ``model`` in place (one OBD step); per-layer report.
+def _pairs(batches: Iterable[Batch] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` as a list of (inputs, targets); ConfigError when empty or when a batch has no targets."""
+    out = list(batches or ())
+    if not out or any(isinstance(b, torch.Tensor) for b in out):
+        raise ConfigError("obd: the Hessian diagonal needs batches=[(inputs, targets), ...] of training samples")
+    return [(x, y) for x, y in out]
 
-    ``sparsity`` overrides the config's target (the rounds of the stage use it). Weights
-    already masked have saliency 0 and stay pruned. Adds ``weight_mask`` buffers.
+
+def obd_prune_(model: nn.Module, example_inputs: Any, config: OBDConfig | dict[str, Any], *,
+               batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> MaskReport:
+    """Mask the lowest-saliency weights of ``model`` in place (one OBD step); returns a MaskReport.
+
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) the sizes are measured on.
+    ``batches``: ``(inputs, targets)`` the Hessian diagonal is estimated on. Weights already
+    masked have saliency 0 and stay pruned. Adds ``weight_mask`` buffers.
     """
     cfg = OBDConfig.coerce(config, where="obd")
-    target = cfg.sparsity if sparsity is None else sparsity
-    mcfg = _magnitude_config(cfg, target, cfg.scope)
+    batches = _pairs(batches)
+    before = size_of(model, example_inputs)
+    mcfg = _magnitude_config(cfg, cfg.sparsity, cfg.scope)
     names = list(layer_targets(model, mcfg))
     scores = obd_saliency(model, batches, names, cfg.hessian, cfg.probes, cfg.seed)
-    return apply_computed_masks(model, compute_masks(model, mcfg, 1.0, scores=scores))
+    table = apply_computed_masks(model, compute_masks(model, mcfg, 1.0, scores=scores))
+    return mask_report("obd_prune_", model, example_inputs, before, table)
 
 
 # -- layer-wise OBS ---------------------------------------------------------------------
@@ -312,16 +324,18 @@ def lobs_layer(weight: torch.Tensor, h: torch.Tensor, sparsity: float, damp: flo
     return w.to(weight.dtype).view(shape), mask.to(weight.dtype).view(shape)
 
 
-def lobs_prune_(model: nn.Module, config: LOBSConfig | dict[str, Any], inputs: Iterable[torch.Tensor]) -> dict:
+def lobs_prune_(model: nn.Module, example_inputs: Any, config: LOBSConfig | dict[str, Any], *,
+                batches: Iterable[Batch]) -> MaskReport:
     """L-OBS on every selected Conv2d (``groups == 1``) / Linear layer of ``model``, in place.
 
-    ``inputs``: batches of model inputs (the layer inputs they produce give each ``H``).
-    Sets ``weight_mask`` buffers and the refitted weights; returns the per-layer report plus
-    ``skipped`` (grouped convs, whose rows do not share one input covariance).
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) the sizes are measured on.
+    ``batches``: model inputs (or ``(inputs, targets)`` pairs; the targets are not used) whose
+    layer inputs give each ``H``. Sets ``weight_mask`` buffers and the refitted weights; the
+    report's ``skipped`` names the grouped convs, whose rows do not share one input covariance.
     """
-    from slimkit.prune.masks import set_mask
-
     cfg = LOBSConfig.coerce(config, where="lobs")
+    inputs = inputs_of(batches, "lobs")
+    before = size_of(model, example_inputs)
     selected = select_modules(model, PRUNABLE, cfg.layers, cfg.ignore, what="lobs.layers")
     skipped = {n: "grouped or 1-d convolution" for n, m in selected.items()
                if not isinstance(m, (nn.Linear, nn.Conv2d)) or getattr(m, "groups", 1) != 1}
@@ -335,10 +349,10 @@ def lobs_prune_(model: nn.Module, config: LOBSConfig | dict[str, Any], inputs: I
         new_w, mask = lobs_layer(m.weight, hessians[n], cfg.sparsity, cfg.damp, cfg.rounds)
         with torch.no_grad():
             m.weight.copy_(new_w)
-        if MASK in m._buffers:  # an earlier mask stays in force
-            mask = mask * m._buffers[MASK]
+        earlier = mask_of(m)
+        if earlier is not None:  # an earlier mask stays in force
+            mask = mask * earlier
         set_mask(m, mask)
         masks[n] = mask
-    report = apply_computed_masks(model, masks)
-    report["skipped"] = skipped
-    return report
+    table = apply_computed_masks(model, masks)
+    return mask_report("lobs_prune_", model, example_inputs, before, table, skipped)

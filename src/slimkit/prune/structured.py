@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -36,10 +36,14 @@ from torch import nn
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnsupportedModelError
+from slimkit.measure.macs import count_macs
+from slimkit.measure.size import count_params
+from slimkit.prune.common import Scope, size_of, trace_input
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph, gc_paused
 from slimkit.prune.graph.macs import traced_macs
 from slimkit.prune.surgery import prune_units_
+from slimkit.reports import Report
 from slimkit.selection import classifier_name, matches
 
 
@@ -49,7 +53,7 @@ class StructuredConfig(Config):
     ratio: float = Field(0.3, ge=0, lt=1, description="fraction of channel units (or of MACs/params) to remove")
     target: Literal["channels", "macs", "params"] = "channels"
     criterion: str = "l1"
-    scope: Literal["local", "global"] = "local"
+    scope: Scope = "local"
     layers: tuple[str, ...] = Field(("*",), description="a group is pruned when one of its producers matches")
     ignore: tuple[str, ...] | None = Field(None, description="default: the classifier")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="no layer loses more than this fraction")
@@ -67,9 +71,16 @@ class StructuredConfig(Config):
         return value
 
 
-@dataclass
-class StructuredReport:
-    """What :func:`structured_` did: per-group channel counts, edited layers, skips."""
+@dataclass(kw_only=True)
+class StructuredReport(Report):
+    """What :func:`structured_` / :func:`apply_structured_` did: per-group channel counts, edited layers, skips.
+
+    ``units_before``: channel units of the graph; ``units_pruned``: units removed; ``ratio``: the
+    channel ratio selected (solved for ``target: macs/params``); ``params_*`` / ``macs_*``:
+    parameter entries and MACs of one forward of ``example_inputs`` around the surgery;
+    ``groups``: ``{"group", "before", "after"}`` per pruned group; ``layers``: ``{"layer",
+    "axis", "before", "after"}`` per edited axis; ``warnings``: what the graph noticed.
+    """
 
     criterion: str
     scope: str
@@ -83,32 +94,45 @@ class StructuredReport:
     macs_after: int
     groups: list[dict[str, Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy for reports."""
-        return asdict(self)
+
+@dataclass
+class StructuredPlan:
+    """Which channel units :func:`apply_structured_` removes, as :func:`plan_structured` chose them.
+
+    ``graph``: the channel graph of the model as planned; ``groups``: the candidate groups;
+    ``scores``: unit id -> criterion score; ``ratio``: the channel ratio selected; ``units``:
+    unit ids to remove; ``skipped``: layer -> why its channels stay; ``params_before`` /
+    ``macs_before``: the model's size as planned; ``shapes``: parameter name -> shape, the
+    model the plan is valid for (a plan applies once, to that model).
+    """
+
+    config: StructuredConfig
+    graph: ChannelGraph
+    groups: list[Group]
+    scores: dict[int, float]
+    ratio: float
+    units: list[int]
+    skipped: dict[str, str]
+    params_before: int
+    macs_before: int
+    shapes: dict[str, tuple[int, ...]]
 
 
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _macs(model: nn.Module, x: torch.Tensor) -> int:
-    from slimkit.measure import count_macs
-
-    return int(count_macs(model, x))
-
-
-def _graph_macs(graph: ChannelGraph, model: nn.Module, x: torch.Tensor) -> int:
+def _graph_macs(graph: ChannelGraph, model: nn.Module, x: Any) -> int:
     """MACs counted on the traced graph (meta tensors) where that equals count_macs, else for real."""
     macs = traced_macs(graph, model, x)
-    return macs if macs is not None else _macs(model, x)
+    return macs if macs is not None else int(count_macs(model, x))
 
 
-def _candidates(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Module, scores: dict[int, float],
-                skipped: dict[str, str]) -> list[Group]:
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def candidate_groups(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Module, scores: dict[int, float],
+                     skipped: dict[str, str]) -> list[Group]:
+    """The groups of ``graph`` that ``cfg`` selects and the criterion scored; the others go into ``skipped``."""
     ignore = cfg.ignore if cfg.ignore is not None else (classifier_name(model),)
     chosen = []
     for group in graph.groups:
@@ -221,45 +245,64 @@ def _global_limit(g: Group, cfg: StructuredConfig) -> int:
     return m - _min_keep(m, cfg)
 
 
-def structured_(
-    model: nn.Module,
-    example_inputs: torch.Tensor,
-    config: StructuredConfig | dict | None = None,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-) -> StructuredReport:
-    """Prune channels of ``model`` in place and return a :class:`StructuredReport`.
+def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredConfig | dict | None = None, *,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StructuredPlan:
+    """Choose the channel units :func:`structured_` would remove from ``model``; the model is left as it was.
 
-    ``example_inputs``: one input batch (shape ``[N, C, H, W]``) used to trace the model.
-    ``batches``: (inputs, targets) for the ``taylor`` criterion. Raises
-    UnsupportedModelError naming an operation the dependency graph cannot prune through
-    (unless ``on_unsupported: skip``; :func:`slimkit.prune.register_channel_rule` teaches it
-    a new one), ConfigError for bad settings or ``example_inputs`` the model does not accept.
+    ``example_inputs``: one batch (a tensor or a tuple of tensors) to trace the model.
+    ``batches``: (inputs, targets) for the data criteria (``taylor``, ``fisher``). With
+    ``target: macs`` or ``params`` the channel ratio is found by bisection (each candidate is
+    pruned, measured and undone). Raises UnsupportedModelError naming an operation the graph
+    cannot prune through (unless ``on_unsupported: skip``), ConfigError for bad settings or
+    ``example_inputs`` the model does not accept, or when no group is prunable.
     """
     cfg = StructuredConfig.coerce(config, where="structured")
     criterion = CRITERIA.get(cfg.criterion)
-    graph = build_graph(model, example_inputs, on_unsupported=cfg.on_unsupported, norm_channels=cfg.norm_channels)
+    x = trace_input(model, example_inputs)
+    graph = build_graph(model, x, on_unsupported=cfg.on_unsupported, norm_channels=cfg.norm_channels)
     with gc_paused():
-        scores = criterion(model, graph, ScoreContext(example_inputs, batches, cfg.seed))
+        scores = criterion(model, graph, ScoreContext(x, batches, cfg.seed))
     skipped: dict[str, str] = {}
-    groups = _candidates(graph, cfg, model, scores, skipped)
+    groups = candidate_groups(graph, cfg, model, scores, skipped)
     if not groups and cfg.ratio > 0:
         raise ConfigError(
             f"structured: no prunable channel group among layers={list(cfg.layers)} minus "
             f"ignore={list(cfg.ignore or [classifier_name(model)])}; skipped: {dict(list(skipped.items())[:5])}"
         )
-    params_before = _params(model)
-    macs_before = _graph_macs(graph, model, example_inputs)
+    params_before = count_params(model)
+    macs_before = _graph_macs(graph, model, x)
     ratio = cfg.ratio
     if cfg.target != "channels" and cfg.ratio > 0:
-        ratio = _solve_ratio(model, example_inputs, graph, groups, scores, cfg, params_before, macs_before)
-    unit_ids = select_units(groups, scores, ratio, cfg)
+        ratio = solve_ratio(model, x, graph, groups, scores, cfg, params_before, macs_before)
+    return StructuredPlan(config=cfg, graph=graph, groups=groups, scores=scores, ratio=float(ratio),
+                          units=select_units(groups, scores, ratio, cfg), skipped=skipped,
+                          params_before=params_before, macs_before=macs_before, shapes=_shapes(model))
+
+
+def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPlan) -> StructuredReport:
+    """Remove the channel units of ``plan`` from ``model`` in place; returns a :class:`StructuredReport`.
+
+    ``model`` must be the model ``plan`` was made for, as it was (ConfigError otherwise: plan
+    again). ``example_inputs``: the batch the MACs are counted on. When the pruned model's
+    forward fails (an op the graph did not foresee) the model is restored and
+    UnsupportedModelError says which layers to ignore.
+    """
+    shapes = _shapes(model)
+    if shapes != plan.shapes:
+        changed = next((n for n in plan.shapes if shapes.get(n) != plan.shapes[n]), next(iter(shapes), "?"))
+        raise ConfigError(f"apply_structured_: the model is not the one the plan was made for (parameter "
+                          f"{changed!r}: planned {plan.shapes.get(changed)}, now {shapes.get(changed)}); "
+                          "call plan_structured on this model")
+    cfg, graph, unit_ids = plan.config, plan.graph, plan.units
+    x = trace_input(model, example_inputs)
+    before = size_of(model, x)
     modules = dict(model.named_modules())
-    snapshot = _snapshot(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
+    snapshot = snapshot_modules(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
     try:
         changes = prune_units_(model, graph, unit_ids)
-        macs_after = _graph_macs(graph, model, example_inputs)
+        macs_after = _graph_macs(graph, model, x)
     except Exception as err:  # a forward the graph did not foresee: leave the model as it was
-        _restore(snapshot)
+        restore_modules(snapshot)
         text = str(err).strip().splitlines()
         raise UnsupportedModelError(
             f"pruning {type(model).__name__} would break its forward ({type(err).__name__}: "
@@ -268,51 +311,87 @@ def structured_(
     chosen = set(unit_ids)
     group_rows = [
         {"group": g.name, "before": len(g.units), "after": len([u for u in g.units if u not in chosen])}
-        for g in groups
+        for g in plan.groups
     ]
     return StructuredReport(
-        criterion=cfg.criterion, scope=cfg.scope, ratio=float(ratio), target=cfg.target,
+        verb="structured_", changed=list(dict.fromkeys(row["layer"] for row in changes)), skipped=dict(plan.skipped),
+        before=before, after=size_of(model, x),
+        criterion=cfg.criterion, scope=cfg.scope, ratio=plan.ratio, target=cfg.target,
         units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
-        params_before=params_before, params_after=_params(model),
-        macs_before=macs_before, macs_after=macs_after,
-        groups=group_rows, layers=changes, skipped=skipped, warnings=list(graph.warnings),
+        params_before=plan.params_before, params_after=count_params(model),
+        macs_before=plan.macs_before, macs_after=macs_after,
+        groups=group_rows, layers=changes, warnings=list(graph.warnings),
     )
 
 
-def _snapshot(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, dict, dict, dict]]:
-    """What surgery changes in each module: its attributes, parameters and buffers (references)."""
-    return [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in modules]
+def structured_(model: nn.Module, example_inputs: Any, config: StructuredConfig | dict | None = None, *,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StructuredReport:
+    """Prune channels of ``model`` in place and return a :class:`StructuredReport`.
+
+    :func:`plan_structured` then :func:`apply_structured_`. ``example_inputs``: one batch (a
+    tensor or a tuple of tensors) to trace the model; ``batches``: (inputs, targets) for the
+    ``taylor`` / ``fisher`` criteria. Raises UnsupportedModelError naming an operation the
+    dependency graph cannot prune through (unless ``on_unsupported: skip``;
+    :func:`slimkit.prune.register_channel_rule` teaches it a new one), ConfigError for bad
+    settings or ``example_inputs`` the model does not accept.
+    """
+    return apply_structured_(model, example_inputs, plan_structured(model, example_inputs, config, batches=batches))
 
 
-def _restore(snapshot: list[tuple[nn.Module, dict, dict, dict]]) -> None:
-    """Put the modules back as :func:`_snapshot` saw them (the same parameter and buffer objects)."""
-    for m, attrs, params, buffers in snapshot:
-        m._parameters.clear()
-        m._parameters.update(params)
-        m._buffers.clear()
-        m._buffers.update(buffers)
-        vars(m).clear()
-        vars(m).update(attrs)
+#: attributes every nn.Module has (its parameter/buffer/child tables, hooks, ``training``)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
-def _solve_ratio(model, x, graph: ChannelGraph, groups, scores, cfg: StructuredConfig, params0: int,
-                 macs0: int) -> float:
+@dataclass
+class ModuleState:
+    """What surgery may change in one module: its plain attributes and its own parameters and buffers."""
+
+    module: nn.Module
+    attributes: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def _tensor_names(m: nn.Module) -> set[str]:
+    return {n for n, _ in m.named_parameters(recurse=False)} | {n for n, _ in m.named_buffers(recurse=False)}
+
+
+def snapshot_modules(modules: Iterable[nn.Module]) -> list[ModuleState]:
+    """The state :func:`restore_modules` puts back (references to the same parameter and buffer objects)."""
+    return [ModuleState(m, {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS},
+                        {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))})
+            for m in modules]
+
+
+def restore_modules(snapshot: list[ModuleState]) -> None:
+    """Put the modules back as :func:`snapshot_modules` saw them (the same parameter and buffer objects)."""
+    for state in snapshot:
+        m = state.module
+        added = (_tensor_names(m) | (set(vars(m)) - _MODULE_INTERNALS)) - set(state.tensors) - set(state.attributes)
+        for name in added:
+            delattr(m, name)
+        for name, value in {**state.attributes, **state.tensors}.items():
+            setattr(m, name, value)  # a Parameter stays a parameter, a buffer name stays a buffer
+
+
+def solve_ratio(model: nn.Module, example_inputs: Any, graph: ChannelGraph, groups: list[Group],
+                scores: dict[int, float], cfg: StructuredConfig, params0: int, macs0: int) -> float:
     """Smallest channel ratio whose pruned model reaches the MAC/param reduction ``cfg.ratio``.
 
-    Each candidate prunes ``model`` in place, is measured and is undone (cheaper than a copy).
+    ``params0`` / ``macs0``: the model's size before. Each candidate prunes ``model`` in place,
+    is measured and is undone (cheaper than a copy), so the model is left as it was.
     """
-    measure = (lambda m: _macs(m, x)) if cfg.target == "macs" else _params
+    measure = (lambda m: int(count_macs(m, example_inputs))) if cfg.target == "macs" else count_params
     base = macs0 if cfg.target == "macs" else params0
     modules = dict(model.named_modules())
     edited = [modules[name] for name in dict.fromkeys(name for name, _ in graph.axes)]
 
     def reduction(r: float) -> float:
-        snapshot = _snapshot(edited)
+        snapshot = snapshot_modules(edited)
         try:
             prune_units_(model, graph, select_units(groups, scores, r, cfg))
             return 1 - measure(model) / base
         finally:
-            _restore(snapshot)
+            restore_modules(snapshot)
 
     lo, hi = 0.0, 0.99
     if reduction(hi) < cfg.ratio:

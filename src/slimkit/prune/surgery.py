@@ -98,7 +98,7 @@ def sliced(out_params: Mapping[str, int], in_params: Mapping[str, int],
     return handler
 
 
-def _per_group_drops(name: str, size: int, groups: int, drop: np.ndarray) -> list[np.ndarray]:
+def _per_group_drops(size: int, groups: int, drop: np.ndarray) -> list[np.ndarray]:
     """Local positions to delete in each of ``groups`` equal blocks of ``size`` channels.
 
     ``drop``: global positions ``[k]``; raises when the blocks would lose different counts.
@@ -106,11 +106,11 @@ def _per_group_drops(name: str, size: int, groups: int, drop: np.ndarray) -> lis
     per = size // groups
     local = [drop[(drop >= k * per) & (drop < (k + 1) * per)] - k * per for k in range(groups)]
     if len({len(x) for x in local}) > 1:
-        raise UnsupportedModelError(f"grouped conv {name!r}: groups would lose different channel counts")
+        raise UnsupportedModelError("grouped conv: groups would lose different channel counts")
     return local
 
 
-def _cut_grouped_inputs(name: str, weight: nn.Parameter, size: int, groups: int, drop: np.ndarray) -> nn.Parameter:
+def _cut_grouped_inputs(weight: nn.Parameter, size: int, groups: int, drop: np.ndarray) -> nn.Parameter:
     """Weight ``[C_out, size/groups, *k]`` without the inputs ``drop``, chosen per group.
 
     Output block ``k`` (``C_out/groups`` filters) keeps group ``k``'s remaining inputs:
@@ -119,7 +119,7 @@ def _cut_grouped_inputs(name: str, weight: nn.Parameter, size: int, groups: int,
     rows = weight.shape[0] // groups
     blocks = [
         weight.data[k * rows:(k + 1) * rows].index_select(1, _keep(size // groups, local))
-        for k, local in enumerate(_per_group_drops(name, size, groups, drop))
+        for k, local in enumerate(_per_group_drops(size, groups, drop))
     ]
     return nn.Parameter(torch.cat(blocks, 0), requires_grad=weight.requires_grad)
 
@@ -135,12 +135,11 @@ def _conv(m: nn.Module, role: str, keep: torch.Tensor) -> None:
 
     Surgery cuts ``out`` before ``in``, so a conv that is depthwise now was depthwise before any cut.
     """
-    name = getattr(m, "_slimkit_name", type(m).__name__)
     if role == "out":
         before = m.out_channels
         depthwise = m.groups > 1 and m.groups == m.in_channels
         if m.groups > 1 and not depthwise:
-            _per_group_drops(name, before, m.groups, _drop(before, keep))
+            _per_group_drops(before, m.groups, _drop(before, keep))
         cut_tensor(m, "weight", keep, 0)
         cut_tensor(m, "bias", keep, 0)
         m.out_channels = len(keep)
@@ -149,7 +148,7 @@ def _conv(m: nn.Module, role: str, keep: torch.Tensor) -> None:
             m.groups = m.in_channels = len(keep) // mult
         return
     if m.groups > 1:
-        m.weight = _cut_grouped_inputs(name, m.weight, m.in_channels, m.groups, _drop(m.in_channels, keep))
+        m.weight = _cut_grouped_inputs(m.weight, m.in_channels, m.groups, _drop(m.in_channels, keep))
         m.in_channels = m.weight.shape[1] * m.groups
         return
     cut_tensor(m, "weight", keep, 1)
@@ -204,11 +203,10 @@ def _cut(name: str, m: nn.Module, role: str, drop: np.ndarray, size: int) -> Non
         raise UnsupportedModelError(
             f"surgery does not know how to prune {type(m).__name__} {name!r} ({role}); register a handler with "
             "slimkit.prune.register_surgery_handler (or out_params/in_params in register_channel_rule)")
-    m._slimkit_name = name
     try:
         handler(m, role, keep)
-    finally:
-        del m._slimkit_name
+    except UnsupportedModelError as err:  # name the layer (handlers see only the module)
+        raise UnsupportedModelError(f"{type(m).__name__} {name!r} ({role}): {err}") from None
 
 
 @torch.no_grad()

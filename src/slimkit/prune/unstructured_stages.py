@@ -21,15 +21,15 @@ def magnitude_stage(model: nn.Module, config: MagnitudeConfig, ctx: StageContext
 
     details: dict = {"schedule": config.schedule, "scope": config.scope}
     if config.schedule == "oneshot":
-        report = magnitude_prune_(model, config)
+        report = magnitude_prune_(model, ctx.example_inputs, config)
     elif config.schedule == "iterative":
-        model, rounds = iterative_prune_(model, config, ctx.finetune, epochs=config.round_epochs)
-        details["rounds"] = rounds
-        report = magnitude_prune_(model, config)  # idempotent at the final target; gives the table
+        report = iterative_prune_(model, ctx.example_inputs, config, finetune=ctx.finetune)
     else:
         hooks = scheduled_hooks(model, config)
         model = ctx.finetune(model, hooks=hooks, epochs=config.epochs) or model
-        report = magnitude_prune_(model, config)
-    details.update(report)
+        report = magnitude_prune_(model, ctx.example_inputs, config)
+    details.update(report.to_dict())
+    if not report.rounds:
+        details.pop("rounds")
     details["sparsity_measured"] = round(sparsity_of(model)["total"], 6)
     return StageOutput(model=model, details=details, hooks=mask_hooks(), persistent_hooks=True, phase="simulated")
