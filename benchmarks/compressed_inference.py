@@ -46,7 +46,7 @@ def build(name: str, data, out: Path) -> Path:
     model = create_model(name, num_classes=10, in_channels=1)
     fit(model, data.train, {"epochs": 1, "lr": 0.02, "batch_size": 32})
     sparsity, bits = RECIPES[name]
-    magnitude_prune_(model, {"per_layer": sparsity})
+    magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"per_layer": sparsity})
     share_weights_(model, bits)
     path = out / f"{name}.slim"
     save(model, path)

@@ -32,7 +32,7 @@ def slim_file(request, digits, tmp_path_factory):
     model = create_model(name, num_classes=10, in_channels=1)
     fit(model, digits.train, {"epochs": 1, "lr": 0.02, "batch_size": 32})
     sparsity, bits = RECIPES[name]
-    magnitude_prune_(model, {"per_layer": sparsity})
+    magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"per_layer": sparsity})
     share_weights_(model, bits)
     path = tmp_path_factory.mktemp(name) / "model.slim"
     save(model, path)
@@ -64,7 +64,7 @@ def test_no_dense_weight_is_kept_and_memory_is_at_most_twice_the_file(slim_file)
 
 def test_layers_it_cannot_run_sparse_are_decoded_and_reported(tmp_path):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    magnitude_prune_(model, {"sparsity": 0.5})
+    magnitude_prune_(model, torch.zeros(1, 4, 6, 6), {"sparsity": 0.5})
     share_weights_(model, {"conv_bits": 3, "linear_bits": 3})
     save(model, tmp_path / "m.slim")
     compressed = load(tmp_path / "m.slim", model=nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),

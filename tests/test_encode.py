@@ -96,7 +96,7 @@ def compressed(name: str) -> nn.Module:
     from slimkit.models import create_model
 
     model = create_model(name, num_classes=10, in_channels=1)
-    magnitude_prune_(model, {"sparsity": 0.9})
+    magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"sparsity": 0.9})
     share_weights_(model, {"conv_bits": 8, "linear_bits": 5})
     return model.eval()
 
@@ -104,7 +104,7 @@ def compressed(name: str) -> nn.Module:
 def custom() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     model[1].running_mean.uniform_()
-    magnitude_prune_(model, {"sparsity": 0.8, "layers": ("4",)})
+    magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"sparsity": 0.8, "layers": ("4",)})
     share_weights_(model, {"linear_bits": 4, "layers": ("4",)})
     return model.eval()
 

@@ -32,15 +32,8 @@ NAMED_PACKAGES = ("encode", "quantize", "export", "deploy", "decompose")
 #: ``path: module.name`` of private imports across packages that other work is removing.
 KNOWN_PRIVATE_IMPORTS: set[str] = {
     "benchmarks/conv_algorithms.py: slimkit.kernels._args",
-    "benchmarks/distill_study.py: slimkit.prune.structured._candidates",
-    "benchmarks/distill_study.py: slimkit.prune.structured._macs",
-    "benchmarks/distill_study.py: slimkit.prune.structured._params",
-    "benchmarks/distill_study.py: slimkit.prune.structured._solve_ratio",
     "tests/test_deploy.py: slimkit.deploy.stages._requantizes",
     "tests/test_kernels_conv.py: slimkit.kernels._args",
-    "tests/test_prune_structured.py: slimkit.prune.structured._candidates",
-    "tests/test_prune_structured.py: slimkit.prune.structured._params",
-    "tests/test_prune_structured.py: slimkit.prune.structured._solve_ratio",
 }
 #: package-level import cycles (as sorted tuples of the units in one strongly connected component)
 KNOWN_PACKAGE_CYCLES: set[tuple[str, ...]] = set()

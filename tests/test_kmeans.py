@@ -73,7 +73,7 @@ def mlp() -> nn.Module:
 def test_share_uses_at_most_k_values_and_keeps_zeros(make, pruned):
     model = make()
     if pruned:
-        magnitude_prune_(model, {"sparsity": 0.6})
+        magnitude_prune_(model, torch.zeros(1, 1, 8, 8), {"sparsity": 0.6})
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     report = share_weights_(model, {"conv_bits": 3, "linear_bits": 2, "per_layer": {"3": 4}})
     for name, was_zero in zeros.items():
@@ -90,7 +90,7 @@ def test_share_uses_at_most_k_values_and_keeps_zeros(make, pruned):
 def test_centroid_finetune_changes_only_centroids(optimizer):
     torch.manual_seed(0)
     model = cnn()
-    magnitude_prune_(model, {"sparsity": 0.5})
+    magnitude_prune_(model, torch.zeros(1, 1, 8, 8), {"sparsity": 0.5})
     share_weights_(model, {"conv_bits": 3, "linear_bits": 3})
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     index = {n: m.weight_index.clone() for n, m in layers.items()}

@@ -15,11 +15,10 @@ from slimkit.exceptions import ConfigError
 from slimkit.manifest import load_model, save_model
 from slimkit.measure import count_macs
 from slimkit.models import create_model
-from slimkit.prune import StructuredConfig, structured_
+from slimkit.prune import StructuredConfig, apply_structured_, plan_structured, structured_
 from slimkit.prune.criteria import CRITERIA, ScoreContext, filter_sparsity
 from slimkit.prune.graph import ChannelGraph, Unit, build_graph
 from slimkit.prune.sparse_training import BNL1Penalty, GroupLassoPenalty
-from slimkit.prune.structured import _candidates, _params, _solve_ratio
 from slimkit.stages import STAGES, StageContext
 from slimkit.train import TrainConfig
 
@@ -342,15 +341,17 @@ def test_batched_criteria_equal_per_unit_formulas(threads):
         torch.set_num_threads(saved)
 
 
-def test_ratio_search_leaves_the_model_as_it_was():
+def test_planning_leaves_the_model_as_it_was_and_apply_equals_structured():
     net, x = create_model("resnet20-cifar").eval(), torch.randn(1, 3, 32, 32)
+    twin = copy.deepcopy(net)
     params, before, layout = list(net.parameters()), copy.deepcopy(net.state_dict()), repr(net)
-    graph = build_graph(net, x)
-    scores = CRITERIA.get("l1")(net, graph, ScoreContext())
-    cfg = StructuredConfig(ratio=0.4, target="macs")
-    groups = _candidates(graph, cfg, net, scores, {})
-    ratio = _solve_ratio(net, x, graph, groups, scores, cfg, _params(net), count_macs(net, x))
-    assert 0 < ratio < 0.99
+    plan = plan_structured(net, x, {"ratio": 0.4, "target": "macs"})  # the ratio search prunes and undoes
+    assert 0 < plan.ratio < 0.99 and plan.units
     assert repr(net) == layout and all(a is b for a, b in zip(net.parameters(), params, strict=True))
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    report = apply_structured_(net, x, plan)
+    assert report.to_dict() == structured_(twin, (x,), {"ratio": 0.4, "target": "macs"}).to_dict()
+    assert repr(net) == repr(twin) and report.macs_after == count_macs(net, x) == report.after.macs
+    with pytest.raises(ConfigError, match="not the one the plan was made for"):
+        apply_structured_(net, x, plan)  # a plan applies once, to the model it was made for

@@ -63,31 +63,30 @@ class ReconstructStageConfig(ReconstructionConfig):
 def obd_stage(model: nn.Module, config: OBDConfig, ctx: StageContext) -> StageOutput:
     """Optimal Brain Damage (LeCun 1990): mask the weights of lowest saliency 0.5 * h_ii * w_i^2."""
     rounds = []
-    report: dict = {}
     for r in range(1, config.rounds + 1):
         target = 1 - (1 - config.sparsity) ** (r / config.rounds)
-        report = obd_prune_(model, config, sample_batches(ctx, config.samples), sparsity=target)
-        rounds.append({"round": r, "sparsity": report["sparsity"]})
+        step = config.model_copy(update={"sparsity": target})
+        report = obd_prune_(model, ctx.example_inputs, step, batches=sample_batches(ctx, config.samples))
+        rounds.append({"round": r, "sparsity": report.sparsity})
         if r < config.rounds and config.round_epochs > 0 and ctx.finetune is not None:
             model = ctx.finetune(model, hooks=mask_hooks(), epochs=config.round_epochs) or model
-    details = {"hessian": config.hessian, "scope": config.scope, "rounds": rounds, **report}
+    details = {"hessian": config.hessian, "scope": config.scope, **report.to_dict(), "rounds": rounds}
     return _masked_output(model, details)
 
 
 @register_stage("lobs", LOBSConfig)
 def lobs_stage(model: nn.Module, config: LOBSConfig, ctx: StageContext) -> StageOutput:
     """Layer-wise Optimal Brain Surgeon (Dong 2017): prune by w_q^2 / (2 [H^-1]_qq), refit the rest."""
-    inputs = [x for x, _ in sample_batches(ctx, config.samples)]
-    return _masked_output(model, {"rounds": config.rounds, **lobs_prune_(model, config, inputs)})
+    report = lobs_prune_(model, ctx.example_inputs, config, batches=sample_batches(ctx, config.samples))
+    return _masked_output(model, {**report.to_dict(), "rounds": config.rounds})
 
 
 @register_stage("reconstruct", ReconstructStageConfig)
 def reconstruct_stage(model: nn.Module, config: ReconstructStageConfig, ctx: StageContext) -> StageOutput:
     """ThiNet / LASSO channel selection with least-squares reconstruction of the next layers (channels removed)."""
-    inputs = [x for x, _ in sample_batches(ctx, config.samples)]
     base = ReconstructionConfig(**config.model_dump(exclude={"samples"}))
-    report = reconstruct_prune_(model, ctx.example_inputs, base, inputs)
-    return StageOutput(model=model, details=report, phase="materialized")
+    report = reconstruct_prune_(model, ctx.example_inputs, base, batches=sample_batches(ctx, config.samples))
+    return StageOutput(model=model, details=report.to_dict(), phase="materialized")
 
 
 @register_stage("dsd", DSDConfig)
@@ -100,18 +99,22 @@ def dsd_stage(model: nn.Module, config: DSDConfig, ctx: StageContext) -> StageOu
     def train(m: nn.Module, cfg, hooks: TrainHooks | None) -> nn.Module:
         return fit(m, data, cfg, hooks, progress=False, desc="dsd")
 
-    report = dsd_(model, config, train, ctx.train_config)
-    return StageOutput(model=model, details=report, phase="materialized")
+    report = dsd_(model, ctx.example_inputs, config, train=train, train_config=ctx.train_config)
+    return StageOutput(model=model, details=report.to_dict(), phase="materialized")
 
 
 @register_stage("l0", L0Config)
 def l0_stage(model: nn.Module, config: L0Config, ctx: StageContext) -> StageOutput:
     """L0 regularisation with hard-concrete gates (Louizos 2018) on weights or channels; train in `finetune:`."""
-    added = add_l0_gates_(model, config, ctx.example_inputs)
-    details = {"target": config.target, "lam": config.lam, "gated": added["gated"], "skipped": added["skipped"]}
+    added = add_l0_gates_(model, ctx.example_inputs, config)
+    details = {"target": config.target, "lam": config.lam, "gated": added.gated, "skipped": added.skipped}
 
     def finalize(trained: nn.Module) -> StageOutput:
-        folded = fold_l0_(trained, ctx.example_inputs)
+        folded = fold_l0_(trained, ctx.example_inputs).to_dict()
+        folded.pop("skipped")
+        if config.target == "weights":  # no channel is cut
+            for key in ("channels_removed", "cuts", "max_abs_change"):
+                folded.pop(key)
         out = {**details, **folded}
         if config.target == "weights":
             return _masked_output(trained, out)
