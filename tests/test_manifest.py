@@ -62,3 +62,28 @@ def test_damaged_files_fail_with_one_clear_line(tmp_path):
         load_model(tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="does not exist"):
         load_model(tmp_path / "missing.pt")
+
+
+def test_load_model_opens_the_formats_other_packages_register(tmp_path):
+    """``.slim`` is registered by slimkit.encode (the manifest imports no encode module); a .pt is no other format."""
+    from slimkit.encode import save
+    from slimkit.manifest import MODEL_FILE_FORMATS, ModelFileFormat, file_format, register_model_file_format
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    save(model, tmp_path / "m.slim")
+    save_model(model, tmp_path / "m.pt")
+    assert file_format(tmp_path / "m.slim").name == "slim" and file_format(tmp_path / "m.pt") is None
+    x = torch.randn(2, 1, 6, 6)
+    skeleton = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    assert torch.equal(load_model(tmp_path / "m.slim", model=skeleton)(x), model(x))
+
+    def load_text(path, skeleton):  # a format of a test's own: one float per line is the Linear's weight
+        layer = skeleton or nn.Linear(2, 1, bias=False)
+        values = [float(v) for v in open(path).read().split()[1:]]
+        layer.weight.data = torch.tensor([values])
+        return layer.eval()
+
+    if "numbers" not in MODEL_FILE_FORMATS:
+        register_model_file_format(ModelFileFormat("numbers", b"NUMBERS\n", load_text))
+    (tmp_path / "w.txt").write_text("NUMBERS\n0.5\n-2\n")
+    assert load_model(tmp_path / "w.txt")(torch.tensor([[2.0, 1.0]])).item() == -1.0

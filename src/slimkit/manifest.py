@@ -17,7 +17,9 @@ is therefore a *manifest* plus a state dict, in one file readable with
 - ``state_dict``: the weights and buffers (masks included).
 
 Loading builds the skeleton, replaces every module whose recorded spec differs, adds the
-buffers the transforms registered, and loads the state dict strictly.
+buffers the transforms registered, and loads the state dict strictly. :func:`load_model`
+also opens slimkit's other model files (the ``.slim`` container) through
+:data:`MODEL_FILE_FORMATS`, which their packages fill, so this module imports none of them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import importlib
 import os
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from torch import nn
 
 from slimkit.atomic import atomic_open
 from slimkit.exceptions import ConfigError, CorruptFileError
+from slimkit.registry import Registry
 
 FORMAT = "slimkit-model"
 VERSION = 1
@@ -309,6 +313,36 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
+@dataclass(frozen=True)
+class ModelFileFormat:
+    """A model file format other than :func:`save_model`'s, told apart by the bytes it starts with.
+
+    ``load(path, model)``: the model in the file, in eval mode (``model``: a skeleton or None).
+    """
+
+    name: str
+    magic: bytes
+    load: Callable[[str | os.PathLike, nn.Module | None], nn.Module]
+
+
+#: the formats :func:`load_model` opens besides its own; ``.slim`` registers in slimkit.encode.container
+MODEL_FILE_FORMATS: Registry[ModelFileFormat] = Registry("model file format",
+                                                         lazy_modules=("slimkit.encode.container",))
+
+
+def register_model_file_format(fmt: ModelFileFormat) -> ModelFileFormat:
+    """Let :func:`load_model` open files starting with ``fmt.magic`` with ``fmt.load``."""
+    return MODEL_FILE_FORMATS.register(fmt.name, fmt)
+
+
+def file_format(path: str | os.PathLike) -> ModelFileFormat | None:
+    """The registered format whose magic bytes ``path`` starts with, or None (e.g. a model.pt)."""
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    return next((f for f in map(MODEL_FILE_FORMATS.get, MODEL_FILE_FORMATS.names()) if head.startswith(f.magic)),
+                None)
+
+
 def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (or a ``.slim`` container), from its recorded source.
 
@@ -317,10 +351,9 @@ def load_model(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mo
     unchanged class) replaces that, e.g. for a model built outside ``create_model``.
     Returns the model in eval mode, carrying its data spec (:func:`data_spec_of`).
     """
-    if Path(path).is_file() and _is_slim(Path(path)):
-        from slimkit.encode import load
-
-        return load(path, model)
+    other = file_format(path) if Path(path).is_file() else None
+    if other is not None:
+        return other.load(path, model)
     payload = read_payload(path)
     return restore(path, payload.get("arch"), payload["modules"], payload["state_dict"], model,
                    data=payload.get("data"))

@@ -118,7 +118,18 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
     (:mod:`slimkit.rundir`). ``device`` (``cpu``, ``cuda``, ``cuda:N``; None: the GPU when
     there is one) is where training runs; every measurement runs on the CPU with
     ``recipe.latency_threads`` threads. What the run says also goes to ``run.log``.
+    ``recipe.threads`` (when set) is torch's thread count during the run; the caller's
+    count is restored when it returns or raises.
     """
+    from slimkit.global_state import num_threads
+
+    with num_threads(recipe.threads):
+        return _run_recipe(recipe, out_dir, resume=resume, overwrite=overwrite, progress=progress, log=log,
+                           device=device)
+
+
+def _run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite: bool, progress: bool, log: Log,
+                device: str | torch.device | None) -> dict[str, Any]:
     from slimkit import rundir
     from slimkit.data import load_data
     from slimkit.models import arch_of, create_model
@@ -129,8 +140,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, ove
     paths = RunPaths(Path(out_dir))
     device = resolve_device(device)
     rundir.check(paths.root, recipe.to_dict(), resume=resume, overwrite=overwrite)
-    if recipe.threads is not None:
-        torch.set_num_threads(recipe.threads)
     seed_everything(recipe.train.seed)
     data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
                      image_size=recipe.image_size, augment=recipe.augment)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimkit.deploy.runners import OnnxRunner, Runner, TorchRunner
+from slimkit.global_state import quantized_engine
 from slimkit.registry import Registry
 
 #: Modules that register engines; imported the first time the registry is read.
@@ -147,12 +148,12 @@ def _torch_x86_int8(inp: EngineInput) -> Runner:
     return TorchRunner(torch_x86_int8(inp.float_model, inp.calibration or [inp.example], inp.example))
 
 
+@quantized_engine("x86")  # prepared, calibrated and converted on x86; the caller's engine is restored
 def torch_x86_int8(float_model: nn.Module, calibration: list[torch.Tensor], example: torch.Tensor) -> nn.Module:
     """PyTorch's x86 int8 model of ``float_model`` (FX graph mode, per-channel weights)."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    torch.backends.quantized.engine = "x86"
     model = copy.deepcopy(float_model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -25,7 +25,7 @@ from slimkit.deploy.engines import engines_of
 from slimkit.deploy.slim import write_slim
 from slimkit.deploy.timing import median_ms
 from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
-from slimkit.quantize.stages import AutoBitsConfig, layer_rows, numba_threads, plan_bits
+from slimkit.quantize.stages import AutoBitsConfig, layer_rows, plan_bits
 from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, stored_bytes
 from slimkit.stages import StageContext, StageOutput, register_stage
 from slimkit.train import TrainHooks
@@ -170,6 +170,8 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
         if config.mode == "xnor" and config.kernel and use_kernel_(trained, True):
             # numba's pool defaults to every core; beside torch's threads on a shared CPU that
             # oversubscribes (batch-1 layers are tiny), so the kernel gets torch's thread count
+            from slimkit.global_state import numba_threads
+
             with torch.no_grad(), numba_threads(torch.get_num_threads()) as threads:
                 kernel_acc = ctx.evaluate(trained)
                 kernel_ms = median_ms(lambda: trained(example), repeats=20)

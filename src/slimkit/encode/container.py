@@ -39,6 +39,7 @@ from slimkit.encode.shared_record import FLAG_SHARED_BUFFERS, KIND_SHARED, codeb
 from slimkit.encode.shared_record import decode_shared as _decode_shared  # noqa: F401 (slimkit.encode.runtime)
 from slimkit.encode.sparse import FORMATS
 from slimkit.exceptions import ConfigError, CorruptFileError
+from slimkit.manifest import ModelFileFormat, register_model_file_format
 from slimkit.slim_codecs import KIND_META, KIND_RAW, RecordCodec, codec_of_kind, record_codecs
 from slimkit.slim_codecs import Reader as _Reader  # noqa: F401 (slimkit.encode.dct)
 from slimkit.slim_codecs import Writer as _Writer
@@ -238,6 +239,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
 
     meta, state = read_state(path)
     return restore(path, meta.get("arch"), meta["modules"], state, model, data=meta.get("data"))
+
+
+register_model_file_format(ModelFileFormat("slim", MAGIC, load))  # slimkit.manifest.load_model opens .slim files
 
 
 def decode(path: str | os.PathLike, out: str | os.PathLike, model: nn.Module | None = None) -> Path:

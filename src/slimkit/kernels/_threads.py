@@ -9,6 +9,8 @@ docs/quantization.md). A kernel here is compiled serial with ``nogil=True`` and 
 thread alone (1 thread: no pool, no threading layer at all) or on ``threads`` pool threads,
 which block on a queue when idle instead of spinning. ``threads`` defaults to
 ``torch.get_num_threads()``: a kernel runs on the threads the user gave the model.
+Nothing here starts numba's threading layer or changes its configuration (numba's process-wide
+settings are the caller's; :func:`slimkit.global_state.numba_threads` sets and restores them).
 """
 
 from __future__ import annotations
@@ -31,17 +33,6 @@ def _executor(workers: int) -> ThreadPoolExecutor:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="slimkit-kernel"), workers
         return _pool
-
-
-def configure_numba() -> None:
-    """Keep numba off OpenMP: slimkit's kernels need no numba threading layer, but ``numba.set_num_threads``
-    (called by user code) starts one, and its OpenMP layer spin-waits against torch's threads."""
-    import os
-
-    import numba
-
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
 
 
 def threads_for(threads: int | None = None) -> int:

@@ -15,14 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from slimkit.kernels._args import ConvCase
-from slimkit.kernels._threads import configure_numba, parallel_for
+from slimkit.kernels._threads import parallel_for
 
 
 @lru_cache(maxsize=1)
 def _kernel():
     import numba
-
-    configure_numba()
 
     @numba.njit(nogil=True, fastmath=True)
     def direct(xp, w, sh, sw, out, start, stop):

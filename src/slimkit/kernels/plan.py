@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError
+from slimkit.global_state import num_threads
 from slimkit.kernels._args import ConvCase, pair
 from slimkit.kernels.conv import ALGORITHMS, AUTO_CANDIDATES, conv2d, prepared_weight
 from slimkit.kernels.timing import interleaved_ms
@@ -132,29 +133,26 @@ def plan(model: nn.Module, example_inputs: torch.Tensor, candidates=DEFAULT_CAND
                if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with torch.no_grad():
-            model(example_inputs)
-        for h in handles:
-            h.remove()
-        result = KernelPlan(threads=torch.get_num_threads())
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, x in inputs.items():
-                runs, skipped = _candidates_for(modules[name], x, candidates)
-                result.shapes[name] = "x".join(map(str, x.shape))
-                result.skipped[name] = skipped
-                times = interleaved_ms(runs, repeats=repeats, warmup=1)
-                result.timings[name] = times
-                result.choices[name] = min(times, key=times.get)
-    finally:
-        for h in handles:
-            h.remove()
-        torch.set_num_threads(old_threads)
-        model.train(was_training)
+    with num_threads(None if threads is None else int(threads)):
+        try:
+            with torch.no_grad():
+                model(example_inputs)
+            for h in handles:
+                h.remove()
+            result = KernelPlan(threads=torch.get_num_threads())
+            modules = dict(model.named_modules())
+            with torch.no_grad():
+                for name, x in inputs.items():
+                    runs, skipped = _candidates_for(modules[name], x, candidates)
+                    result.shapes[name] = "x".join(map(str, x.shape))
+                    result.skipped[name] = skipped
+                    times = interleaved_ms(runs, repeats=repeats, warmup=1)
+                    result.timings[name] = times
+                    result.choices[name] = min(times, key=times.get)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
     return result
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimkit.kernels._threads import configure_numba, parallel_for
+from slimkit.kernels._threads import parallel_for
 
 # below this many multiply-adds a call runs on one thread: a pool hand-off costs more than it saves
 PARALLEL_WORK = 200_000
@@ -38,8 +38,6 @@ PARALLEL_WORK = 200_000
 @lru_cache(maxsize=1)
 def _kernels():
     import numba
-
-    configure_numba()
 
     @numba.njit(nogil=True, fastmath=True, boundscheck=False)
     def csr_vector(ptr, entries, shift, mask, codebook, x, bias, out, start, stop):

@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from slimkit.kernels._threads import configure_numba, parallel_for
+from slimkit.kernels._threads import parallel_for
 
 
 @lru_cache(maxsize=1)
@@ -40,8 +40,6 @@ def _kernels():
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
-
-    configure_numba()
 
     @intrinsic
     def popcount64(typingctx, value):

@@ -8,7 +8,6 @@ The stages themselves (:mod:`slimkit.deploy.stages`) end in deployment (engines,
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import asdict
 from typing import Annotated, Literal
@@ -113,17 +112,3 @@ def layer_rows(details: dict) -> list[dict]:
         row.update({f"kl@{bits}b": float(f"{cell['kl']:.3g}") for bits, cell in cells.items()})
         rows.append(row)
     return rows
-
-
-@contextlib.contextmanager
-def numba_threads(count: int):
-    """Run numba's parallel kernels on ``count`` threads (capped at its pool size) inside the block."""
-    import numba
-
-    old = numba.get_num_threads()
-    count = max(1, min(int(count), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(count)
-    try:
-        yield count
-    finally:
-        numba.set_num_threads(old)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from slimkit.atomic import atomic_write_bytes
+from slimkit.global_state import num_threads
 from slimkit.measure.realtime import engine_callable, realtime_stats, robust_p99_ms
 
 
@@ -91,13 +92,9 @@ class LatencyTable:
 
             module = nn.Sequential(module)
             quantize_(module, {"bits": 8, "fold_bn": False}, calibration=[torch.randn(4, *in_shape[1:])])
-        old = torch.get_num_threads()
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                fn = engine_callable(module, x, self.engine, tmp, self.threads)
-                return realtime_stats(fn, runs=self.runs, warmup=5).p50_ms
-        finally:
-            torch.set_num_threads(old)
+        with num_threads(None), tempfile.TemporaryDirectory() as tmp:  # eager timing sets torch's count: put it back
+            fn = engine_callable(module, x, self.engine, tmp, self.threads)
+            return realtime_stats(fn, runs=self.runs, warmup=5).p50_ms
 
     def overhead_ms(self) -> float:
         """Median of the engine running a 1 x 1 Linear: the cost of a call beyond its arithmetic."""
@@ -141,14 +138,10 @@ def end_to_end(model: nn.Module, example_inputs: torch.Tensor, engine: str, thre
                blocks: int = 5, runs: int = 200) -> dict[str, float]:
     """Measured batch-1 ``{"median_ms", "p99_ms"}`` of the whole model on ``engine`` (p99: block median,
     :func:`slimkit.measure.realtime.robust_p99_ms`)."""
-    old = torch.get_num_threads()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            fn = engine_callable(model.eval(), example_inputs[:1], engine, tmp, threads)
-            median = realtime_stats(fn, runs=runs, warmup=10).p50_ms
-            return {"median_ms": median, "p99_ms": robust_p99_ms(fn, blocks=blocks, runs=runs, warmup=0)}
-    finally:
-        torch.set_num_threads(old)
+    with num_threads(None), tempfile.TemporaryDirectory() as tmp:
+        fn = engine_callable(model.eval(), example_inputs[:1], engine, tmp, threads)
+        median = realtime_stats(fn, runs=runs, warmup=10).p50_ms
+        return {"median_ms": median, "p99_ms": robust_p99_ms(fn, blocks=blocks, runs=runs, warmup=0)}
 
 
 class LatencyPredictor:

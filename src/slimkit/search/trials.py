@@ -47,13 +47,12 @@ def evaluate_trial(job: dict[str, Any], payload: dict[str, Any], split=None) -> 
     """Accuracy of one candidate after its short fine-tune: ``{"id", "val_accuracy", "test_accuracy"}``."""
     from types import SimpleNamespace
 
+    from slimkit.global_state import num_threads
     from slimkit.recipe import parse_recipe
     from slimkit.search.space import apply_stages
     from slimkit.train import TrainConfig, evaluate, fit, seed_everything
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with num_threads(1):
         data, train, val = split or load_split(payload)
         recipe = parse_recipe({**payload["header"], "stages": job["stages"]}, "search trial")
         seed_everything(payload["seed"])
@@ -68,8 +67,6 @@ def evaluate_trial(job: dict[str, Any], payload: dict[str, Any], split=None) -> 
                                  finetune=finetune)
         return {"id": job["id"], "val_accuracy": round(evaluate(model, val), 4),
                 "test_accuracy": round(evaluate(model, data.test), 4)}
-    finally:
-        torch.set_num_threads(old_threads)
 
 
 def _tune_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
