@@ -74,6 +74,7 @@ class RecordCodec:
 
 RECORD_CODECS: Registry[RecordCodec] = Registry("slim record codec", lazy_modules=(
     "slimkit.encode.shared_record", "slimkit.quantize.packed_record", "slimkit.encode.dct_record"))
+_KINDS: dict[int, str] = {}  # kind -> codec name; read without loading the table (registering must not load it)
 
 
 def register_record_codec(codec: RecordCodec) -> RecordCodec:
@@ -81,11 +82,12 @@ def register_record_codec(codec: RecordCodec) -> RecordCodec:
     if not 2 <= codec.kind <= 255:
         raise ConfigError(f"slim record codec {codec.name!r}: kind {codec.kind} is outside 2..255 "
                           f"({KIND_META} and {KIND_RAW} are the container's own)")
-    for other in RECORD_CODECS.names():
-        taken = RECORD_CODECS.get(other)
-        if taken.kind == codec.kind and other != codec.name.lower():
-            raise ConfigError(f"slim record codec {codec.name!r}: kind {codec.kind} is taken by {other!r}")
-    return RECORD_CODECS.register(codec.name, codec)
+    owner = _KINDS.get(codec.kind)
+    if owner is not None and owner != codec.name.lower():
+        raise ConfigError(f"slim record codec {codec.name!r}: kind {codec.kind} is taken by {owner!r}")
+    registered = RECORD_CODECS.register(codec.name, codec)
+    _KINDS[codec.kind] = codec.name.lower()
+    return registered
 
 
 def record_codecs() -> list[RecordCodec]:
