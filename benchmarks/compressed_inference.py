@@ -47,7 +47,7 @@ def build(name: str, data, out: Path) -> Path:
     fit(model, data.train, {"epochs": 1, "lr": 0.02, "batch_size": 32})
     sparsity, bits = RECIPES[name]
     magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"per_layer": sparsity})
-    share_weights_(model, bits)
+    share_weights_(model, torch.zeros(1, 1, 28, 28), bits)
     path = out / f"{name}.slim"
     save(model, path)
     return path

@@ -48,7 +48,7 @@ def main() -> None:
         data = TensorDataset(x, torch.zeros(64, dtype=torch.long))
         q = create_model(name, num_classes=10, in_channels=channels).eval()
         q.load_state_dict(model.state_dict())
-        quantize_(q, {"bits": 8}, calibration=[x])
+        quantize_(q, x[:1], {"bits": 8}, calibration=[x])
         r = compare_engines(q, model, data, x[:1], out, calibration=[x], engines=("onnxruntime", "torch"))
         of, oi = r["onnxruntime-fp32"].latency_ms, r["onnxruntime-int8"].latency_ms
         tf = r["torch-fp32"].latency_ms

@@ -55,8 +55,9 @@ def main() -> None:
     print("|---|---:|---:|")
     for keep_bn in (False, True):
         q = copy.deepcopy(trained)
-        prepare_qat_(q, {"bits": 4, "weight_observer": "mse", "overrides": {"conv1": 8, "fc": 8}}, data.train,
-                     keep_bn=keep_bn)
+        prepare_qat_(q, torch.zeros(1, *data.input_shape),
+                     {"bits": 4, "weight_observer": "mse", "overrides": {"conv1": 8, "fc": 8}, "keep_bn": keep_bn},
+                     calibration=data.train)
         ptq = evaluate(q.eval(), data.test)
         fit(q, data.train, TrainConfig(epochs=args.qat_epochs, lr=0.005, seed=0),
             TrainHooks(after_step=(late_freezer(0.5, 0.5),)), progress=False)
@@ -71,7 +72,7 @@ def main() -> None:
     print("|---|---:|")
     for after in (0.5, 0.9, 1.0):
         q = copy.deepcopy(young)
-        prepare_qat_(q, {"bits": 8}, data.train)
+        prepare_qat_(q, torch.zeros(1, *data.input_shape), {"bits": 8}, calibration=data.train)
         hooks = TrainHooks(after_step=(late_freezer(0.5, after),))  # 1.0: only after the last step
         fit(q, data.train, TrainConfig(epochs=1, lr=0.005, seed=0), hooks, progress=False)
         fold_qat_bn_(q)

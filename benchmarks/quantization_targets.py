@@ -20,15 +20,15 @@ import torch
 
 def ptq(model, data, per_channel: bool, reduce_range, out_dir: str = "/tmp", observer: str = "minmax") -> dict:
     from slimkit.deploy import compare_engines
+    from slimkit.measure.storage import stored_bytes
     from slimkit.quantize import quantize_
-    from slimkit.quantize.uniform import stored_bytes
 
     q = copy.deepcopy(model).eval()
     cfg = {"bits": 8, "per_channel": per_channel, "reduce_range": reduce_range, "observer": observer}
-    report = quantize_(q, cfg, calibration=data.train)
     example = torch.zeros(1, *data.input_shape)
+    report = quantize_(q, example, cfg, calibration=data.train)
     res = compare_engines(q, model, data.test, example, out_dir, engines=("onnxruntime",))
-    return {"reduced": report["reduce_range"], "fakequant": res["torch-fakequant"].accuracy,
+    return {"reduced": report.reduce_range, "fakequant": res["torch-fakequant"].accuracy,
             "ort_int8": res["onnxruntime-int8"].accuracy,
             "agreement": res["onnxruntime-int8"].agreement_with_fakequant, "bytes": stored_bytes(q),
             "ort_fp32_ms": res["onnxruntime-fp32"].latency_ms, "ort_int8_ms": res["onnxruntime-int8"].latency_ms}
@@ -56,14 +56,15 @@ def grid_noise_by_kind(model) -> dict[str, tuple[int, float, float]]:
 def qat4(model, data, epochs: int, lr: float, pin_ends: bool = True, freeze_bn_after: float = 0.5) -> dict:
     """4-bit weights (MSE grid), 8-bit activations; BN kept in QAT and frozen late; first and last
     layers at 8 bits when ``pin_ends``."""
+    from slimkit.measure.storage import stored_bytes
     from slimkit.quantize.qat import fold_qat_bn_, late_freezer, prepare_qat_
-    from slimkit.quantize.uniform import stored_bytes
     from slimkit.train import TrainConfig, TrainHooks, evaluate, fit
 
     q = copy.deepcopy(model)
     layers = [n for n, m in q.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     overrides = {layers[0]: 8, layers[-1]: 8} if pin_ends else {}
-    prepare_qat_(q, {"bits": 4, "weight_observer": "mse", "overrides": overrides}, data.train)
+    prepare_qat_(q, torch.zeros(1, *data.input_shape), {"bits": 4, "weight_observer": "mse", "overrides": overrides},
+                 calibration=data.train)
     ptq_acc = evaluate(q.eval(), data.test)
     hooks = TrainHooks(after_step=(late_freezer(0.5, freeze_bn_after),))
     fit(q, data.train, TrainConfig(epochs=epochs, lr=lr, seed=0), hooks, progress=False)
@@ -72,15 +73,15 @@ def qat4(model, data, epochs: int, lr: float, pin_ends: bool = True, freeze_bn_a
 
 
 def bwn(model, data, epochs: int) -> dict:
+    from slimkit.measure.storage import stored_bytes
     from slimkit.quantize import binarize_
-    from slimkit.quantize.binary import binary_stored_bytes
     from slimkit.train import TrainConfig, evaluate, fit
 
     b = copy.deepcopy(model)
-    binarize_(b, {"mode": "bwn"})
+    binarize_(b, torch.zeros(1, *data.input_shape), {"mode": "bwn"})
     fit(b, data.train, TrainConfig(epochs=epochs, optimizer="adam", lr=1e-3, weight_decay=0.0, seed=0),
         progress=False)
-    return {"bwn": evaluate(b.eval(), data.test), "bytes": binary_stored_bytes(b)}
+    return {"bwn": evaluate(b.eval(), data.test), "bytes": stored_bytes(b)}
 
 
 def main() -> None:

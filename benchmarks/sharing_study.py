@@ -60,21 +60,21 @@ def weight_count(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def kmeans(dense: nn.Module, bits: int, seed: int) -> nn.Module:
+def kmeans(dense: nn.Module, x: torch.Tensor, bits: int, seed: int) -> nn.Module:
     model = copy.deepcopy(dense)
-    share_weights_(model, {"conv_bits": bits, "linear_bits": bits, "seed": seed})
+    share_weights_(model, x, {"conv_bits": bits, "linear_bits": bits, "seed": seed})
     return model
 
 
-def hashed(dense: nn.Module, budget: int, seed: int) -> nn.Module:
+def hashed(dense: nn.Module, x: torch.Tensor, budget: int, seed: int) -> nn.Module:
     """HashedNets with the ratio whose file fills ``budget``: the vectors take what the other tensors leave."""
     probe = copy.deepcopy(dense)
-    hash_weights_(probe, {"conv_ratio": 1.0, "linear_ratio": 1.0, "seed": seed})
+    hash_weights_(probe, x, {"conv_ratio": 1.0, "linear_ratio": 1.0, "seed": seed})
     overhead = slim_bytes(probe) - 4 * weight_count(dense)  # everything but the fp32 vectors
     ratio = min(1.0, max(1e-4, (budget - overhead) / (4 * weight_count(dense))))
     for _ in range(4):  # ceil per layer can overshoot by a few bytes: shrink until it fits
         model = copy.deepcopy(dense)
-        hash_weights_(model, {"conv_ratio": ratio, "linear_ratio": ratio, "seed": seed})
+        hash_weights_(model, x, {"conv_ratio": ratio, "linear_ratio": ratio, "seed": seed})
         if slim_bytes(model) <= budget:
             break
         ratio *= 0.995
@@ -82,12 +82,13 @@ def hashed(dense: nn.Module, budget: int, seed: int) -> nn.Module:
     return model
 
 
-def dct(dense: nn.Module, bits: int, budget: int, seed: int) -> nn.Module:
+def dct(dense: nn.Module, x: torch.Tensor, bits: int, budget: int, seed: int) -> nn.Module:
     """DCT at ``bits`` with the smallest ``zero_fraction`` (0, else 8 bisection steps) whose file fits ``budget``."""
 
     def build(zero_fraction: float) -> nn.Module:
         model = copy.deepcopy(dense)
-        dct_compress_(model, {"conv_bits": bits, "linear_bits": bits, "zero_fraction": zero_fraction, "seed": seed})
+        dct_compress_(model, x, {"conv_bits": bits, "linear_bits": bits, "zero_fraction": zero_fraction,
+                                 "seed": seed})
         model.zero_fraction = zero_fraction
         return model
 
@@ -112,6 +113,7 @@ def _stats(values: list[float]) -> dict:
 
 def run(args) -> dict:
     data = load_data(args.data, data_dir=args.data_dir, download=args.download, seed=0)
+    x = torch.zeros(1, *data.input_shape)  # one input: what the verbs measure the model on
     rows: dict[str, dict[str, list]] = {}
     dense_acc, dense_bytes = [], 0
     started = time.perf_counter()
@@ -127,15 +129,15 @@ def run(args) -> dict:
         # a shared value's gradient is the sum over its weights: the recipe's smaller rate for codebooks
         centroid_ft = ft.model_copy(update={"lr": args.centroid_lr})
         for bits in args.bits:
-            km = kmeans(dense, bits, seed)
+            km = kmeans(dense, x, bits, seed)
             budget = slim_bytes(km)
             built = {"k-means": (km, sharing_hooks(), centroid_ft),
-                     "HashedNets": (hashed(dense, budget, seed), None, ft),
-                     "DCT": (dct(dense, bits + 1, budget, seed), dct_hooks(), centroid_ft)}
+                     "HashedNets": (hashed(dense, x, budget, seed), None, ft),
+                     "DCT": (dct(dense, x, bits + 1, budget, seed), dct_hooks(), centroid_ft)}
             torch.manual_seed(seed)
             scratch = create_model(args.model, num_classes=data.num_classes, in_channels=data.in_channels)
             ratio = built["HashedNets"][0].hash_ratio
-            hash_weights_(scratch, {"conv_ratio": ratio, "linear_ratio": ratio, "seed": seed, "init": "random"})
+            hash_weights_(scratch, x, {"conv_ratio": ratio, "linear_ratio": ratio, "seed": seed, "init": "random"})
             scratch.hash_ratio = ratio
             built["HashedNets (scratch)"] = (scratch, None, TrainConfig(epochs=args.epochs + args.finetune,
                                                                         lr=args.hashed_lr, batch_size=32, seed=seed))

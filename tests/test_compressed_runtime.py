@@ -33,7 +33,7 @@ def slim_file(request, digits, tmp_path_factory):
     fit(model, digits.train, {"epochs": 1, "lr": 0.02, "batch_size": 32})
     sparsity, bits = RECIPES[name]
     magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"per_layer": sparsity})
-    share_weights_(model, bits)
+    share_weights_(model, torch.zeros(1, 1, 28, 28), bits)
     path = tmp_path_factory.mktemp(name) / "model.slim"
     save(model, path)
     return name, path
@@ -65,7 +65,7 @@ def test_no_dense_weight_is_kept_and_memory_is_at_most_twice_the_file(slim_file)
 def test_layers_it_cannot_run_sparse_are_decoded_and_reported(tmp_path):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     magnitude_prune_(model, torch.zeros(1, 4, 6, 6), {"sparsity": 0.5})
-    share_weights_(model, {"conv_bits": 3, "linear_bits": 3})
+    share_weights_(model, torch.zeros(1, 4, 6, 6), {"conv_bits": 3, "linear_bits": 3})
     save(model, tmp_path / "m.slim")
     compressed = load(tmp_path / "m.slim", model=nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(),
                                                                 nn.Linear(64, 3)), runtime="compressed")

@@ -84,7 +84,8 @@ def models(digits):
     model = create_model("lenet5", num_classes=10, in_channels=1)
     fit(model, Subset(digits.train, range(512)), {"epochs": 1, "optimizer": "adam", "lr": 1e-3}, progress=False)
     q = copy.deepcopy(model.eval())
-    quantize_(q, {"reduce_range": True}, calibration=[digits.train[i][0][None] for i in range(64)])
+    quantize_(q, digits.train[0][0][None], {"reduce_range": True},
+              calibration=[digits.train[i][0][None] for i in range(64)])
     return model.eval(), q
 
 

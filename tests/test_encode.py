@@ -97,7 +97,7 @@ def compressed(name: str) -> nn.Module:
 
     model = create_model(name, num_classes=10, in_channels=1)
     magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"sparsity": 0.9})
-    share_weights_(model, {"conv_bits": 8, "linear_bits": 5})
+    share_weights_(model, torch.zeros(1, 1, 28, 28), {"conv_bits": 8, "linear_bits": 5})
     return model.eval()
 
 
@@ -105,7 +105,7 @@ def custom() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
     model[1].running_mean.uniform_()
     magnitude_prune_(model, torch.zeros(1, 1, 28, 28), {"sparsity": 0.8, "layers": ("4",)})
-    share_weights_(model, {"linear_bits": 4, "layers": ("4",)})
+    share_weights_(model, torch.zeros(1, 1, 28, 28), {"linear_bits": 4, "layers": ("4",)})
     return model.eval()
 
 
@@ -195,12 +195,12 @@ def test_corrupted_and_truncated_files_name_the_record(tmp_path):
 def test_encode_stage_reports_real_bytes(tmp_path):
     import copy
 
-    from slimkit.stages import STAGES, StageContext
+    from slimkit.stages import STAGES, StageContext, no_evaluation, no_training
 
     model = compressed("lenet5")
     baseline = copy.deepcopy(model)
     ctx = StageContext(example_inputs=torch.zeros(1, 1, 28, 28), data=None, train_config=None, run_dir=tmp_path,
-                       baseline=baseline)
+                       baseline=baseline, finetune=no_training, evaluate=no_evaluation)
     spec = STAGES.get("encode")
     out = spec.apply(model, spec.config_cls.coerce({}), ctx)
     size = (tmp_path / "model.slim").stat().st_size

@@ -54,7 +54,8 @@ def test_int8_layers_cost_int8_multiply_and_int32_add():
     from slimkit.quantize import quantize_
 
     model = two_layer()
-    quantize_(model, {"bits": 8, "reduce_range": False}, calibration=[torch.randn(8, 1, 4, 4)])
+    x = torch.randn(8, 1, 4, 4)
+    quantize_(model, x, {"bits": 8, "reduce_range": False}, calibration=[x])
     est = estimate_energy(model, profile(model, X, latency=False), sram_bytes=0)
     assert est.macs_int8 == 96 and est.macs_fp32 == 0
     assert est.arithmetic_pj == pytest.approx(96 * (0.2 + 0.1))
@@ -70,7 +71,8 @@ def test_weights_move_from_dram_to_sram_once_they_fit():
     sram = 512 * 1024
     fp32 = estimate_energy(model, profile(model, x, latency=False), sram_bytes=sram)
     assert fp32.weight_bytes > sram and fp32.weights_in == "dram"
-    quantize_(model, {"bits": 8, "reduce_range": False}, calibration=[torch.randn(16, 1, 28, 28)])
+    x = torch.randn(16, 1, 28, 28)
+    quantize_(model, x, {"bits": 8, "reduce_range": False}, calibration=[x])
     int8 = estimate_energy(model, profile(model, x, latency=False), sram_bytes=sram)
     assert int8.weight_bytes <= sram and int8.weights_in == "sram"
     assert fp32.weight_pj / int8.weight_pj == pytest.approx(640 / 5 * fp32.weight_bytes / int8.weight_bytes, rel=1e-3)

@@ -37,7 +37,7 @@ def test_onnx_int8_agrees_with_fakequant(trained_lenet, digits, tmp_path, per_ch
     from slimkit.train import predict
 
     model = copy.deepcopy(trained_lenet)
-    quantize_(model, {"per_channel": per_channel}, calibration=digits.train)
+    quantize_(model, torch.zeros(1, 1, 28, 28), {"per_channel": per_channel}, calibration=digits.train)
     sim_logits, labels = predict(model, digits.test)
     path = export_onnx(model, sim_logits.new_zeros(1, 1, 28, 28), tmp_path / "model.int8.onnx")
     ort_logits, _ = OnnxRunner(path).predict(digits.test)
@@ -52,7 +52,7 @@ def test_tiny_model_exports_integer_weights(tmp_path):
 
     model = _tiny().eval()
     x = torch.randn(16, 1, 28, 28)
-    quantize_(model, {}, calibration=[x])
+    quantize_(model, x, {}, calibration=[x])
     path = export_onnx(model, x[:1], tmp_path / "m.onnx")
     graph = onnx.load(str(path)).graph
     int_inits = [i for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
@@ -67,7 +67,7 @@ def test_export_refuses_low_bit_activations(tmp_path):
 
     model = _tiny().eval()
     x = torch.randn(4, 1, 28, 28)
-    quantize_(model, {"act_bits": 4}, calibration=[x])
+    quantize_(model, x, {"act_bits": 4}, calibration=[x])
     with pytest.raises(ConfigError, match="act_bits"):
         export_onnx(model, x[:1], tmp_path / "m.onnx")
 
@@ -104,9 +104,9 @@ def _ort_error(model, x, tmp_path) -> float:
 @pytest.mark.parametrize("kind", ["linear", "conv3x3"])
 def test_reduced_range_int8_runs_exactly_in_onnx_runtime(tmp_path, kind):
     model, x = _saturating_layer(kind)
-    report = quantize_(model, {"reduce_range": True}, calibration=[x])
+    report = quantize_(model, x, {"reduce_range": True}, calibration=[x])
     codes, _, _ = model[0].quantized_weight()
-    assert report["layers"]["0"]["bits"] == 7 and int(codes.abs().max()) == 63
+    assert report.layers["0"]["bits"] == 7 and int(codes.abs().max()) == 63
     assert _ort_error(model, x, tmp_path) < 1e-4
 
 
@@ -117,7 +117,7 @@ def test_full_range_int8_saturates_on_cpus_without_vnni(tmp_path):
     if not saturates:
         pytest.skip(why)
     model, x = _saturating_layer("linear")
-    quantize_(model, {"reduce_range": False}, calibration=[x])
+    quantize_(model, x, {"reduce_range": False}, calibration=[x])
     assert _ort_error(model, x, tmp_path) > 0.05  # what reduce_range: auto protects against on this CPU
 
 
@@ -125,7 +125,7 @@ def test_reduce_range_auto_follows_the_cpu():
     from slimkit.quantize.cpu import int8_dot_saturates
 
     model, x = _saturating_layer("linear")
-    report = quantize_(model, {}, calibration=[x])
-    assert report["reduce_range"] is int8_dot_saturates()[0]
-    assert report["reduce_range_reason"].startswith("reduce_range: auto")
-    assert report["layers"]["0"]["bits"] == (7 if report["reduce_range"] else 8)
+    report = quantize_(model, x, {}, calibration=[x])
+    assert report.reduce_range is int8_dot_saturates()[0]
+    assert report.reduce_range_reason.startswith("reduce_range: auto")
+    assert report.layers["0"]["bits"] == (7 if report.reduce_range else 8)

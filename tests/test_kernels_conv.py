@@ -129,7 +129,7 @@ def test_plan_offers_the_sparse_kernel_for_pruned_shared_layers():
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     magnitude_prune_(model, torch.zeros(1, 64), {"sparsity": 0.9})
-    share_weights_(model, {"linear_bits": 4})
+    share_weights_(model, torch.zeros(1, 64), {"linear_bits": 4})
     x = torch.randn(1, 1, 8, 8)
     p = plan(model, x, candidates=("sparse",), repeats=3)
     assert set(p.timings["1"]) == {"torch", "sparse"}

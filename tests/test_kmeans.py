@@ -75,10 +75,11 @@ def test_share_uses_at_most_k_values_and_keeps_zeros(make, pruned):
     if pruned:
         magnitude_prune_(model, torch.zeros(1, 1, 8, 8), {"sparsity": 0.6})
     zeros = {n: (m.weight == 0).clone() for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    report = share_weights_(model, {"conv_bits": 3, "linear_bits": 2, "per_layer": {"3": 4}})
+    report = share_weights_(model, torch.zeros(1, 1, 8, 8), {"conv_bits": 3, "linear_bits": 2, "per_layer": {"3": 4}})
+    assert sorted(report.changed) == sorted(zeros)
     for name, was_zero in zeros.items():
         module = model.get_submodule(name)
-        bits = report["layers"][name]["bits"]
+        bits = report.layers[name]["bits"]
         assert torch.equal(module.weight == 0, was_zero)
         assert module.weight[~was_zero].unique().numel() <= 2**bits
         assert torch.equal(module.weight_index < 0, was_zero)
@@ -91,7 +92,7 @@ def test_centroid_finetune_changes_only_centroids(optimizer):
     torch.manual_seed(0)
     model = cnn()
     magnitude_prune_(model, torch.zeros(1, 1, 8, 8), {"sparsity": 0.5})
-    share_weights_(model, {"conv_bits": 3, "linear_bits": 3})
+    share_weights_(model, torch.zeros(1, 1, 8, 8), {"conv_bits": 3, "linear_bits": 3})
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     index = {n: m.weight_index.clone() for n, m in layers.items()}
     codebook = {n: m.weight_codebook.clone() for n, m in layers.items()}
@@ -113,7 +114,7 @@ def test_centroid_gradient_is_sum_of_member_gradients():
     from slimkit.quantize.sharing import share_centroid_grads
 
     model = mlp()
-    share_weights_(model, {"linear_bits": 2})
+    share_weights_(model, torch.zeros(1, 1, 8, 8), {"linear_bits": 2})
     layer = model[1]
     grad = torch.randn_like(layer.weight)
     layer.weight.grad = grad.clone()

@@ -33,7 +33,7 @@ def _trained_bn(name: str) -> nn.Module:
 
 def _qat_model(model: nn.Module, x: torch.Tensor, bits: int = 8) -> tuple[nn.Module, list[str]]:
     pairs = conv_bn_pairs(model)
-    quantize_(model, {"bits": bits, "fold_bn": False, "reduce_range": False}, calibration=[x])
+    quantize_(model, x, {"bits": bits, "fold_bn": False, "reduce_range": False}, calibration=[x])
     return model, attach_bn_(model, pairs)
 
 
@@ -42,7 +42,7 @@ def test_kept_bn_in_eval_equals_folded_ptq_and_folding_changes_nothing(name):
     float_model = _trained_bn(name)
     x = torch.randn(8, 1, 28, 28)
     ptq = copy.deepcopy(float_model)
-    quantize_(ptq, {"bits": 8, "reduce_range": False}, calibration=[x])  # BN folded first
+    quantize_(ptq, x, {"bits": 8, "reduce_range": False}, calibration=[x])  # BN folded first
     qat, attached = _qat_model(copy.deepcopy(float_model), x)
     assert attached and all(isinstance(qat.get_submodule(n), QuantConvBn2d) for n in attached)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_non_affine_bn_is_kept_and_folded():
     model[1].running_var.uniform_(0.5, 2.0)
     x = torch.randn(4, 1, 6, 6)
     ptq = copy.deepcopy(model)
-    quantize_(ptq, {"reduce_range": False}, calibration=[x])
+    quantize_(ptq, x, {"reduce_range": False}, calibration=[x])
     model, attached = _qat_model(model, x)
     assert attached == ["0"] and not model[0].bn.affine
     with torch.no_grad():

@@ -230,9 +230,9 @@ def test_choose_bits_meets_the_budget_exactly_as_stored(budget_fraction):
     budget = int(at8.stored_bytes * budget_fraction)
     plan = choose_bits(model, table, budget_bytes=budget)
     assert plan.stored_bytes <= budget
-    from slimkit.quantize.uniform import stored_bytes
+    from slimkit.measure.storage import stored_bytes
 
-    quantize_(model, {"bits": 8, "overrides": plan.overrides(), "reduce_range": False}, calibration=[x])
+    quantize_(model, x, {"bits": 8, "overrides": plan.overrides(), "reduce_range": False}, calibration=[x])
     assert stored_bytes(model) == plan.stored_bytes
     assert {n: m.bits for n, m in quant_layers(model).items()} == plan.bits
 
@@ -287,7 +287,7 @@ def _small():
 def test_quantized_model_round_trips_through_the_container(tmp_path, bits, per_channel, symmetric, scale_dtype):
     model = _small()
     x = torch.randn(16, 1, 8, 8)
-    quantize_(model, {"bits": bits, "per_channel": per_channel, "symmetric": symmetric, "scale_dtype": scale_dtype,
+    quantize_(model, x, {"bits": bits, "per_channel": per_channel, "symmetric": symmetric, "scale_dtype": scale_dtype,
                       "overrides": {"0": 8}, "reduce_range": False}, calibration=[x])
     model.eval()
     infos = save(model, tmp_path / "q.slim")
@@ -309,7 +309,7 @@ def test_quantized_model_round_trips_through_the_container(tmp_path, bits, per_c
 @pytest.mark.parametrize("mode", ["bwn", "xnor"])
 def test_binary_model_round_trips_at_one_bit(tmp_path, mode):
     model = _small()
-    binarize_(model, {"mode": mode})
+    binarize_(model, torch.zeros(1, 1, 8, 8), {"mode": mode})
     model.eval()
     x = torch.randn(16, 1, 8, 8)
     infos = save(model, tmp_path / "b.slim")
@@ -326,7 +326,8 @@ def test_binary_model_round_trips_at_one_bit(tmp_path, mode):
 
 def test_packed_record_damage_is_detected(tmp_path):
     model = _small()
-    quantize_(model, {"bits": 4}, calibration=[torch.randn(4, 1, 8, 8)])
+    x = torch.randn(4, 1, 8, 8)
+    quantize_(model, x, {"bits": 4}, calibration=[x])
     save(model, tmp_path / "q.slim")
     data = bytearray((tmp_path / "q.slim").read_bytes())
     data[len(data) // 2] ^= 0xFF

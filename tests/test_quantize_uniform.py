@@ -7,11 +7,12 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError
 from slimkit.manifest import load_model, save_model
+from slimkit.measure.storage import stored_bytes
 from slimkit.quantize.fake import QuantConv2d, quant_layers
 from slimkit.quantize.fold import fold_bn_
 from slimkit.quantize.observers import make_observer, qparams_from_range
 from slimkit.quantize.packing import from_unsigned, pack_bits, packed_nbytes, to_unsigned, unpack_bits
-from slimkit.quantize.uniform import QuantConfig, quantize_, stored_bytes
+from slimkit.quantize.uniform import QuantConfig, quantize_
 
 
 def _tiny():
@@ -106,10 +107,10 @@ def test_int8_close_to_float_and_4bit_worse(build, shape):
         ref = model(x)
         m8 = _randomize_bn(build())
         m8.load_state_dict(model.state_dict())
-        quantize_(m8, {"bits": 8}, calibration=[x])
+        quantize_(m8, x, {"bits": 8}, calibration=[x])
         m4 = _randomize_bn(build())
         m4.load_state_dict(model.state_dict())
-        quantize_(m4, {"bits": 4, "act_bits": None}, calibration=None)
+        quantize_(m4, x, {"bits": 4, "act_bits": None})
         snr8, snr4 = _snr_db(ref, m8.eval()(x)), _snr_db(ref, m4.eval()(x))
     assert snr8 > 25 and snr8 > snr4
 
@@ -117,8 +118,9 @@ def test_int8_close_to_float_and_4bit_worse(build, shape):
 def test_mixed_precision_by_glob_and_sizes():
     model = _tiny().eval()
     x = torch.randn(8, 3, 8, 8)
-    report = quantize_(model, {"bits": 4, "overrides": {"0": 8, "7": 8}, "reduce_range": False}, calibration=[x])
-    assert {n: r["bits"] for n, r in report["layers"].items()} == {"0": 8, "3": 4, "7": 8}
+    report = quantize_(model, x, {"bits": 4, "overrides": {"0": 8, "7": 8}, "reduce_range": False}, calibration=[x])
+    assert {n: r["bits"] for n, r in report.layers.items()} == {"0": 8, "3": 4, "7": 8}
+    assert report.changed == ["0", "3", "7"]
     layers = quant_layers(model)
     assert layers["3"].per_channel and layers["3"].w_scale.shape == (8,)
     fp32 = sum(t.numel() * 4 for t in _tiny().state_dict().values())
@@ -143,7 +145,7 @@ def test_unknown_observer_name_in_make_observer():
 def test_save_load_quantized_model(tmp_path):
     model = _tiny().eval()
     x = torch.randn(4, 3, 8, 8)
-    quantize_(model, {"bits": 6}, calibration=[x])
+    quantize_(model, x, {"bits": 6}, calibration=[x])
     save_model(model, tmp_path / "q.pt")
     loaded = load_model(tmp_path / "q.pt", model=_tiny())
     assert isinstance(loaded.get_submodule("0"), QuantConv2d)
@@ -175,8 +177,8 @@ def test_weight_scales_are_rounded_up_to_float16_and_stored_in_two_bytes():
     half, full = _tiny().eval(), _tiny().eval()
     full.load_state_dict(half.state_dict())
     x = torch.randn(8, 3, 8, 8)
-    quantize_(half, {"reduce_range": False}, calibration=[x])
-    quantize_(full, {"reduce_range": False, "scale_dtype": "float32"}, calibration=[x])
+    quantize_(half, x, {"reduce_range": False}, calibration=[x])
+    quantize_(full, x, {"reduce_range": False, "scale_dtype": "float32"}, calibration=[x])
     channels = 0
     for name, layer in quant_layers(half).items():
         exact = quant_layers(full)[name].w_scale

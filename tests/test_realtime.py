@@ -64,7 +64,7 @@ def test_realtime_profile_on_each_engine(engine, tmp_path):
     if engine == "onnxruntime-int8":
         from slimkit.quantize import quantize_
 
-        quantize_(model, {"bits": 8}, calibration=[x])
+        quantize_(model, x, {"bits": 8}, calibration=[x])
     stats = realtime_profile(model, x, engine, runs=50, deadline_ms=1000.0, workdir=tmp_path)
     assert stats.engine == engine and stats.runs == 50 and stats.meets and stats.miss_rate == 0.0
     if engine != "eager":

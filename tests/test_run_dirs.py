@@ -244,7 +244,7 @@ def test_deliberate_errors_below_the_cli_are_slimkit_errors_that_stay_value_erro
     with pytest.raises(ConfigError, match="taylor needs"):
         CRITERIA.get("taylor")(nn.Linear(2, 2), None, ScoreContext())  # no inputs: checked before the graph
     model = nn.Sequential(nn.Linear(8, 4))
-    share_weights_(model, {"linear_bits": 2})
+    share_weights_(model, torch.zeros(1, 8), {"linear_bits": 2})
     with torch.no_grad():
         model[0].weight.add_(0.5)  # off the codebook
     with pytest.raises(ModelStateError, match="codebook"):

@@ -22,13 +22,13 @@ from slimkit.encode.dct import (
 )
 from slimkit.exceptions import ConfigError, CorruptFileError
 from slimkit.manifest import load_model, save_model
+from slimkit.measure.storage import stored_bytes
 from slimkit.models import create_model
 from slimkit.quantize.hashed import (
     HashedConv2d,
     HashedLinear,
     hash_index_sign,
     hash_weights_,
-    hashed_stored_bytes,
 )
 from slimkit.stages import STAGES
 from slimkit.train import TrainConfig, fit
@@ -36,6 +36,10 @@ from slimkit.train import TrainConfig, fit
 
 def small_net() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+X_SMALL = torch.zeros(1, 2, 8, 8)  # one input of small_net
+X_LENET = torch.zeros(1, 1, 28, 28)
 
 
 def test_stages_registered():
@@ -84,12 +88,13 @@ def test_project_is_the_least_squares_fit():
 
 def test_stored_size_is_the_vector_plus_the_seed(tmp_path):
     model = nn.Sequential(nn.Linear(40, 10), nn.ReLU(), nn.Linear(10, 3, bias=False))
-    report = hash_weights_(model, {"linear_ratio": 0.1})
-    k0, k1 = report["layers"]["0"]["buckets"], report["layers"]["2"]["buckets"]
+    report = hash_weights_(model, torch.zeros(1, 40), {"linear_ratio": 0.1})
+    k0, k1 = report.layers["0"]["buckets"], report.layers["2"]["buckets"]
     assert (k0, k1) == (40, 3)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {
         "0.hashed_weight": (40,), "0.bias": (10,), "2.hashed_weight": (3,)}
-    assert hashed_stored_bytes(model) == 4 * (40 + 10 + 3) + 4 * 2  # fp32 vectors + bias + one uint32 seed each
+    # fp32 vectors + bias + one uint32 seed each
+    assert stored_bytes(model) == report.after.bytes == 4 * (40 + 10 + 3) + 4 * 2
     infos = save(model, tmp_path / "m.slim")
     assert {i.name: i.weights for i in infos} == {"0.hashed_weight": 40, "0.bias": 10, "2.hashed_weight": 3}
 
@@ -97,7 +102,7 @@ def test_stored_size_is_the_vector_plus_the_seed(tmp_path):
 @pytest.mark.parametrize("fmt", ["pt", "slim"])
 def test_hashed_round_trip_is_exact(tmp_path, fmt):
     model = create_model("lenet5", num_classes=10, in_channels=1)
-    hash_weights_(model, {"conv_ratio": 0.25, "linear_ratio": 0.05, "seed": 9})
+    hash_weights_(model, X_LENET, {"conv_ratio": 0.25, "linear_ratio": 0.05, "seed": 9})
     with torch.no_grad():
         model.fc1.hashed_weight.add_(0.01)  # not the projected init: what training leaves
     path = tmp_path / f"m.{fmt}"
@@ -117,7 +122,7 @@ def test_hashed_round_trip_is_exact(tmp_path, fmt):
 
 def test_hashed_layers_train_in_place():
     model = small_net()
-    hash_weights_(model, {"conv_ratio": 0.5, "linear_ratio": 0.1})
+    hash_weights_(model, X_SMALL, {"conv_ratio": 0.5, "linear_ratio": 0.1})
     before = model[4].hashed_weight.detach().clone()
     x, y = torch.randn(16, 2, 8, 8), torch.arange(16) % 5
     fit(model, torch.utils.data.TensorDataset(x, y), TrainConfig(epochs=1, batch_size=8, lr=0.1), progress=False)
@@ -131,11 +136,11 @@ def test_hash_refuses_pruned_layers_and_bad_config():
     model = small_net()
     set_mask(model[0], torch.ones_like(model[0].weight))
     with pytest.raises(ConfigError, match="carries weight_mask"):
-        hash_weights_(model, {})
+        hash_weights_(model, X_SMALL, {})
     with pytest.raises(ConfigError, match="linear_ratio"):
-        hash_weights_(small_net(), {"linear_ratio": 0})
+        hash_weights_(small_net(), X_SMALL, {"linear_ratio": 0})
     with pytest.raises(ConfigError, match="no Conv2d/Linear module matches"):
-        hash_weights_(small_net(), {"layers": ["nothing*"]})
+        hash_weights_(small_net(), X_SMALL, {"layers": ["nothing*"]})
 
 
 # ------------------------------------------------------------------------------ DCT
@@ -158,8 +163,8 @@ def test_dct_matrix_is_orthonormal_and_matches_scipy():
 def test_dct_error_is_exactly_the_coefficient_quantization(zero_fraction):
     model = small_net()
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight")}
-    report = dct_compress_(model, {"conv_bits": 3, "linear_bits": 4, "zero_fraction": zero_fraction})
-    assert [report["layers"][n]["transform"] for n in ("0", "2", "4")] == ["kernel", "row", "row"]
+    report = dct_compress_(model, X_SMALL, {"conv_bits": 3, "linear_bits": 4, "zero_fraction": zero_fraction})
+    assert [report.layers[n]["transform"] for n in ("0", "2", "4")] == ["kernel", "row", "row"]
     for name, w in original.items():
         m = model.get_submodule(name)
         t = transform_of(tuple(w.shape))
@@ -175,7 +180,7 @@ def test_dct_error_is_exactly_the_coefficient_quantization(zero_fraction):
 
 def test_dct_container_round_trip_is_bit_exact(tmp_path):
     model = create_model("lenet5", num_classes=10, in_channels=1)
-    dct_compress_(model, {"conv_bits": 4, "linear_bits": 3, "zero_fraction": 0.5})
+    dct_compress_(model, X_LENET, {"conv_bits": 4, "linear_bits": 3, "zero_fraction": 0.5})
     infos = save(model, tmp_path / "m.slim")
     assert {i.name for i in infos if i.kind == "dct"} == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
     loaded = load(tmp_path / "m.slim")
@@ -197,7 +202,7 @@ def _records(data: bytes) -> list[tuple[int, int, int]]:
 
 def test_damaged_dct_record_is_refused(tmp_path):
     model = small_net()
-    dct_compress_(model, {"conv_bits": 3, "linear_bits": 3})
+    dct_compress_(model, X_SMALL, {"conv_bits": 3, "linear_bits": 3})
     save(model, tmp_path / "m.slim")
     data = bytearray((tmp_path / "m.slim").read_bytes())
     offset, length, kind = next(r for r in _records(bytes(data)) if r[2] == container.KIND_DCT)
@@ -224,7 +229,7 @@ def test_damaged_dct_record_is_refused(tmp_path):
 
 def test_dct_fine_tune_moves_codebooks_only():
     model = small_net()
-    dct_compress_(model, {"conv_bits": 3, "linear_bits": 3})
+    dct_compress_(model, X_SMALL, {"conv_bits": 3, "linear_bits": 3})
     index = {n: m.dct_index.clone() for n, m in model.named_modules() if hasattr(m, "dct_index")}
     books = {n: m.dct_codebook.clone() for n, m in model.named_modules() if hasattr(m, "dct_index")}
     x, y = torch.randn(16, 2, 8, 8), torch.arange(16) % 5
@@ -241,11 +246,11 @@ def test_dct_refuses_shared_layers():
     from slimkit.quantize import share_weights_
 
     model = small_net()
-    share_weights_(model, {"conv_bits": 2, "layers": ["0"]})
+    share_weights_(model, X_SMALL, {"conv_bits": 2, "layers": ["0"]})
     with pytest.raises(ConfigError, match="carries weight_codebook"):
-        dct_compress_(model, {})
+        dct_compress_(model, X_SMALL, {})
     with pytest.raises(ConfigError, match="zero_fraction"):
-        dct_compress_(small_net(), {"zero_fraction": 1.0})
+        dct_compress_(small_net(), X_SMALL, {"zero_fraction": 1.0})
 
 
 # ------------------------------------------------------------------------------ through run_recipe

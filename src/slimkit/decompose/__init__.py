@@ -2,7 +2,9 @@
 
 ``decompose_(model, example_inputs, config)`` replaces Conv2d/Linear layers by short chains
 of smaller plain layers (an ``nn.Sequential`` of Conv2d/Linear), in place, and returns a
-report. Methods (registry :data:`METHODS`): ``svd`` (Linear and 1x1 conv, Denton 2014),
+:class:`DecomposeReport` (a :class:`slimkit.reports.Report`); it is
+:func:`plan_decomposition` (ranks chosen, model untouched) then :func:`apply_decomposition`.
+Methods (registry :data:`METHODS`): ``svd`` (Linear and 1x1 conv, Denton 2014),
 ``tucker`` (Tucker-2, Kim 2016), ``cp`` (Lebedev 2015), ``separable`` (kx1 then 1xk,
 Jaderberg 2014), ``channel`` (kxk then 1x1, Zhang 2015) and ``depthwise-separable``
 (depthwise kxk then pointwise 1x1, fitted in closed form). Rank rules: see
@@ -21,7 +23,17 @@ Sequential(
 (2080, 800)
 """
 
-from slimkit.decompose.core import DecomposeConfig, DecomposeReport, LayerReport, chain_cost, decompose_
+from slimkit.decompose.core import (
+    DecomposeConfig,
+    DecomposeReport,
+    DecompositionPlan,
+    LayerReport,
+    apply_decomposition,
+    chain_cost,
+    decompose_,
+    plan_decomposition,
+)
 from slimkit.decompose.methods import METHODS
 
-__all__ = ["METHODS", "DecomposeConfig", "DecomposeReport", "LayerReport", "chain_cost", "decompose_"]
+__all__ = ["METHODS", "DecomposeConfig", "DecomposeReport", "DecompositionPlan", "LayerReport",
+           "apply_decomposition", "chain_cost", "decompose_", "plan_decomposition"]

@@ -15,10 +15,9 @@ True
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -28,6 +27,8 @@ from slimkit.config import Config
 from slimkit.decompose.methods import METHODS, Method
 from slimkit.decompose.ranks import energy_rank, fraction_rank, vbmf_rank
 from slimkit.exceptions import ConfigError
+from slimkit.measure.inputs import as_args
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import matches, replace_module
 
 _GLOB = set("*?[")
@@ -112,18 +113,20 @@ class LayerReport:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class DecomposeReport:
-    """What :func:`decompose_` did: decomposed layers, skipped layers (name -> why), totals."""
+@dataclass(kw_only=True)
+class DecomposeReport(Report):
+    """What :func:`decompose_` did: decomposed layers (``layers``, names also in ``changed``),
+    skipped layers (name -> why), and the conv/linear totals of :func:`chain_cost`."""
 
+    verb: str = "decompose_"
     method: str
     rule: str
     layers: list[LayerReport] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
     model_macs_before: int = 0
     model_macs_after: int = 0
     model_params_before: int = 0
     model_params_after: int = 0
+    derived: ClassVar[tuple[str, ...]] = ("mac_reduction",)
 
     @property
     def mac_reduction(self) -> float:
@@ -131,11 +134,9 @@ class DecomposeReport:
         return self.model_macs_before / max(1, self.model_macs_after)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (for ``StageOutput.details``)."""
-        out = asdict(self)
+        """JSON-friendly dict (for ``StageOutput.details``); ``mac_reduction`` rounded to 4 places."""
+        out = super().to_dict()
         out["mac_reduction"] = round(self.mac_reduction, 4)
-        for row in out["layers"]:
-            row["ranks"], row["full_ranks"] = list(row["ranks"]), list(row["full_ranks"])
         return out
 
     def table(self) -> str:
@@ -146,6 +147,25 @@ class DecomposeReport:
                          f" {r.macs_before:>12}->{r.macs_after:<12} {r.rel_error:8.4f}")
         lines += [f"{name:<28} skipped: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class DecompositionPlan:
+    """What :func:`plan_decomposition` chose, for :func:`apply_decomposition` to carry out.
+
+    ``ranks``: layer -> ranks to factorize it at (one per rank axis of ``config.method``);
+    ``skipped``: layer -> why it stays whole; ``input_shapes``: each conv/linear layer's input
+    shape without the batch axis; ``costs``: each conv/linear layer's ``(params, MACs)`` as it is
+    (:func:`chain_cost`); ``model_params`` / ``model_macs``: the whole model's before the change.
+    """
+
+    config: DecomposeConfig
+    ranks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    costs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    model_params: int = 0
+    model_macs: int = 0
 
 
 # ---------------------------------------------------------------- costs
@@ -183,7 +203,8 @@ def _record(shapes: dict, name: str, _module: nn.Module, args: tuple) -> None:
     shapes.setdefault(name, tuple(args[0].shape[1:]))
 
 
-def _input_shapes(model: nn.Module, example_inputs: torch.Tensor, names: set[str]) -> dict[str, tuple[int, ...]]:
+def _input_shapes(model: nn.Module, example_inputs: tuple[torch.Tensor, ...],
+                  names: set[str]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -193,7 +214,7 @@ def _input_shapes(model: nn.Module, example_inputs: torch.Tensor, names: set[str
     try:
         model.eval()
         with torch.no_grad():
-            model(example_inputs)
+            model(*example_inputs)
     finally:
         model.train(was_training)
         for handle in handles:
@@ -293,24 +314,23 @@ def _target_ranks(candidates: dict[str, tuple[nn.Module, tuple]], method: Method
     return {name: curves[name][state[name]][2] for name in curves}
 
 
-# ---------------------------------------------------------------- the verb
+# ---------------------------------------------------------------- plan, apply, the verb
 
 
-def decompose_(model: nn.Module, example_inputs: torch.Tensor, config: DecomposeConfig | dict | None = None,
-               where: str = "decompose") -> DecomposeReport:
-    """Replace the selected Conv2d/Linear layers of ``model`` by low-rank chains, in place.
+def plan_decomposition(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                       config: DecomposeConfig | dict | None = None) -> DecompositionPlan:
+    """Choose which layers of ``model`` to factorize and at which ranks; ``model`` is not changed.
 
-    ``example_inputs``: a batch the model accepts (used to measure each layer's input
-    size for MAC counts). Each replaced layer becomes a plain ``nn.Sequential`` of
-    Conv2d/Linear layers (saved and loaded by :mod:`slimkit.manifest`). Layers matched by
-    a glob that the method cannot handle are skipped with the reason; a layer named
-    exactly in ``layers`` that the method cannot handle is a ConfigError, as is a rank of
-    0 or above a layer's full rank, and an unknown method. Returns a
-    :class:`DecomposeReport`. Methods: see :mod:`slimkit.decompose.methods`.
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (one forward measures
+    each layer's input size for the MAC counts). Layers matched by a glob that the method
+    cannot handle are skipped with the reason; a layer named exactly in ``layers`` that the
+    method cannot handle is a ConfigError, as is a rank of 0 or above a layer's full rank, a
+    selection that matches nothing, and an unknown method.
     """
-    cfg = DecomposeConfig.coerce(config, where=where)
+    cfg = DecomposeConfig.coerce(config, where="decompose")
+    args = as_args(example_inputs)
     method = METHODS.get(cfg.method)
-    report = DecomposeReport(method=cfg.method, rule=cfg.rank_rule)
+    plan = DecompositionPlan(config=cfg)
     explicit = {p for p in cfg.layers if not (_GLOB & set(p))}
     chosen: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -325,53 +345,90 @@ def decompose_(model: nn.Module, example_inputs: torch.Tensor, config: Decompose
             reason = "its weight is parametrized (fake-quant or mask); decompose before quantizing"
         if reason is not None:
             if name in explicit:
-                raise ConfigError(f"{where}.layers: layer {name!r} cannot take method {cfg.method}: {reason}")
-            report.skipped[name] = reason
+                raise ConfigError(f"decompose.layers: layer {name!r} cannot take method {cfg.method}: {reason}")
+            plan.skipped[name] = reason
             continue
         chosen[name] = module
     if not chosen:
         raise ConfigError(
-            f"{where}.layers: no layer of the model can take method {cfg.method} with layers={list(cfg.layers)} "
-            f"minus ignore={list(cfg.ignore)} (skipped: {len(report.skipped)}); widen the patterns or change method"
+            f"decompose.layers: no layer of the model can take method {cfg.method} with layers={list(cfg.layers)} "
+            f"minus ignore={list(cfg.ignore)} (skipped: {len(plan.skipped)}); widen the patterns or change method"
         )
 
     all_layers = {n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    shapes = _input_shapes(model, example_inputs, all_layers)
+    shapes = _input_shapes(model, args, all_layers)
     modules = dict(model.named_modules())
-    costs = {n: chain_cost(modules[n], shapes[n]) for n in all_layers if n in shapes}
-    report.model_params_before = sum(p.numel() for p in model.parameters())
-    report.model_macs_before = sum(c[1] for c in costs.values())
-    unused = [n for n in chosen if n not in shapes]
-    for n in unused:
-        report.skipped[n] = "not called by the model's forward on the example inputs"
+    plan.input_shapes = shapes
+    plan.costs = {n: chain_cost(modules[n], shapes[n]) for n in all_layers if n in shapes}
+    plan.model_params = sum(p.numel() for p in model.parameters())
+    plan.model_macs = sum(c[1] for c in plan.costs.values())
+    for n in [n for n in chosen if n not in shapes]:
+        plan.skipped[n] = "not called by the model's forward on the example inputs"
         chosen.pop(n)
 
     if cfg.target is not None:
         metric = 1 if cfg.target_metric == "macs" else 0
-        model_cost = report.model_macs_before if metric else report.model_params_before
+        model_cost = plan.model_macs if metric else plan.model_params
         planned = _target_ranks({n: (m, shapes[n]) for n, m in chosen.items()}, method, cfg, model_cost, metric)
     else:
         planned = {n: _choose_ranks(n, method, m, cfg) for n, m in chosen.items()}
 
-    options = SimpleNamespace(**cfg.model_dump())
     for name, module in chosen.items():
         ranks = planned[name]
         if ranks is None:
-            report.skipped[name] = f"kept whole: the {cfg.target}x target was met without it"
+            plan.skipped[name] = f"kept whole: the {cfg.target}x target was met without it"
             continue
-        params_before, macs_before = costs[name]
+        params_before, macs_before = plan.costs[name]
         params_after, macs_after = chain_cost(method.skeleton(module, ranks, device="meta"), shapes[name])
         if cfg.only_if_smaller and (macs_after >= macs_before or params_after >= params_before):
-            report.skipped[name] = (
+            plan.skipped[name] = (
                 f"ranks {list(ranks)} would not shrink it (MACs {macs_before}->{macs_after}, "
                 f"params {params_before}->{params_after}); only_if_smaller is on")
             continue
-        options._layer_name = name
-        fit = method.build(module, ranks, options)
+        plan.ranks[name] = tuple(ranks)
+    return plan
+
+
+def apply_decomposition(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                        plan: DecompositionPlan) -> DecomposeReport:
+    """Factorize the layers of ``plan`` (from :func:`plan_decomposition` on this model) in place.
+
+    Each planned layer becomes a plain ``nn.Sequential`` of Conv2d/Linear layers (saved and
+    loaded by :mod:`slimkit.manifest`). ``example_inputs`` measure the model before and after
+    (:class:`~slimkit.reports.ModelSize`). Returns a :class:`DecomposeReport`.
+    """
+    cfg = plan.config
+    method = METHODS.get(cfg.method)
+    modules = dict(model.named_modules())
+    missing = [n for n in plan.ranks if n not in modules]
+    if missing:
+        raise ConfigError(f"decomposition plan names layers this model does not have ({missing[:3]}); "
+                          "plan on the model you apply it to")
+    report = DecomposeReport(method=cfg.method, rule=cfg.rank_rule, skipped=dict(plan.skipped),
+                             before=ModelSize.of(model, example_inputs), model_params_before=plan.model_params,
+                             model_macs_before=plan.model_macs)
+    for name, ranks in plan.ranks.items():
+        module = modules[name]
+        params_before, macs_before = plan.costs[name]
+        params_after, macs_after = chain_cost(method.skeleton(module, ranks, device="meta"), plan.input_shapes[name])
+        fit = method.build(module, ranks, cfg, name)
         fit.module.train(module.training)
         replace_module(model, name, fit.module)
+        report.changed.append(name)
         report.layers.append(LayerReport(name, cfg.method, tuple(ranks), method.full_ranks(module), params_before,
                                          params_after, macs_before, macs_after, round(fit.rel_error, 6), fit.notes))
     report.model_params_after = sum(p.numel() for p in model.parameters())
     report.model_macs_after = report.model_macs_before - sum(r.macs_before - r.macs_after for r in report.layers)
+    report.after = ModelSize.of(model, example_inputs)
     return report
+
+
+def decompose_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+               config: DecomposeConfig | dict | None = None) -> DecomposeReport:
+    """Replace the selected Conv2d/Linear layers of ``model`` by low-rank chains, in place.
+
+    :func:`plan_decomposition` (which layers, which ranks) then :func:`apply_decomposition`.
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts. Returns a
+    :class:`DecomposeReport`. Methods: see :mod:`slimkit.decompose.methods`.
+    """
+    return apply_decomposition(model, example_inputs, plan_decomposition(model, example_inputs, config))

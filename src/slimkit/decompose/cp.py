@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch import nn
 
+from slimkit.decompose.geometry import make_conv, split_geometry
 from slimkit.exceptions import ConfigError
 
 
@@ -34,16 +35,14 @@ def full_ranks(module: nn.Conv2d) -> tuple[int]:
 
 def skeleton(module: nn.Conv2d, ranks: tuple[int], **kw) -> nn.Sequential:
     """The chain for rank R (weights uninitialised)."""
-    from slimkit.decompose.methods import _conv, _split_geometry
-
     (r,) = ranks
     kh, kw_ = module.kernel_size
-    vert, horiz = _split_geometry(module)
+    vert, horiz = split_geometry(module)
     return nn.Sequential(
-        _conv(module.in_channels, r, 1, **kw),
-        _conv(r, r, (kh, 1), groups=r, padding_mode=module.padding_mode, **vert, **kw),
-        _conv(r, r, (1, kw_), groups=r, padding_mode=module.padding_mode, **horiz, **kw),
-        _conv(r, module.out_channels, 1, bias=module.bias is not None, **kw),
+        make_conv(module.in_channels, r, 1, **kw),
+        make_conv(r, r, (kh, 1), groups=r, padding_mode=module.padding_mode, **vert, **kw),
+        make_conv(r, r, (1, kw_), groups=r, padding_mode=module.padding_mode, **horiz, **kw),
+        make_conv(r, module.out_channels, 1, bias=module.bias is not None, **kw),
     )
 
 
@@ -112,13 +111,16 @@ def _tensorly_als(tensor: torch.Tensor, r: int, max_iter: int, tol: float):
             [float(e) for e in errors])
 
 
-def fit(module: nn.Module, ranks: tuple[int], options=None, name: str = "") -> tuple[list[torch.Tensor], dict]:
-    """CP-ALS factors as the four chain weights, plus notes (rel_error, iterations, converged)."""
+def fit(module: nn.Module, ranks: tuple[int], config=None, name: str = "") -> tuple[list[torch.Tensor], dict]:
+    """CP-ALS factors as the four chain weights, plus notes (rel_error, iterations, converged).
+
+    ``config``: a :class:`~slimkit.decompose.core.DecomposeConfig` (``cp_max_iter``, ``cp_tol``,
+    ``cp_solver``; None: their defaults); ``name``: the layer, named in a failed fit's error.
+    """
     (r,) = ranks
-    max_iter = getattr(options, "cp_max_iter", 300)
-    tol = getattr(options, "cp_tol", 1e-7)
-    solver = getattr(options, "cp_solver", "torch")
-    layer = getattr(options, "_layer_name", name) or "conv"
+    max_iter, tol, solver = (300, 1e-7, "torch") if config is None else (config.cp_max_iter, config.cp_tol,
+                                                                         config.cp_solver)
+    layer = name or "conv"
     w = module.weight.detach().to(torch.float64).cpu()
     norm = float(w.norm()) or 1.0
     tensor = w / norm

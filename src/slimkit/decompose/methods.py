@@ -3,8 +3,10 @@
 A method is registered in :data:`METHODS` and answers four questions about a layer:
 ``reason(module)`` (why it cannot handle it, or None), ``full_ranks(module)`` (one entry
 per rank axis), ``rank_matrices(module)`` (per axis, the matrices whose singular values
-drive energy/VBMF rank choice) and ``build(module, ranks)`` (the fitted replacement, its
-relative reconstruction error ``||W - W_r||_F / ||W||_F`` and method-specific notes).
+drive energy/VBMF rank choice) and ``build(module, ranks, config, name)`` (the fitted
+replacement, its relative reconstruction error ``||W - W_r||_F / ||W||_F`` and
+method-specific notes; ``config`` is the :class:`~slimkit.decompose.core.DecomposeConfig`
+whose solver settings apply, ``name`` the layer's qualified name for error messages).
 ``skeleton(module, ranks)`` builds the same chain on the meta device, for cost curves.
 
 Shapes: a conv weight is ``W[N, C, kh, kw]`` (N outputs, C inputs); a Linear weight is
@@ -18,13 +20,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from slimkit.decompose.geometry import conv_padding, make_conv, split_geometry, weight64
 from slimkit.decompose.ranks import unfold
 from slimkit.registry import Registry
+
+if TYPE_CHECKING:
+    from slimkit.decompose.core import DecomposeConfig
+
+#: fit(module, ranks, config or None, layer name) -> (chain weights, notes with "rel_error")
+FitFn = Callable[[nn.Module, tuple[int, ...], "DecomposeConfig | None", str], tuple[list[torch.Tensor], dict[str, Any]]]
 
 
 @dataclass
@@ -45,13 +54,15 @@ class Method:
     full_ranks: Callable[[nn.Module], tuple[int, ...]]
     rank_matrices: Callable[[nn.Module], list[list[torch.Tensor]]]
     skeleton: Callable[..., nn.Sequential]
-    fit: Callable[[nn.Module, tuple[int, ...], Any], tuple[list[torch.Tensor], dict[str, Any]]]
+    fit: FitFn
     axes: tuple[str, ...] = ("rank",)
     paper: str = ""
 
-    def build(self, module: nn.Module, ranks: tuple[int, ...], options: Any = None) -> Fit:
-        """Fit the factors and load them into a fresh chain on the layer's device and dtype."""
-        weights, notes = self.fit(module, ranks, options)
+    def build(self, module: nn.Module, ranks: tuple[int, ...], config: DecomposeConfig | None = None,
+              name: str = "") -> Fit:
+        """Fit the factors (solver settings from ``config``; None: the defaults) and load them into a
+        fresh chain on the layer's device and dtype. ``name``: the layer, for error messages."""
+        weights, notes = self.fit(module, ranks, config, name)
         rel = notes.pop("rel_error")
         w = module.weight
         # built on the meta device (no wasted random init), then given real, empty storage
@@ -68,47 +79,7 @@ class Method:
 METHODS: Registry[Method] = Registry("decomposition method")
 
 
-# ---------------------------------------------------------------- geometry helpers
-
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Numeric (ph, pw) of a conv; None when a ``"same"`` padding would be asymmetric."""
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-    if any(t % 2 for t in total):
-        return None
-    return (total[0] // 2, total[1] // 2)
-
-
-def _conv(cin, cout, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, bias=False,
-          padding_mode="zeros", **kw) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                     bias=bias, padding_mode=padding_mode, **kw)
-
-
-def _kernel(module: nn.Module) -> tuple[int, int]:
-    return tuple(module.kernel_size) if isinstance(module, nn.Conv2d) else (1, 1)
-
-
-def _weight64(module: nn.Module) -> torch.Tensor:
-    return module.weight.detach().to(torch.float64, copy=True).cpu()
-
-
-def relative_error(original: nn.Module, chain: nn.Sequential) -> float:
-    """``||W - W_chain||_F / ||W||_F`` where W_chain is the chain's equivalent dense kernel.
-
-    The equivalent kernel is obtained by composing the layers' weights (exact for the
-    chains built here: linear maps with the original geometry split between layers). It
-    costs ``C*kh*kw`` times the chain's MACs at a 1x1 output: a check for tests and small
-    layers; :meth:`Method.build` reports the error from the factorization itself.
-    """
-    w = _weight64(original)
-    dense = compose_kernel(chain, w.shape)
-    norm = float(w.norm())
-    return float((w - dense).norm()) / norm if norm > 0 else 0.0
+# ---------------------------------------------------------------- dense kernel of a chain (for tests)
 
 
 def compose_kernel(chain: nn.Sequential, shape: torch.Size) -> torch.Tensor:
@@ -179,7 +150,7 @@ def _svd_reason(module: nn.Module) -> str | None:
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:
-    w = _weight64(module)
+    w = weight64(module)
     return w.reshape(w.shape[0], -1)
 
 
@@ -191,7 +162,7 @@ def _svd_skeleton(module, ranks, **kw) -> nn.Sequential:
     return _channel_skeleton(module, ranks, **kw)
 
 
-def _svd_fit(module, ranks, options=None):
+def _svd_fit(module, ranks, config=None, name=""):
     (r,) = ranks
     u, s, vh = torch.linalg.svd(_matrix(module), full_matrices=False)
     left, right = _sqrt_split(u, s, vh, r)
@@ -210,9 +181,9 @@ METHODS.register("svd", Method(
 def _channel_skeleton(module, ranks, **kw) -> nn.Sequential:
     (r,) = ranks
     return nn.Sequential(
-        _conv(module.in_channels, r, module.kernel_size, module.stride, conv_padding(module), module.dilation,
+        make_conv(module.in_channels, r, module.kernel_size, module.stride, conv_padding(module), module.dilation,
               padding_mode=module.padding_mode, **kw),
-        _conv(r, module.out_channels, 1, bias=module.bias is not None, **kw),
+        make_conv(r, module.out_channels, 1, bias=module.bias is not None, **kw),
     )
 
 
@@ -233,10 +204,10 @@ def _tucker_full(module) -> tuple[int, int]:
 def _tucker_skeleton(module, ranks, **kw) -> nn.Sequential:
     r_in, r_out = ranks
     return nn.Sequential(
-        _conv(module.in_channels, r_in, 1, **kw),
-        _conv(r_in, r_out, module.kernel_size, module.stride, conv_padding(module), module.dilation,
+        make_conv(module.in_channels, r_in, 1, **kw),
+        make_conv(r_in, r_out, module.kernel_size, module.stride, conv_padding(module), module.dilation,
               padding_mode=module.padding_mode, **kw),
-        _conv(r_out, module.out_channels, 1, bias=module.bias is not None, **kw),
+        make_conv(r_out, module.out_channels, 1, bias=module.bias is not None, **kw),
     )
 
 
@@ -244,13 +215,13 @@ def _leading(matrix: torch.Tensor, r: int) -> torch.Tensor:
     return torch.linalg.svd(matrix, full_matrices=False)[0][:, :r]
 
 
-def _tucker_fit(module, ranks, options=None):
+def _tucker_fit(module, ranks, config=None, name=""):
     """HOSVD initialisation, then ``iters`` HOOI sweeps (each never increases the error)."""
     r_in, r_out = ranks
-    w = _weight64(module)
+    w = weight64(module)
     u_in = _leading(unfold(w, 1), r_in)  # [C, R1]
     u_out = _leading(unfold(w, 0), r_out)  # [N, R2]
-    iters = getattr(options, "tucker_iters", 2)
+    iters = config.tucker_iters if config is not None else 2
     full = (r_in, r_out) == _tucker_full(module)
     for _ in range(0 if full else iters):
         u_in = _leading(unfold(torch.einsum("ncyx,nr->rcyx", w, u_out), 1), r_in)
@@ -264,7 +235,7 @@ def _tucker_fit(module, ranks, options=None):
 
 METHODS.register("tucker", Method(
     "tucker", lambda m: _conv_reason(m, "tucker", allow_1x1=False), _tucker_full,
-    lambda m: [[unfold(_weight64(m), 1)], [unfold(_weight64(m), 0)]], _tucker_skeleton, _tucker_fit,
+    lambda m: [[unfold(weight64(m), 1)], [unfold(weight64(m), 0)]], _tucker_skeleton, _tucker_fit,
     axes=("input", "output"), paper="Kim et al. 2016",
 ))
 
@@ -273,29 +244,23 @@ METHODS.register("tucker", Method(
 
 
 def _separable_matrix(module) -> torch.Tensor:
-    w = _weight64(module)  # [N, C, kh, kw] -> rows (c, y), columns (n, x)
+    w = weight64(module)  # [N, C, kh, kw] -> rows (c, y), columns (n, x)
     n, c, kh, kw = w.shape
     return w.permute(1, 2, 0, 3).reshape(c * kh, n * kw)
-
-
-def _split_geometry(module):
-    (sh, sw), (ph, pw), (dh, dw) = module.stride, conv_padding(module), module.dilation
-    return dict(stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1)), dict(stride=(1, sw), padding=(0, pw),
-                                                                           dilation=(1, dw))
 
 
 def _separable_skeleton(module, ranks, **kw) -> nn.Sequential:
     (r,) = ranks
     kh, kw_ = module.kernel_size
-    vert, horiz = _split_geometry(module)
+    vert, horiz = split_geometry(module)
     return nn.Sequential(
-        _conv(module.in_channels, r, (kh, 1), padding_mode=module.padding_mode, **vert, **kw),
-        _conv(r, module.out_channels, (1, kw_), padding_mode=module.padding_mode, bias=module.bias is not None,
+        make_conv(module.in_channels, r, (kh, 1), padding_mode=module.padding_mode, **vert, **kw),
+        make_conv(r, module.out_channels, (1, kw_), padding_mode=module.padding_mode, bias=module.bias is not None,
               **horiz, **kw),
     )
 
 
-def _separable_fit(module, ranks, options=None):
+def _separable_fit(module, ranks, config=None, name=""):
     (r,) = ranks
     n, c, kh, kw = module.weight.shape
     u, s, vh = torch.linalg.svd(_separable_matrix(module), full_matrices=False)
@@ -316,7 +281,7 @@ METHODS.register("separable", Method(
 
 
 def _per_channel(module) -> torch.Tensor:
-    w = _weight64(module)  # [N, C, kh, kw] -> C matrices [N, kh*kw]
+    w = weight64(module)  # [N, C, kh, kw] -> C matrices [N, kh*kw]
     return w.permute(1, 0, 2, 3).reshape(w.shape[1], w.shape[0], -1)
 
 
@@ -324,13 +289,13 @@ def _dws_skeleton(module, ranks, **kw) -> nn.Sequential:
     (m,) = ranks
     c = module.in_channels
     return nn.Sequential(
-        _conv(c, c * m, module.kernel_size, module.stride, conv_padding(module), module.dilation, groups=c,
+        make_conv(c, c * m, module.kernel_size, module.stride, conv_padding(module), module.dilation, groups=c,
               padding_mode=module.padding_mode, **kw),
-        _conv(c * m, module.out_channels, 1, bias=module.bias is not None, **kw),
+        make_conv(c * m, module.out_channels, 1, bias=module.bias is not None, **kw),
     )
 
 
-def _dws_fit(module, ranks, options=None):
+def _dws_fit(module, ranks, config=None, name=""):
     """Per input channel c: ``W[:, c] ~ P_c D_c`` by truncated SVD (closed form, optimal)."""
     (m,) = ranks
     n, c, kh, kw = module.weight.shape
@@ -362,7 +327,7 @@ def _cp_register() -> None:
 
     METHODS.register("cp", Method(
         "cp", lambda m: _conv_reason(m, "cp", allow_1x1=False), cp.full_ranks,
-        lambda m: [[unfold(_weight64(m), 0), unfold(_weight64(m), 1)]], cp.skeleton, cp.fit,
+        lambda m: [[unfold(weight64(m), 0), unfold(weight64(m), 1)]], cp.skeleton, cp.fit,
         paper="Lebedev et al. 2015",
     ))
 

@@ -159,10 +159,10 @@ def _write_int8_onnx(request: ExportRequest) -> str:
         raise ConfigError("int8-onnx of a float model needs calibration batches (training inputs)")
     config = QuantConfig()
     quantized = copy.deepcopy(request.model)
-    report = quantize_(quantized, config, calibration=request.calibration)
+    report = quantize_(quantized, request.example, config, calibration=request.calibration)
     export_onnx(quantized, request.example, request.path)
     images = sum(len(b) for b in request.calibration)
-    bits = "7-bit (reduce_range)" if report.get("reduce_range") else "8-bit"
+    bits = "7-bit (reduce_range)" if report.reduce_range else "8-bit"
     return (f"calibrated int8 PTQ (slimkit quantize_: per-channel symmetric {bits} weights, minmax activations "
             f"on {images} training images), QDQ ONNX")
 

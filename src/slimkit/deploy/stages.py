@@ -24,9 +24,10 @@ from slimkit.deploy.compare import REFERENCE, choose_engine, compare_engines, vs
 from slimkit.deploy.engines import engines_of
 from slimkit.deploy.slim import write_slim
 from slimkit.deploy.timing import median_ms
-from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, binary_stored_bytes, use_kernel_
+from slimkit.measure.storage import stored_bytes
+from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, use_kernel_
 from slimkit.quantize.stages import AutoBitsConfig, layer_rows, plan_bits
-from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_, stored_bytes
+from slimkit.quantize.uniform import QuantConfig, calibration_batches, quantize_
 from slimkit.stages import StageContext, StageOutput, register_stage
 from slimkit.train import TrainHooks
 
@@ -128,7 +129,7 @@ def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
     """Post-training uniform quantization (int8 default), run for real in ONNX Runtime / PyTorch x86."""
     float_model = copy.deepcopy(model).eval()
     quant, planned = plan_bits(model, config, ctx.data.train)
-    report = quantize_(model, quant, calibration=_calibration(ctx, quant))
+    report = quantize_(model, ctx.example_inputs, quant, calibration=_calibration(ctx, quant)).to_dict()
     report.update(planned)
     return _deploy(model, float_model, config, ctx, report)
 
@@ -136,11 +137,12 @@ def int8_stage(model: nn.Module, config: Int8StageConfig, ctx: StageContext) -> 
 @register_stage("qat", QATStageConfig)
 def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> StageOutput:
     """Quantization-aware training: PTQ start, fine-tune with fake quant (STE), then deploy as int8."""
-    from slimkit.quantize.qat import fold_qat_bn_, late_freezer, prepare_qat_
+    from slimkit.quantize.qat import QATConfig, fold_qat_bn_, late_freezer, prepare_qat_
 
     float_model = copy.deepcopy(model).eval()
     quant, planned = plan_bits(model, config, ctx.data.train)
-    report = prepare_qat_(model, quant, _calibration(ctx, quant), config.keep_bn, config.train_observer)
+    qat = QATConfig(**quant.model_dump(), keep_bn=config.keep_bn, train_observer=config.train_observer)
+    report = prepare_qat_(model, ctx.example_inputs, qat, calibration=_calibration(ctx, quant)).to_dict()
     report.update(planned)
     report["ptq_accuracy"] = ctx.evaluate(model) if ctx.evaluate else None
 
@@ -157,7 +159,7 @@ def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> St
 @register_stage("binarize", BinarizeStageConfig)
 def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageContext) -> StageOutput:
     """Binary weights (bwn) or weights and activations (xnor); stored at 1 bit per weight."""
-    report = binarize_(model, BinarizeConfig(**config.model_dump(exclude={"kernel"})))
+    report = binarize_(model, ctx.example_inputs, BinarizeConfig(**config.model_dump(exclude={"kernel"}))).to_dict()
 
     def finalize(trained: nn.Module) -> StageOutput:
         details = dict(report)
@@ -182,8 +184,8 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
         details["engine_reason"] = f"{engine}: faster of torch float simulation and the bit-packed kernel"
         details["binary_weights"] = sum(m.weight.numel() for m in binary_layers(trained).values())
         artifacts = _slim_artifact(trained, ctx, details)
-        return StageOutput(model=trained, details=details, stored_bytes=binary_stored_bytes(trained), accuracy=acc,
+        return StageOutput(model=trained, details=details, stored_bytes=stored_bytes(trained), accuracy=acc,
                            engine=engine, latency_ms=latency, phase="simulated", artifacts=artifacts)
 
-    return StageOutput(model=model, details=report, stored_bytes=binary_stored_bytes(model), phase="simulated",
+    return StageOutput(model=model, details=report, stored_bytes=stored_bytes(model), phase="simulated",
                        finalize=finalize)

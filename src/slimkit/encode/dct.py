@@ -30,15 +30,18 @@ centroids are re-read and the weights rewritten from them, so assignments never 
 >>> import torch
 >>> from torch import nn
 >>> conv = nn.Sequential(nn.Conv2d(2, 4, 3))
->>> report = dct_compress_(conv, {"conv_bits": 4})
->>> report["layers"]["0"]["transform"], int(conv[0].dct_index.max()) < 16
-('kernel', True)
+>>> report = dct_compress_(conv, torch.zeros(1, 2, 5, 5), {"conv_bits": 4})
+>>> report.layers["0"]["transform"], int(conv[0].dct_index.max()) < 16, report.changed
+('kernel', True, ['0'])
+>>> dense_dct_bytes(conv)  # 72 4-bit indices + 16 fp32 centroids + 4 fp32 biases
+116
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -48,7 +51,8 @@ from pydantic import Field
 from torch import nn
 
 from slimkit.exceptions import ConfigError, CorruptFileError, ModelStateError
-from slimkit.quantize.sharing import ShareConfig, set_buffer
+from slimkit.quantize.sharing import ShareConfig, codebook_dense_bytes, set_buffer
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import select_modules
 from slimkit.train import StepInfo, TrainHooks
 
@@ -151,9 +155,24 @@ def dct_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m._buffers.get(CODEBOOK), torch.Tensor)}
 
 
-def dct_compress_(model: nn.Module, config: DCTConfig | dict[str, Any]) -> dict[str, Any]:
-    """DCT + k-means the selected Conv2d/Linear layers of ``model`` in place; returns a per-layer report.
+@dataclass(kw_only=True)
+class DCTReport(Report):
+    """What :func:`dct_compress_` did: ``layers`` name -> ``{"weights", "transform", "bits", "kept",
+    "relative_sq_error"}`` (names also in ``changed``) and the ``zero_fraction`` dropped.
 
+    ``before`` / ``after`` count the simulation as it is held (fp32 weights + int16 indices);
+    :func:`dense_dct_bytes` is the size stored as dense b-bit indices."""
+
+    verb: str = "dct_compress_"
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zero_fraction: float = 0.0
+
+
+def dct_compress_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                  config: DCTConfig | dict[str, Any] | None = None) -> DCTReport:
+    """DCT + k-means the selected Conv2d/Linear layers of ``model`` in place; returns a :class:`DCTReport`.
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (the report's sizes).
     Layers already pruned (``weight_mask``) or shared (``weight_codebook``) are refused:
     the inverse DCT of shared coefficients is dense, it would undo both.
     """
@@ -164,9 +183,13 @@ def dct_compress_(model: nn.Module, config: DCTConfig | dict[str, Any]) -> dict[
         if taken:
             raise ConfigError(f"dct: layer {name!r} carries {taken[0]}; DCT compression makes the weight dense "
                               "again, so apply it to a dense layer (or add the layer to dct.ignore)")
-    layers = {name: dct_layer_(module, config.bits_for(name, module), config.zero_fraction, config.init,
-                               config.max_iter, config.seed) for name, module in modules.items()}
-    return {"layers": layers, "zero_fraction": config.zero_fraction}
+    report = DCTReport(zero_fraction=config.zero_fraction, before=ModelSize.of(model, example_inputs))
+    for name, module in modules.items():
+        report.layers[name] = dct_layer_(module, config.bits_for(name, module), config.zero_fraction, config.init,
+                                         config.max_iter, config.seed)
+        report.changed.append(name)
+    report.after = ModelSize.of(model, example_inputs)
+    return report
 
 
 def dct_centroid_grads(model: nn.Module) -> None:
@@ -210,17 +233,9 @@ def dct_hooks() -> TrainHooks:
     return TrainHooks(grad_hooks=(dct_centroid_grads,), after_step=(_after_step,))
 
 
-def dense_dct_bytes(model: nn.Module, config: DCTConfig) -> int:
+def dense_dct_bytes(model: nn.Module) -> int:
     """Bytes with each DCT layer stored as dense ``bits``-bit indices plus its fp32 codebook (before Huffman)."""
-    from slimkit.measure.size import state_dict_bytes
-
-    total = state_dict_bytes(model)
-    for name, module in dct_modules(model).items():
-        index = module._buffers[INDEX]
-        numel = module.weight.numel()
-        total -= 4 * numel + index.numel() * index.element_size()
-        total += math.ceil(numel * config.bits_for(name, module) / 8)
-    return total
+    return codebook_dense_bytes(model, CODEBOOK, INDEX)
 
 
 # ------------------------------------------------------------------------- the DCT record of the .slim container

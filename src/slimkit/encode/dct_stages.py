@@ -25,7 +25,7 @@ def _resume_hooks(model: nn.Module):
 @register_stage("dct", DCTConfig, resume_hooks=_resume_hooks)
 def dct_stage(model: nn.Module, config: DCTConfig, ctx: StageContext) -> StageOutput:
     """DCT of the kernels + k-means on the coefficients (CNNpack); the fine-tune moves frequency-domain centroids."""
-    report = dct_compress_(model, config)
-    report["bytes_counted"] = "dense b-bit coefficient indices + fp32 codebooks (before Huffman encoding)"
-    return StageOutput(model=model, details=report, hooks=dct_hooks(), persistent_hooks=True, phase="simulated",
-                       stored_bytes=dense_dct_bytes(model, config))
+    details = dct_compress_(model, ctx.example_inputs, config).to_dict()
+    details["bytes_counted"] = "dense b-bit coefficient indices + fp32 codebooks (before Huffman encoding)"
+    return StageOutput(model=model, details=details, hooks=dct_hooks(), persistent_hooks=True, phase="simulated",
+                       stored_bytes=dense_dct_bytes(model))

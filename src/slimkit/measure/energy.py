@@ -146,7 +146,7 @@ def model_weight_bytes(model: nn.Module) -> int:
     from slimkit.quantize.fake import quant_layers
 
     if quant_layers(model):
-        from slimkit.quantize.uniform import stored_bytes
+        from slimkit.measure.storage import stored_bytes
 
         return stored_bytes(model)
     return state_dict_bytes(model)

@@ -1,4 +1,4 @@
-"""Binary networks: ``binarize_(model, config)`` with modes ``bwn`` and ``xnor`` (Rastegari 2016).
+"""Binary networks: ``binarize_(model, example_inputs, config)`` with modes ``bwn`` and ``xnor`` (Rastegari 2016).
 
 - ``bwn``: weights ``alpha * sign(W)``, ``alpha`` = mean |W| per output channel
   (XNOR-Net's Binary-Weight-Network).
@@ -16,14 +16,17 @@ weight plus their fp32 scales.
 >>> import torch
 >>> from torch import nn
 >>> m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
->>> report = binarize_(m, {"mode": "bwn"})
->>> list(report["layers"]), report["kept_full_precision"]
+>>> report = binarize_(m, torch.zeros(1, 1, 8, 8), {"mode": "bwn"})
+>>> report.changed, report.kept_full_precision
 (['2'], ['0', '4'])
+>>> report.before.bytes - report.after.bytes  # 576 fp32 weights -> 72 B of signs + 8 fp32 alphas
+2200
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,8 @@ from torch import nn
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
 from slimkit.manifest import register_module_spec
+from slimkit.measure.storage import own_tensor_bytes, register_storage_rule
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import matches, replace_module
 
 _SUPPORTED = (nn.Conv2d, nn.Linear)
@@ -143,13 +148,36 @@ register_module_spec(BinaryLinear, lambda m: dict(in_features=m.in_features, out
 BINARY_LAYERS = (BinaryConv2d, BinaryLinear)
 
 
+def binary_layer_bytes(layer: BinaryMixin) -> int:
+    """Bytes of a binary layer's own tensors as stored: 1 bit per weight (rounded up to a byte) + one
+    fp32 alpha per output channel, its other tensors (bias, xnor threshold) at fp32. Its storage rule."""
+    weight = layer.weight
+    return own_tensor_bytes(layer) - 4 * weight.numel() + (weight.numel() + 7) // 8 + 4 * weight.shape[0]
+
+
+register_storage_rule(BinaryMixin, binary_layer_bytes)
+
+
 def binary_layers(model: nn.Module) -> dict[str, BinaryMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BINARY_LAYERS)}
 
 
-def binarize_(model: nn.Module, config: BinarizeConfig | dict | None = None) -> dict:
-    """Replace the selected Conv2d/Linear layers by binary ones, in place; returns a report.
+@dataclass(kw_only=True)
+class BinarizeReport(Report):
+    """What :func:`binarize_` did: ``layers`` name -> ``{"type", "weights"}`` (names also in ``changed``),
+    ``kept_full_precision``: the first and last weighted layers left alone (also in ``skipped``)."""
 
+    verb: str = "binarize_"
+    mode: str
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kept_full_precision: list[str] = field(default_factory=list)
+
+
+def binarize_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+              config: BinarizeConfig | dict | None = None) -> BinarizeReport:
+    """Replace the selected Conv2d/Linear layers by binary ones, in place; returns a :class:`BinarizeReport`.
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (the report's sizes).
     A layer named exactly in ``layers`` that is not a Conv2d or Linear raises ConfigError.
     """
     config = BinarizeConfig.coerce(config, where="binarize")
@@ -169,7 +197,9 @@ def binarize_(model: nn.Module, config: BinarizeConfig | dict | None = None) -> 
             f"binarize.layers: no Conv2d/Linear matches layers={list(config.layers)} minus ignore="
             f"{list(config.ignore)} (first/last kept: {keep}); fix the patterns or set keep_first_last: false"
         )
-    report: dict = {"mode": config.mode, "layers": {}, "kept_full_precision": keep}
+    report = BinarizeReport(mode=config.mode, kept_full_precision=keep, before=ModelSize.of(model, example_inputs),
+                            skipped={n: "first/last weighted layer kept in full precision (keep_first_last)"
+                                     for n in keep})
     for name in chosen:
         old = named[name]
         if isinstance(old, nn.Conv2d):
@@ -180,7 +210,9 @@ def binarize_(model: nn.Module, config: BinarizeConfig | dict | None = None) -> 
         new.load_state_dict(old.state_dict(), strict=False)
         new.train(old.training)
         replace_module(model, name, new)
-        report["layers"][name] = {"type": type(old).__name__, "weights": old.weight.numel()}
+        report.changed.append(name)
+        report.layers[name] = {"type": type(old).__name__, "weights": old.weight.numel()}
+    report.after = ModelSize.of(model, example_inputs)
     return report
 
 
@@ -192,16 +224,3 @@ def use_kernel_(model: nn.Module, enabled: bool = True) -> int:
             layer.use_kernel = enabled
             count += 1
     return count
-
-
-def binary_stored_bytes(model: nn.Module) -> int:
-    """Bytes with binary weights at 1 bit (+ fp32 alpha per output channel), the rest as stored."""
-    layers = binary_layers(model)
-    total = 0
-    for key, tensor in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in layers and leaf == "weight":
-            total += (tensor.numel() + 7) // 8 + 4 * tensor.shape[0]
-        else:
-            total += tensor.numel() * tensor.element_size()
-    return total

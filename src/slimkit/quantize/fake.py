@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.manifest import register_module_spec
-from slimkit.quantize.observers import Observer, make_observer, qparams_from_range, qrange, round_up_fp16
+from slimkit.measure.storage import register_storage_rule
+from slimkit.quantize.observers import (
+    Observer,
+    is_fp16_exact,
+    make_observer,
+    qparams_from_range,
+    qrange,
+    round_up_fp16,
+)
+from slimkit.quantize.packing import packed_nbytes
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
@@ -156,7 +165,7 @@ class QuantConv2d(QuantMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> QuantConv2d:
-        args = _conv_spec(conv)
+        args = conv_spec(conv)
         args.update(quant)
         new = cls(**args)
         new.load_state_dict(conv.state_dict(), strict=False)
@@ -184,7 +193,8 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
 
 
-def _conv_spec(m: nn.Conv2d) -> dict:
+def conv_spec(m: nn.Conv2d) -> dict:
+    """The constructor arguments of a Conv2d's geometry (channels, kernel, stride, padding, ...)."""
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=tuple(m.kernel_size),
                 stride=tuple(m.stride), padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
                 dilation=tuple(m.dilation), groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
@@ -192,9 +202,31 @@ def _conv_spec(m: nn.Conv2d) -> dict:
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 
-register_module_spec(QuantConv2d, lambda m: {**_conv_spec(m), **m.quant_args()})
+register_module_spec(QuantConv2d, lambda m: {**conv_spec(m), **m.quant_args()})
 register_module_spec(QuantLinear, lambda m: dict(in_features=m.in_features, out_features=m.out_features,
                                                  bias=m.bias is not None, **m.quant_args()))
+
+
+def scale_nbytes(scale: torch.Tensor) -> int:
+    """Stored bytes of a weight grid's scales: 2 each when all are exact float16 values, else 4."""
+    return (2 if is_fp16_exact(scale) else 4) * scale.numel()
+
+
+def layer_stored_bytes(layer: QuantMixin) -> int:
+    """Bytes of one quantized layer's own tensors as stored: packed codes + scales (float16 when
+    exact, else float32) (+ uint8 zero points when asymmetric) + fp32 bias + the activation grid
+    (scale, zero point: 5 bytes). Its storage rule (:func:`slimkit.measure.storage.stored_bytes`);
+    a BN-carrying layer's ``bn`` child counts on its own."""
+    size = packed_nbytes(layer.weight.numel(), layer.bits)
+    size += scale_nbytes(layer.w_scale) + (0 if layer.symmetric else layer.w_zero.numel())
+    if layer.bias is not None:
+        size += 4 * layer.bias.numel()
+    if layer.act_bits:
+        size += 5
+    return size
+
+
+register_storage_rule(QuantMixin, layer_stored_bytes)
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantMixin]:

@@ -29,9 +29,11 @@ computed with unsigned 64-bit integer arithmetic, so it is the same on every mac
 >>> import torch
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
->>> report = hash_weights_(model, {"linear_ratio": 0.125})
->>> type(model[0]).__name__, model[0].hashed_weight.numel(), report["layers"]["0"]["buckets"]
+>>> report = hash_weights_(model, torch.zeros(1, 64), {"linear_ratio": 0.125})
+>>> type(model[0]).__name__, model[0].hashed_weight.numel(), report.layers["0"]["buckets"]
 ('HashedLinear', 256, 256)
+>>> report.after.bytes  # 4 * (256 + 32 + 40 + 10) fp32 values and biases + two uint32 seeds
+1360
 >>> model(torch.zeros(3, 64)).shape
 torch.Size([3, 10])
 """
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +54,8 @@ from torch import nn
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
 from slimkit.manifest import register_module_spec
+from slimkit.measure.storage import own_tensor_bytes, register_storage_rule
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import matches, replace_module, select_modules
 
 SEED_BYTES = 4  # one uint32 hash seed per hashed layer
@@ -161,6 +166,15 @@ class HashedConv2d(HashedMixin, nn.Module):
 HASHED_LAYERS = (HashedLinear, HashedConv2d)
 
 
+def hashed_layer_bytes(layer: HashedMixin) -> int:
+    """Bytes of a hashed layer's own tensors as stored: its ``K`` fp32 values (+ bias) + one uint32
+    seed; the hash index and signs are rebuilt from the seed, never stored. Its storage rule."""
+    return own_tensor_bytes(layer) + SEED_BYTES
+
+
+register_storage_rule(HashedMixin, hashed_layer_bytes)
+
+
 def _conv_spec(m: nn.Module) -> dict[str, Any]:
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=tuple(m.kernel_size),
                 stride=tuple(m.stride), padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
@@ -234,19 +248,32 @@ def hashed_layer(module: nn.Module, buckets: int, seed: int, init: str = "projec
     return layer
 
 
-def hash_weights_(model: nn.Module, config: HashConfig | dict[str, Any]) -> dict[str, Any]:
-    """Replace the selected Conv2d/Linear layers of ``model`` by hashed ones, in place; per-layer report.
+@dataclass(kw_only=True)
+class HashReport(Report):
+    """What :func:`hash_weights_` did: ``layers`` name -> ``{"weights", "buckets", "seed",
+    "bits_per_weight", "relative_sq_error"}`` (names also in ``changed``) and the ``init`` used."""
 
+    verb: str = "hash_weights_"
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    init: str = "project"
+
+
+def hash_weights_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                  config: HashConfig | dict[str, Any] | None = None) -> HashReport:
+    """Replace the selected Conv2d/Linear layers of ``model`` by hashed ones, in place; returns a :class:`HashReport`.
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (the report's sizes).
     Layers with masks or codebooks (pruned or shared) are refused: hashing replaces their weight.
     """
     config = HashConfig.coerce(config, where="hash")
     modules = select_modules(model, (nn.Conv2d, nn.Linear), config.layers, config.ignore, what="hash.layers")
-    layers = {}
     for name, module in modules.items():
         taken = [b for b in ("weight_mask", "weight_codebook") if b in module._buffers]
         if taken:
             raise ConfigError(f"hash: layer {name!r} carries {taken[0]}; HashedNets replaces the weight, so hash "
                               "a dense layer (put hash before prune/share, or add the layer to hash.ignore)")
+    report = HashReport(init=config.init, before=ModelSize.of(model, example_inputs))
+    for name, module in modules.items():
         numel = module.weight.numel()
         buckets = max(1, math.ceil(config.ratio_for(name, module) * numel))
         seed = layer_seed(config.seed, name)
@@ -254,22 +281,13 @@ def hash_weights_(model: nn.Module, config: HashConfig | dict[str, Any]) -> dict
         error = float((layer.weight.detach() - module.weight.detach()).pow(2).sum()
                       / module.weight.detach().pow(2).sum().clamp(min=1e-30))
         replace_module(model, name, layer)
-        layers[name] = {"weights": numel, "buckets": buckets, "seed": seed, "bits_per_weight": round(32 * buckets
-                        / numel, 4), "relative_sq_error": round(error, 6)}
-    return {"layers": layers, "init": config.init}
+        report.changed.append(name)
+        report.layers[name] = {"weights": numel, "buckets": buckets, "seed": seed,
+                               "bits_per_weight": round(32 * buckets / numel, 4), "relative_sq_error": round(error, 6)}
+    report.after = ModelSize.of(model, example_inputs)
+    return report
 
 
 def hashed_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The hashed layers of ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, HASHED_LAYERS)}
-
-
-def hashed_stored_bytes(model: nn.Module) -> int:
-    """Stored bytes of ``model``: its state dict (fp32 ``hashed_weight`` vectors, biases, ...) + 4 per hashed layer.
-
-    The hash index and signs are not stored (rebuilt from the seed), so a hashed layer
-    costs exactly ``4 K + 4`` bytes, plus its bias.
-    """
-    from slimkit.measure.size import state_dict_bytes
-
-    return state_dict_bytes(model) + SEED_BYTES * len(hashed_modules(model))

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimkit.quantize.hashed import HashConfig, hash_weights_, hashed_stored_bytes
+from slimkit.measure.storage import stored_bytes
+from slimkit.quantize.hashed import HashConfig, hash_weights_
 from slimkit.stages import StageContext, StageOutput, register_stage
 
 
 @register_stage("hash", HashConfig)
 def hash_stage(model: nn.Module, config: HashConfig, ctx: StageContext) -> StageOutput:
     """HashedNets weight sharing by the hashing trick; the hashed vectors train like any parameter."""
-    report = hash_weights_(model, config)
-    report["bytes_counted"] = "fp32 hashed vectors + biases + other state + one uint32 seed per hashed layer"
-    return StageOutput(model=model, details=report, phase="materialized", stored_bytes=hashed_stored_bytes(model))
+    details = hash_weights_(model, ctx.example_inputs, config).to_dict()
+    details["bytes_counted"] = "fp32 hashed vectors + biases + other state + one uint32 seed per hashed layer"
+    return StageOutput(model=model, details=details, phase="materialized", stored_bytes=stored_bytes(model))

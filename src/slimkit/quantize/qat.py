@@ -20,7 +20,7 @@ such layer into that plain :class:`~slimkit.quantize.fake.QuantConv2d`, keeping 
 >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
 >>> x = torch.randn(8, 1, 6, 6)
 >>> pairs = conv_bn_pairs(m)  # on the float model (quantized layers do not trace)
->>> quantize_(m, {"fold_bn": False, "reduce_range": False}, calibration=[x])["folded_bn"]
+>>> quantize_(m, x, {"fold_bn": False, "reduce_range": False}, calibration=[x]).folded_bn
 []
 >>> attach_bn_(m, pairs)
 ['0']
@@ -33,12 +33,19 @@ such layer into that plain :class:`~slimkit.quantize.fake.QuantConv2d`, keeping 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from slimkit.manifest import register_module_spec
-from slimkit.quantize.fake import QuantConv2d, _conv_spec
+from slimkit.quantize.fake import QuantConv2d, conv_spec, quant_layers
 from slimkit.quantize.fold import conv_bn_pairs
+from slimkit.quantize.uniform import QuantConfig, QuantReport, quantize_
+from slimkit.reports import ModelSize
 from slimkit.selection import replace_module
 
 
@@ -57,7 +64,7 @@ class QuantConvBn2d(QuantConv2d):
 
     @classmethod
     def from_quant(cls, conv: QuantConv2d, bn: nn.BatchNorm2d) -> QuantConvBn2d:
-        new = cls(**_conv_spec(conv), **conv.quant_args(), bn_eps=bn.eps, bn_momentum=bn.momentum,
+        new = cls(**conv_spec(conv), **conv.quant_args(), bn_eps=bn.eps, bn_momentum=bn.momentum,
                   bn_affine=bn.affine)
         new.load_state_dict(conv.state_dict(), strict=False)
         new.bn.load_state_dict(bn.state_dict())
@@ -85,7 +92,7 @@ class QuantConvBn2d(QuantConv2d):
     @torch.no_grad()
     def folded(self) -> QuantConv2d:
         """The plain QuantConv2d this layer equals in eval mode (folded weight and bias, same grids)."""
-        spec = {**_conv_spec(self), "bias": True}
+        spec = {**conv_spec(self), "bias": True}
         conv = QuantConv2d(**spec, **self.quant_args())
         factor = self.bn_factor()
         bias = self.bias if self.bias is not None else torch.zeros_like(factor)
@@ -98,7 +105,7 @@ class QuantConvBn2d(QuantConv2d):
         return conv.train(self.training)
 
 
-register_module_spec(QuantConvBn2d, lambda m: {**_conv_spec(m), **m.quant_args(), "bn_eps": m.bn.eps,
+register_module_spec(QuantConvBn2d, lambda m: {**conv_spec(m), **m.quant_args(), "bn_eps": m.bn.eps,
                                                "bn_momentum": m.bn.momentum, "bn_affine": m.bn.affine})
 
 
@@ -135,26 +142,44 @@ def fold_qat_bn_(model: nn.Module) -> list[str]:
     return names
 
 
-def prepare_qat_(model: nn.Module, config, calibration, keep_bn: bool = True,
-                 train_observer: str = "minmax") -> dict:
+class QATConfig(QuantConfig):
+    """QuantConfig plus how QAT starts: ``keep_bn`` trains every conv-BN pair as a
+    :class:`QuantConvBn2d` (else BN is folded first, as PTQ does); ``train_observer`` re-derives
+    the weight grids at every training step."""
+
+    keep_bn: bool = True
+    train_observer: Literal["minmax", "mse"] = Field("minmax", description="weight grid observer while training")
+
+
+@dataclass(kw_only=True)
+class QATReport(QuantReport):
+    """:class:`~slimkit.quantize.uniform.QuantReport` plus ``bn_in_qat``: the convolutions carrying their BN."""
+
+    verb: str = "prepare_qat_"
+    bn_in_qat: list[str] = field(default_factory=list)
+
+
+def prepare_qat_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                 config: QATConfig | QuantConfig | dict | None = None, *, calibration=None) -> QATReport:
     """The PTQ starting point of QAT, in place: :func:`~slimkit.quantize.uniform.quantize_` with
-    every conv-BN pair kept as a QuantConvBn2d (``keep_bn``; else BN folded first, as PTQ does).
+    every conv-BN pair kept as a QuantConvBn2d (``config.keep_bn``; else BN folded first, as PTQ does).
 
-    ``train_observer`` re-derives the weight grids at every training step. Returns quantize_'s
-    report plus ``bn_in_qat`` (the convolutions carrying their BN).
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts; ``calibration``: as for
+    quantize_. A plain QuantConfig gets QATConfig's defaults for ``keep_bn`` / ``train_observer``.
     """
-    from slimkit.quantize.fake import quant_layers
-    from slimkit.quantize.uniform import QuantConfig, quantize_
-
-    config = QuantConfig.coerce(config, where="qat")
-    pairs = conv_bn_pairs(model) if keep_bn else []
-    if keep_bn:
-        config = config.model_copy(update={"fold_bn": False})
-    report = quantize_(model, config, calibration=calibration)
-    report["bn_in_qat"] = attach_bn_(model, pairs, config.weight_observer)
+    if isinstance(config, QuantConfig) and not isinstance(config, QATConfig):
+        config = config.model_dump(include=set(QuantConfig.model_fields))
+    config = QATConfig.coerce(config, where="qat")
+    before = ModelSize.of(model, example_inputs)
+    pairs = conv_bn_pairs(model) if config.keep_bn else []
+    quant = config.model_copy(update={"fold_bn": False}) if config.keep_bn else config
+    ptq = quantize_(model, example_inputs, quant, calibration=calibration)
+    bn_in_qat = attach_bn_(model, pairs, config.weight_observer)
     for layer in quant_layers(model).values():
-        layer.train_observer = train_observer
-    return report
+        layer.train_observer = config.train_observer
+    fields = {f.name: getattr(ptq, f.name) for f in dataclasses.fields(QuantReport) if f.name != "verb"}
+    fields.update(before=before, after=ModelSize.of(model, example_inputs))
+    return QATReport(**fields, bn_in_qat=bn_in_qat)
 
 
 def late_freezer(act_after: float = 0.5, bn_after: float = 0.5):

@@ -13,7 +13,7 @@ rank layers the same way, with Hessian traces or RL instead of a direct measurem
 candidate; while the stored size exceeds the budget, the layer whose next narrower width
 adds the least KL per byte saved is lowered (ties: accuracy drop per byte, then relative
 weight noise per byte). Sizes are the real stored bytes
-(:func:`slimkit.quantize.uniform.layer_stored_bytes`: packed codes + scales + biases), so a
+(:func:`slimkit.quantize.fake.layer_stored_bytes`: packed codes + scales + biases), so a
 3-bit choice is never offered (it packs into 4 bits and would cost the same).
 
 >>> import torch
@@ -155,7 +155,7 @@ class BitPlan:
 
 def _layer_bytes(module: nn.Module, bits: int, per_channel: bool, symmetric: bool, act_bits: int | None,
                  scale_bytes: int = 2) -> int:
-    """Stored bytes of one layer at ``bits`` (same formula as ``uniform.layer_stored_bytes``)."""
+    """Stored bytes of one layer at ``bits`` (same formula as ``fake.layer_stored_bytes``)."""
     scales = module.weight.shape[0] if per_channel else 1
     size = packed_nbytes(module.weight.numel(), bits) + scale_bytes * scales + (0 if symmetric else scales)
     if getattr(module, "bias", None) is not None:

@@ -19,13 +19,17 @@ weights from them, so assignments and zeros never change.
 >>> import torch
 >>> from torch import nn
 >>> layer = nn.Sequential(nn.Linear(16, 8))
->>> report = share_weights_(layer, {"linear_bits": 2})
->>> int(layer[0].weight.unique().numel()) <= 4, report["layers"]["0"]["bits"]
-(True, 2)
+>>> report = share_weights_(layer, torch.zeros(1, 16), {"linear_bits": 2})
+>>> int(layer[0].weight.unique().numel()) <= 4, report.layers["0"]["bits"], report.changed
+(True, 2, ['0'])
+>>> dense_shared_bytes(layer)  # 128 2-bit indices + 4 fp32 centroids + 8 fp32 biases
+80
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -34,7 +38,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimkit.config import Config
+from slimkit.measure.storage import stored_bytes
 from slimkit.prune.masks import PRUNABLE
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import matches, select_modules
 from slimkit.train import StepInfo, TrainHooks
 
@@ -114,15 +120,60 @@ def shared_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m._buffers.get(CODEBOOK), torch.Tensor)}
 
 
-def share_weights_(model: nn.Module, config: ShareConfig | dict[str, Any]) -> dict[str, Any]:
-    """Weight-share the selected Conv/Linear layers of ``model`` in place; returns a per-layer report."""
+@dataclass(kw_only=True)
+class ShareReport(Report):
+    """What :func:`share_weights_` did: ``layers`` name -> ``{"weights", "nonzeros", "bits", "clusters",
+    "clusters_used", "inertia"}`` (names also in ``changed``) and the k-means ``init``.
+
+    ``before`` / ``after`` count the simulation as it is held (fp32 weights + int16 indices);
+    :func:`dense_shared_bytes` is the size stored as dense b-bit indices."""
+
+    verb: str = "share_weights_"
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    init: str = "linear"
+
+
+def share_weights_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                   config: ShareConfig | dict[str, Any] | None = None) -> ShareReport:
+    """Weight-share the selected Conv/Linear layers of ``model`` in place; returns a :class:`ShareReport`.
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (the report's sizes).
+    """
     config = ShareConfig.coerce(config, where="share")
     modules = select_modules(model, PRUNABLE, config.layers, config.ignore, what="share.layers")
-    layers = {
-        name: share_layer_(module, config.bits_for(name, module), config.init, config.max_iter, config.seed)
-        for name, module in modules.items()
-    }
-    return {"layers": layers, "init": config.init}
+    report = ShareReport(init=config.init, before=ModelSize.of(model, example_inputs))
+    for name, module in modules.items():
+        report.layers[name] = share_layer_(module, config.bits_for(name, module), config.init, config.max_iter,
+                                           config.seed)
+        report.changed.append(name)
+    report.after = ModelSize.of(model, example_inputs)
+    return report
+
+
+def codebook_dense_bytes(model: nn.Module, codebook: str, index: str) -> int:
+    """:func:`~slimkit.measure.storage.stored_bytes` of ``model`` with every layer that carries the
+    ``codebook`` / ``index`` buffers counted as dense ``log2(k)``-bit indices plus its fp32 codebook
+    (``k`` centroids) instead of its fp32 weight and int16 index; masks do not count."""
+    total = stored_bytes(model)
+    for module in model.modules():
+        book, idx = module._buffers.get(codebook), module._buffers.get(index)
+        if not (isinstance(book, torch.Tensor) and isinstance(idx, torch.Tensor)):
+            continue
+        numel = module.weight.numel()
+        bits = int(book.numel()).bit_length() - 1  # k = 2 ** bits centroids
+        total -= 4 * numel + idx.numel() * idx.element_size()
+        total += math.ceil(numel * bits / 8)
+    return total
+
+
+def dense_shared_bytes(model: nn.Module) -> int:
+    """Bytes with every shared weight stored as a dense ``bits``-bit index plus its fp32 codebook.
+
+    The rest counts as :func:`~slimkit.measure.storage.stored_bytes` does; the simulation
+    buffers (index as int16, masks) are not counted. Sparse storage and Huffman coding come in
+    the ``encode`` stage.
+    """
+    return codebook_dense_bytes(model, CODEBOOK, INDEX)
 
 
 def share_centroid_grads(model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Uniform (linear) quantization: ``quantize_(model, config, calibration)`` post-training.
+"""Uniform (linear) quantization: ``quantize_(model, example_inputs, config, calibration=...)`` post-training.
 
 Folds batch norm into the preceding convolutions, replaces the selected ``Conv2d`` and
 ``Linear`` layers by fake-quantized ones (:mod:`slimkit.quantize.fake`), derives each
@@ -12,19 +12,21 @@ into an ONNX QDQ model that ONNX Runtime executes in int8.
 >>> from torch import nn
 >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
 >>> x = torch.randn(16, 1, 8, 8)
->>> report = quantize_(m, {"bits": 8, "overrides": {"4": 4}, "reduce_range": False}, calibration=[x])
->>> report["layers"]["0"]["bits"], report["layers"]["4"]["bits"], report["folded_bn"]
-(8, 4, ['0'])
->>> quantize_(nn.Sequential(nn.Linear(3, 2)), {"reduce_range": True}, [torch.randn(4, 3)])["layers"]["0"]["bits"]
-7
->>> stored_bytes(m) < 4 * sum(p.numel() for p in m.parameters())
+>>> report = quantize_(m, x, {"bits": 8, "overrides": {"4": 4}, "reduce_range": False}, calibration=[x])
+>>> report.layers["0"]["bits"], report.layers["4"]["bits"], report.folded_bn, report.changed
+(8, 4, ['0'], ['0', '4'])
+>>> report.after.bytes < report.before.bytes / 3  # bit-packed codes + float16 scales
 True
+>>> x3 = torch.randn(4, 3)
+>>> quantize_(nn.Sequential(nn.Linear(3, 2)), x3, {"reduce_range": True}, calibration=[x3]).layers["0"]["bits"]
+7
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -32,10 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from slimkit.config import Config
+from slimkit.exceptions import ConfigError
 from slimkit.quantize.fake import QuantConv2d, QuantLinear, QuantMixin, quant_layers
 from slimkit.quantize.fold import fold_bn_
-from slimkit.quantize.observers import is_fp16_exact, make_observer
-from slimkit.quantize.packing import packed_nbytes, storage_bits
+from slimkit.quantize.observers import make_observer
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import matches, replace_module, select_modules
 
 ObserverName = Literal["minmax", "ema", "percentile", "mse"]
@@ -111,8 +114,9 @@ def calibration_batches(source, config: QuantConfig) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor], observer: str = "minmax", **options) -> int:
-    """Run ``batches`` through ``model`` (eval) and set every quantized layer's activation grid."""
+def calibrate_(model: nn.Module, *, calibration: Iterable[torch.Tensor], observer: str = "minmax", **options) -> int:
+    """Run the ``calibration`` batches through ``model`` (eval) and set every quantized layer's
+    activation grid with a fresh ``observer``; returns how many batches ran (ConfigError on none)."""
     layers = quant_layers(model)
     for layer in layers.values():
         layer.calibrating = True
@@ -121,7 +125,7 @@ def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor], observer: str 
     model.eval()
     seen = 0
     try:
-        for inputs in batches:
+        for inputs in calibration:
             model(inputs)
             seen += 1
     finally:
@@ -129,8 +133,6 @@ def calibrate_(model: nn.Module, batches: Iterable[torch.Tensor], observer: str 
     if seen == 0:
         for layer in layers.values():
             layer.calibrating, layer.act_observer = False, None
-        from slimkit.exceptions import ConfigError
-
         raise ConfigError("calibration data gave no batches; pass a non-empty dataset or list of input tensors")
     for layer in layers.values():
         layer.finish_calibration()
@@ -147,23 +149,43 @@ def resolve_reduce_range(config: QuantConfig) -> tuple[bool, str]:
     return saturates, f"reduce_range: auto -> {str(saturates).lower()}: {why}"
 
 
-def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibration=None) -> dict:
-    """Quantize ``model`` in place (simulated integers); returns a report of what changed.
+@dataclass(kw_only=True)
+class QuantReport(Report):
+    """What :func:`quantize_` did. ``layers``: name -> ``{"type", "bits", "act_bits", "per_channel",
+    "symmetric", "act_symmetric", "half_scales"}`` of each quantized layer (its name also in
+    ``changed``); ``folded_bn``: the convolutions a BatchNorm was folded into; ``reduce_range`` and
+    why; ``calibration_batches``: how many batches calibrated the activation grids (0: none)."""
 
-    ``calibration``: a Dataset, DataLoader or iterable of input tensors (needed when
-    ``act_bits`` is set). Layers: Conv2d (any groups) and Linear selected by ``layers`` /
-    ``ignore`` globs. The report lists each layer's bits and grid, the folded BNs and the
-    skipped layers.
+    verb: str = "quantize_"
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    folded_bn: list[str] = field(default_factory=list)
+    reduce_range: bool = False
+    reduce_range_reason: str = ""
+    calibration_batches: int = 0
+
+
+def quantize_(model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
+              config: QuantConfig | dict | None = None, *, calibration=None) -> QuantReport:
+    """Quantize ``model`` in place (simulated integers); returns a :class:`QuantReport`.
+
+    ``example_inputs``: a tensor or a tuple of tensors the model accepts (the report's sizes are
+    measured on it). ``calibration``: a Dataset, DataLoader or iterable of input tensors (needed
+    when ``act_bits`` is set). Layers: Conv2d (any groups) and Linear selected by ``layers`` /
+    ``ignore`` globs; already-quantized layers are skipped. Stored bytes: packed codes + scales
+    (:func:`slimkit.quantize.fake.layer_stored_bytes`).
     """
     config = QuantConfig.coerce(config, where="quantize")
+    if config.act_bits and calibration is None:
+        raise ConfigError("quantize_: act_bits is set but no calibration data was given; pass calibration=dataset "
+                          "or set act_bits: null")
+    before = ModelSize.of(model, example_inputs)
     folded = fold_bn_(model) if config.fold_bn else []
     chosen = select_modules(model, (nn.Conv2d, nn.Linear), config.layers, config.ignore, what="quantize.layers")
     reduce, why = resolve_reduce_range(config)
-    report: dict = {"folded_bn": folded, "layers": {}, "skipped": {}, "reduce_range": reduce,
-                    "reduce_range_reason": why}
+    report = QuantReport(before=before, folded_bn=folded, reduce_range=reduce, reduce_range_reason=why)
     for name, module in chosen.items():
         if isinstance(module, QuantMixin):
-            report["skipped"][name] = "already quantized"
+            report.skipped[name] = "already quantized"
             continue
         bits = bits_for(name, config)
         if reduce and bits == 8 and config.symmetric:
@@ -175,64 +197,11 @@ def quantize_(model: nn.Module, config: QuantConfig | dict | None = None, calibr
         new = cls.from_float(module, **quant)
         new.set_weight_qparams(config.weight_observer, **_observer_options(config.weight_observer, config))
         replace_module(model, name, new)
-        report["layers"][name] = {"type": type(module).__name__, **quant}
+        report.changed.append(name)
+        report.layers[name] = {"type": type(module).__name__, **quant}
     if config.act_bits:
-        if calibration is None:
-            from slimkit.exceptions import ConfigError
-
-            raise ConfigError("quantize_: act_bits is set but no calibration data was given; pass calibration=dataset "
-                              "or set act_bits: null")
-        report["calibration_batches"] = calibrate_(
-            model, calibration_batches(calibration, config), config.observer,
+        report.calibration_batches = calibrate_(
+            model, calibration=calibration_batches(calibration, config), observer=config.observer,
             **_observer_options(config.observer, config))
+    report.after = ModelSize.of(model, example_inputs)
     return report
-
-
-def scale_nbytes(scale: torch.Tensor) -> int:
-    """Stored bytes of a weight grid's scales: 2 each when all are exact float16 values, else 4."""
-    return (2 if is_fp16_exact(scale) else 4) * scale.numel()
-
-
-def layer_stored_bytes(layer: QuantMixin) -> int:
-    """Bytes of one quantized layer as stored: packed codes + scales (float16 when exact, else
-    float32) (+ uint8 zero points when asymmetric) + fp32 bias + the activation grid (scale, zero point)."""
-    size = packed_nbytes(layer.weight.numel(), layer.bits)
-    size += scale_nbytes(layer.w_scale) + (0 if layer.symmetric else layer.w_zero.numel())
-    if layer.bias is not None:
-        size += 4 * layer.bias.numel()
-    if layer.act_bits:
-        size += 5
-    return size
-
-
-def stored_bytes(model: nn.Module) -> int:
-    """Bytes of ``model`` stored with quantized layers bit-packed and every other tensor as is."""
-    layers = quant_layers(model)
-    total = sum(layer_stored_bytes(layer) for layer in layers.values())
-    for key, tensor in model.state_dict().items():
-        owner = key.rpartition(".")[0]
-        if owner in layers:
-            continue
-        total += tensor.numel() * tensor.element_size()
-    return total
-
-
-def packed_layers(model: nn.Module) -> dict[str, dict]:
-    """What a container stores for each quantized layer: bit-packed unsigned codes and grids.
-
-    ``{name: {"bits", "storage_bits", "shape", "codes" (bytes), "scale", "zero_point",
-    "signed"}}``; decode with :func:`slimkit.quantize.packing.unpack_bits` and
-    :func:`~slimkit.quantize.packing.from_unsigned` when ``signed``.
-    """
-    from slimkit.quantize.packing import pack_bits, to_unsigned
-
-    out = {}
-    for name, layer in quant_layers(model).items():
-        q, scale, zero = layer.quantized_weight()
-        width = storage_bits(layer.bits)
-        codes = q.numpy()
-        codes = to_unsigned(codes, width) if layer.symmetric else codes.astype("uint8")
-        out[name] = {"bits": layer.bits, "storage_bits": width, "shape": tuple(q.shape),
-                     "codes": pack_bits(codes, width), "scale": scale, "zero_point": zero,
-                     "signed": layer.symmetric}
-    return out

@@ -91,7 +91,7 @@ class LatencyTable:
             from slimkit.quantize import quantize_
 
             module = nn.Sequential(module)
-            quantize_(module, {"bits": 8, "fold_bn": False}, calibration=[torch.randn(4, *in_shape[1:])])
+            quantize_(module, x, {"bits": 8, "fold_bn": False}, calibration=[torch.randn(4, *in_shape[1:])])
         with num_threads(None), tempfile.TemporaryDirectory() as tmp:  # eager timing sets torch's count: put it back
             fn = engine_callable(module, x, self.engine, tmp, self.threads)
             return realtime_stats(fn, runs=self.runs, warmup=5).p50_ms

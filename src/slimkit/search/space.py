@@ -200,7 +200,7 @@ def apply_stages(model: nn.Module, recipe: Any, example_inputs: torch.Tensor, da
     for index, stage in enumerate(recipe.stages, start=1):
         if stage.kind == "int8":
             quant = stage.config.quant_config()
-            quantize_(model, quant, calibration=list(calibration_batches(data.train, quant)))
+            quantize_(model, example_inputs, quant, calibration=list(calibration_batches(data.train, quant)))
             continue
         ctx = StageContext(example_inputs=example_inputs, data=data, train_config=recipe.train,
                            run_dir=Path(run_dir), baseline=model, stage_index=index)
