@@ -257,14 +257,14 @@ def test_registry_lists_methods():
 
 
 def test_stage(tmp_path):
-    from slimkit.stages import STAGES, StageContext
+    from slimkit.stages import STAGES, StageContext, no_evaluation, no_training
     from slimkit.train import TrainConfig
 
     model, x = _model("lenet5")
     spec = STAGES.get("decompose")
     cfg = spec.config_cls.coerce({"method": "tucker", "rank": "vbmf"}, where="stages[0].decompose")
     ctx = StageContext(example_inputs=x[:1], data=None, train_config=TrainConfig(), run_dir=tmp_path,
-                       baseline=model)
+                       baseline=model, finetune=no_training, evaluate=no_evaluation)
     out = spec.apply(model, cfg, ctx)
     assert out.phase == "materialized" and out.details["layers"]
     json.dumps(out.details)

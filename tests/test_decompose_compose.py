@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from slimkit.distill.spec import DISTILL_METHODS
 from slimkit.manifest import load_model
-from slimkit.stages import DISTILL_METHODS
 
 
 def _shrunk_recipe(model: str, image_size: int):

@@ -12,13 +12,15 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from slimkit.distill import ATLoss, FeatureTap, HintLoss, HintRegressor, KDLoss, RKDLoss, attention_map
-from slimkit.distill.methods import build_hooks, resolve_teacher
+from slimkit.distill.methods import build_hooks, prepare_distillation, resolve_teacher
+from slimkit.distill.spec import DISTILL_METHODS, DistillSpec
 from slimkit.distill.takd import build_student, count_params, size_assistants, takd_chain
 from slimkit.exceptions import ConfigError, UnknownNameError
+from slimkit.finetune import training_context
 from slimkit.manifest import load_model, save_model
 from slimkit.models import create_model
 from slimkit.models.plain import parse_plain_name, plain_cnn
-from slimkit.stages import DISTILL_METHODS, STAGES, DistillSpec, StageContext
+from slimkit.stages import STAGES, StageContext
 from slimkit.train import TrainConfig, fit
 
 # ------------------------------------------------------------------------------ helpers
@@ -40,12 +42,9 @@ class Bundle:
 
 
 def make_ctx(tmp_path: Path, baseline: nn.Module | None = None, epochs: int = 1) -> StageContext:
-    from slimkit.train import evaluate
-
-    data = Bundle()
-    return StageContext(example_inputs=torch.zeros(1, 1, 28, 28), data=data,
-                        train_config=TrainConfig(epochs=epochs, lr=0.05, batch_size=16), run_dir=tmp_path,
-                        baseline=baseline, evaluate=lambda m: evaluate(m, data.test))
+    """A real context: its finetune trains on the bundle, its evaluate scores the test split."""
+    return training_context(Bundle(), TrainConfig(epochs=epochs, lr=0.05, batch_size=16), baseline=baseline,
+                            run_dir=tmp_path)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -210,12 +209,33 @@ def test_hint_two_stage_pretrains_then_returns_kd(tmp_path):
     ctx = make_ctx(tmp_path, baseline=teacher)
     student = plain_cnn("plaincnn-2-4", num_classes=3, in_channels=1)
     before = snapshot(student)
-    hooks = build_hooks({"method": "hint", "options": {"pairs": TEACHER_PAIRS["hint"], "two_stage": True,
-                                                       "hint_epochs": 1}}, student, ctx=ctx)
+    spec = {"method": "hint", "options": {"pairs": TEACHER_PAIRS["hint"], "two_stage": True, "hint_epochs": 1}}
+    with pytest.raises(ConfigError, match="prepare_distillation"):
+        build_hooks(spec, student, ctx=ctx)  # builds only: it does not silently skip stage 1
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    # the method's hook builder never trains, two-stage or not
+    DISTILL_METHODS.get("hint")(DistillSpec.coerce(spec), student, teacher, ctx)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    hooks = prepare_distillation(spec, student, ctx=ctx)
     after = student.state_dict()
     assert not torch.equal(before["features.block1.0.weight"], after["features.block1.0.weight"])
     assert torch.equal(before["classifier.weight"], after["classifier.weight"])  # past the guided layer: no gradient
     assert hooks.modules == () and hooks.loss is not None
+
+
+def test_two_stage_pretraining_trains_through_the_context(tmp_path):
+    """A context that must not train (a dry run's) pre-trains nothing: stage 1 goes through ctx.finetune."""
+    import dataclasses
+
+    from slimkit.stages import no_training
+
+    teacher = create_model("plaincnn-4", num_classes=3, in_channels=1)
+    ctx = dataclasses.replace(make_ctx(tmp_path, baseline=teacher), finetune=no_training)
+    student = plain_cnn("plaincnn-2-4", num_classes=3, in_channels=1)
+    before = snapshot(student)
+    spec = {"method": "hint", "options": {"pairs": TEACHER_PAIRS["hint"], "two_stage": True, "hint_epochs": 1}}
+    prepare_distillation(spec, student, ctx=ctx)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
 def test_teacher_logit_cache_reuses_logits(tmp_path):

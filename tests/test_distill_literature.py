@@ -12,10 +12,12 @@ from torch.utils.data import TensorDataset
 
 from slimkit.distill.crd import CRDLoss, SlotTable, nce_loss
 from slimkit.distill.fsp import FSPLoss, fsp_matrix, parse_sections
-from slimkit.distill.methods import build_hooks
+from slimkit.distill.methods import build_hooks, prepare_distillation
+from slimkit.distill.spec import DISTILL_METHODS
 from slimkit.exceptions import ConfigError
+from slimkit.finetune import training_context
 from slimkit.models.plain import plain_cnn
-from slimkit.stages import DISTILL_METHODS, StageContext
+from slimkit.stages import StageContext
 from slimkit.train import TrainConfig, fit
 
 
@@ -33,9 +35,8 @@ class Bundle:
 
 
 def make_ctx(tmp_path, baseline=None) -> StageContext:
-    return StageContext(example_inputs=torch.zeros(1, 1, 28, 28), data=Bundle(),
-                        train_config=TrainConfig(epochs=1, lr=0.05, batch_size=16), run_dir=tmp_path,
-                        baseline=baseline)
+    return training_context(Bundle(), TrainConfig(epochs=1, lr=0.05, batch_size=16), baseline=baseline,
+                            run_dir=tmp_path)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -109,7 +110,7 @@ def test_method_trains_student_and_leaves_teacher_untouched(tmp_path, method, op
     student = plain_cnn("plaincnn-16-32", num_classes=3, in_channels=1)
     ctx = make_ctx(tmp_path, baseline=teacher)
     before_t, before_s = snapshot(teacher), snapshot(student)
-    hooks = build_hooks({"method": method, "options": options}, student, ctx=ctx)
+    hooks = prepare_distillation({"method": method, "options": options}, student, ctx=ctx)
     fit(student, ctx.data.train, ctx.train_config, hooks, progress=False)
     after_t = snapshot(teacher)
     assert all(torch.equal(v, after_t[k]) for k, v in before_t.items())

@@ -19,7 +19,7 @@ from slimkit.prune import StructuredConfig, apply_structured_, plan_structured, 
 from slimkit.prune.criteria import CRITERIA, ScoreContext, filter_sparsity
 from slimkit.prune.graph import ChannelGraph, Unit, build_graph
 from slimkit.prune.sparse_training import BNL1Penalty, GroupLassoPenalty
-from slimkit.stages import STAGES, StageContext
+from slimkit.stages import STAGES, StageContext, no_evaluation, no_training
 from slimkit.train import TrainConfig
 
 
@@ -188,7 +188,7 @@ def test_save_load_and_onnx(tmp_path: Path, name):
 def test_stages_structured_and_sparse_train(tmp_path: Path):
     net = small_net()
     ctx = StageContext(example_inputs=X[:1], data=None, train_config=TrainConfig(epochs=1), run_dir=tmp_path,
-                       baseline=copy.deepcopy(net), finetune=lambda m, hooks=None, epochs=None: m)
+                       baseline=copy.deepcopy(net), finetune=no_training, evaluate=no_evaluation)
     spec = STAGES.get("structured")
     out = spec.apply(net, spec.config_cls.coerce({"ratio": 0.5, "rounds": 2}, where="stages[0].structured"), ctx)
     assert out.phase == "materialized" and out.model[0].out_channels in (8, 9)  # per-round floors

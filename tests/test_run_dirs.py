@@ -194,6 +194,31 @@ def test_dry_run_of_a_fitting_recipe_checks_every_stage(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_dry_run_trains_nothing_even_where_a_stage_trains_a_student(tmp_path, capsys):
+    """kd / takd stages and a two-stage hint fine-tune train through ctx.finetune: a dry run's trains nothing."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from slimkit.dryrun import dry_run
+
+    pairs = [["features.block1", "conv1"]]
+    recipe = parse_recipe({"name": "dry-distill", "model": "lenet5", "stages": [
+        {"name": "student", "distill": {"student": "plaincnn-4-8", "epochs": 3}},
+        {"name": "takd", "takd": {"student": "plaincnn-2-4", "assistants": ["plaincnn-3-6"], "epochs": 3}},
+        {"name": "hints", "train": {}, "finetune": {"epochs": 2, "distill": {
+            "method": "hint", "teacher": "baseline", "options": {"pairs": pairs, "two_stage": True}}}},
+    ]})
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
+    try:
+        dry_run(recipe, log=print)
+    finally:
+        handle.remove()
+    said = capsys.readouterr().out
+    assert "[1] student: distill fits" in said and "[3] hints: train fits" in said
+    assert steps == [], f"the dry run took {len(steps)} optimizer steps"
+
+
 def test_progress_in_a_log_is_one_line_per_ten_seconds(capsys):
     from slimkit.data import load_data
     from slimkit.models import create_model

@@ -49,6 +49,48 @@ def test_hooks_run_in_their_places():
     assert calls["after"][0] == (1, 8, 0) and calls["after"][-1] == (8, 8, 1)
 
 
+def test_merged_hooks_run_once_each():
+    """A hook in both sets (the runner's masks, returned again by a stage) runs once per step, at its first place."""
+    calls = []
+
+    def grad_a(model):
+        calls.append("a")
+
+    def grad_b(model):
+        calls.append("b")
+
+    def penalty(model):
+        calls.append("p")
+        return torch.zeros(())
+
+    kept = TrainHooks(grad_hooks=(grad_a,), penalties=(penalty,))
+    stage = TrainHooks(grad_hooks=(grad_a, grad_b), penalties=(penalty,))
+    merged = kept.merge(stage).merge(stage).merge(None)
+    assert merged.grad_hooks == (grad_a, grad_b) and merged.penalties == (penalty,)
+    fit(_toy_model(), _toy_data(16), {"epochs": 1, "batch_size": 16}, merged, progress=False)
+    assert calls == ["p", "a", "b"]  # one step: the penalty once, then each gradient hook once, in order
+    loss = lambda out, y, x: out.sum()  # noqa: E731
+    assert TrainHooks(loss=loss).merge(TrainHooks()).loss is loss  # the other set's loss wins only when it has one
+
+
+def test_trainer_takes_a_config_for_one_call():
+    """ctx.finetune's ``config=``: a stage with its own rates (DSD) trains through it instead of calling fit."""
+    from slimkit.finetune import trainer
+
+    data = _toy_data(64)
+    finetune = trainer(data, TrainConfig(epochs=0))
+    model = _toy_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    finetune(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "epochs=0: nothing trains"
+    seen = []
+    hooks = TrainHooks(after_step=(lambda m, info: seen.append(info.total_steps),))
+    finetune(model, hooks, config=TrainConfig(epochs=2, batch_size=32, lr=0.1))
+    assert seen == [4, 4, 4, 4]
+    finetune(model, hooks, epochs=1, config=TrainConfig(epochs=2, batch_size=32))
+    assert seen[4:] == [2, 2], "epochs overrides the call's config"
+
+
 def test_replacement_loss_is_used():
     seen = []
 

@@ -16,6 +16,7 @@ nothing and are not reported. Nothing is written to the run directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -83,10 +84,8 @@ def dry_run(recipe: Recipe, log: Log = print) -> None:
     """Check every stage of ``recipe`` against its model without training; ConfigError at the first misfit."""
     from slimkit.data import load_data
     from slimkit.measure import profile
-    from slimkit.pipeline import RunPaths, _context, _distill_hooks
+    from slimkit.pipeline import RunPaths
     from slimkit.prune.masks import mask_hooks
-    from slimkit.stages import STAGES
-    from slimkit.train import evaluate
 
     data = load_data(recipe.data, data_dir=recipe.data_dir, download=recipe.download, seed=recipe.train.seed,
                      image_size=recipe.image_size, augment=recipe.augment)
@@ -97,13 +96,14 @@ def dry_run(recipe: Recipe, log: Log = print) -> None:
         f"{data.num_classes} classes: {prof.params:,} params, {prof.macs:,} MACs; {_trace_note(model, example_inputs)}")
     baseline = copy.deepcopy(model)
     few = Subset(data.test, range(min(256, len(data.test))))
-    kept = mask_hooks()
+    kept, phase = mask_hooks(), "materialized"
     with tempfile.TemporaryDirectory(prefix="slimkit-dry-run-") as tmp:
         paths = RunPaths(Path(tmp))
         for index, stage in enumerate(recipe.stages, start=1):
             try:
-                model, kept, prof = _check_stage(recipe, stage, index, model, kept, data, example_inputs, paths,
-                                                 baseline, few, _context, _distill_hooks, STAGES, evaluate, profile)
+                model, kept, phase = _check_stage(recipe, stage, index, model, kept, phase, data, example_inputs,
+                                                  paths, baseline, few)
+                prof = profile(model, example_inputs, latency=False)
             except SlimkitError as err:
                 raise ConfigError(f"--dry-run: stages[{index - 1}] ({stage.name}: {stage.kind}) does not fit "
                                   f"{recipe.model}: {err}") from None
@@ -111,20 +111,26 @@ def dry_run(recipe: Recipe, log: Log = print) -> None:
                 f"{prof.macs:,} MACs" + (", fine-tune built" if stage.finetune else ""))
 
 
-def _check_stage(recipe, stage: Stage, index, model, kept, data, example_inputs, paths, baseline, few,
-                 make_context, distill_hooks, stages, evaluate, profile):
-    ctx = make_context(recipe, data, example_inputs, paths, baseline, index, stage, False, False, kept)
-    ctx.finetune = lambda m, hooks=None, epochs=None: m  # no training in a dry run
-    ctx.evaluate = lambda m: evaluate(m, few)
-    output = stages.get(stage.kind).apply(model, stage.config, ctx)
+def _check_stage(recipe: Recipe, stage: Stage, index: int, model: nn.Module, kept, phase: str, data,
+                 example_inputs: torch.Tensor, paths, baseline: nn.Module, few) -> tuple[nn.Module, object, str]:
+    """Apply one stage as the run would, training nothing; (model, kept hooks, phase) after it."""
+    from slimkit.finetune import distill_hooks
+    from slimkit.pipeline import stage_context
+    from slimkit.stages import STAGES, no_training
+    from slimkit.train import evaluate
+
+    ctx = stage_context(recipe, data, example_inputs, paths, baseline, index, stage, progress=False, resume=False,
+                        kept=kept, phase=phase)
+    ctx = dataclasses.replace(ctx, finetune=no_training, evaluate=lambda m: evaluate(m, few))
+    output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
     model = output.model
-    if output.persistent_hooks and output.hooks is not None:
+    if output.persistent_hooks:
         kept = kept.merge(output.hooks)
     if stage.finetune is not None:
-        hooks = kept if output.persistent_hooks else kept.merge(output.hooks)
-        hooks = hooks.merge(distill_hooks(stage, model, ctx))
+        hooks = kept.merge(output.hooks).merge(distill_hooks(stage.finetune, model, ctx))
         _one_loss(model, hooks, data)
     if output.finalize is not None:
-        model = output.finalize(model).model
+        output = output.finalize(model)
+        model = output.model
     model.eval()
-    return model, kept, profile(model, example_inputs, latency=False)
+    return model, kept, output.phase

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from slimkit import distributed as dist
+from slimkit.finetune import distill_hooks, trainer
 from slimkit.manifest import check_data_fits, data_spec, load_model, save_model, set_data_spec
 from slimkit.prune.masks import mask_hooks
 from slimkit.recipe import Recipe, Stage
-from slimkit.stages import DISTILL_METHODS, STAGES, StageContext, StageOutput
+from slimkit.stages import STAGES, Phase, StageContext, StageOutput
 from slimkit.train import TrainConfig, TrainHooks, evaluate, fit, seed_everything
 
 Log = Callable[[str], None]
@@ -41,6 +42,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class RunPaths:
+    """Where a run keeps its files under ``root`` (see the module docstring)."""
+
     root: Path
 
     @property
@@ -99,14 +102,6 @@ def _bytes_counted(output: StageOutput | None) -> str:
     if output is None or output.stored_bytes is None:
         return "fp32 state dict (masks excluded)"
     return str(output.details.get("bytes_counted", "stored artifact"))
-
-
-def _distill_hooks(stage: Stage, student: nn.Module, ctx: StageContext) -> TrainHooks | None:
-    spec = stage.finetune.distill if stage.finetune else None
-    if spec is None:
-        return None
-    teacher = ctx.baseline if spec.teacher == "baseline" else load_model(spec.teacher)
-    return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -208,29 +203,32 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite:
     report["stages"].append(baseline_row)
     _publish(paths, report, write_report)
 
-    # Hooks every fine-tune uses: masks always, plus what earlier stages asked to keep
-    # (``persistent_hooks``: e.g. centroid sharing stays in force in a later distillation).
+    # The runner owns the hooks every fine-tune uses: masks always, plus what earlier stages
+    # asked to keep (``persistent_hooks``: e.g. centroid sharing stays in force in a later
+    # distillation). TrainHooks.merge keeps each hook once, so a stage returning the masks
+    # again (prune, then share) does not make them run twice per step.
     kept = mask_hooks()
+    phase: Phase = "materialized"  # of the model the next stage receives
     for index, stage in enumerate(recipe.stages, start=1):
         stage_path = paths.stage_model(index, stage.name)
         if resume and stage_path.is_file() and len(previous) > index:
             model = load_model(stage_path)
             report["stages"].append(previous[index])
+            phase = previous[index].get("phase", phase)
             restore = STAGES.get(stage.kind).resume_hooks
             restored = restore(model) if restore is not None else None
-            if restored is not None:
-                kept = kept.merge(restored)
+            kept = kept.merge(restored)
             say(f"[{index}] {stage.name}: done in an earlier run, loaded")
             continue
         say(f"[{index}] {stage.name}: {stage.kind}")
-        ctx = _context(recipe, data, example_inputs, paths, baseline, index, stage, progress, resume, kept, device)
+        ctx = stage_context(recipe, data, example_inputs, paths, baseline, index, stage, progress=progress,
+                            resume=resume, kept=kept, device=device, phase=phase)
         output = STAGES.get(stage.kind).apply(model, stage.config, ctx)
         model = output.model
-        if output.persistent_hooks and output.hooks is not None:
+        if output.persistent_hooks:
             kept = kept.merge(output.hooks)
         if stage.finetune is not None and (stage.finetune.epochs or recipe.train.epochs):
-            hooks = kept if output.persistent_hooks else kept.merge(output.hooks)
-            hooks = hooks.merge(_distill_hooks(stage, model, ctx))
+            hooks = kept.merge(output.hooks).merge(distill_hooks(stage.finetune, model, ctx))
             fit(model, data.train, stage.finetune.train_config(recipe.train), hooks,
                 checkpoint=paths.checkpoint(f"stage-{index:02d}"), resume=resume, progress=progress,
                 desc=f"{stage.name} fine-tune", device=device)
@@ -243,6 +241,7 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite:
         accuracy = output.accuracy if output.accuracy is not None else evaluate(model, data.test)
         prof = _measure(model, example_inputs, recipe.latency_runs, recipe.latency_threads)
         report["stages"].append(_row(stage.name, stage.kind, accuracy, prof, output, baseline_prof.bytes))
+        phase = output.phase
         if dist.is_main():
             save_model(model, stage_path)
         _publish(paths, report, write_report)
@@ -260,25 +259,23 @@ def _run_recipe(recipe: Recipe, out_dir: str | Path, *, resume: bool, overwrite:
     return report
 
 
-def _context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: RunPaths, baseline: nn.Module,
-             index: int, stage: Stage, progress: bool, resume: bool, kept: TrainHooks,
-             device: torch.device | None = None) -> StageContext:
+def stage_context(recipe: Recipe, data: Any, example_inputs: torch.Tensor, paths: RunPaths, baseline: nn.Module,
+                  index: int, stage: Stage, *, progress: bool, resume: bool, kept: TrainHooks,
+                  device: torch.device | None = None, phase: Phase = "materialized") -> StageContext:
+    """The context of stage ``index`` in a run: its training config, a real fine-tune and evaluation.
+
+    ``ctx.finetune`` trains on ``data.train`` with the stage's config (``finetune:`` over
+    the recipe's ``train``), ``kept`` hooks in force, checkpointing each call under
+    ``checkpoints/stage-NN-round-MM.pt``; ``ctx.evaluate`` is top-1 on ``data.test``.
+    ``phase`` is the phase of the model the stage receives.
+    """
     base_cfg: TrainConfig = stage.finetune.train_config(recipe.train) if stage.finetune else recipe.train
-    rounds = {"n": 0}
-
-    def finetune(model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None) -> nn.Module:
-        """Train inside a stage (e.g. between pruning rounds); masks and kept hooks stay in force."""
-        rounds["n"] += 1
-        cfg = base_cfg if epochs is None else base_cfg.model_copy(update={"epochs": epochs})
-        all_hooks = kept.merge(hooks)
-        label = f"stage-{index:02d}-round-{rounds['n']:02d}"
-        fit(model, data.train, cfg, all_hooks, checkpoint=paths.checkpoint(label), resume=resume,
-            progress=progress, desc=f"{stage.name} round {rounds['n']}", device=device)
-        return model.cpu()
-
+    stem = paths.checkpoint(f"stage-{index:02d}").with_suffix("")  # call n: stage-NN-round-0n.pt
+    finetune = trainer(data.train, base_cfg, kept, checkpoint_stem=stem, resume=resume, progress=progress,
+                       desc=stage.name, device=device)
     return StageContext(
         example_inputs=example_inputs, data=data, train_config=base_cfg, run_dir=paths.root, baseline=baseline,
-        stage_index=index, finetune=finetune, evaluate=lambda m: evaluate(m, data.test),
+        stage_index=index, finetune=finetune, evaluate=lambda m: evaluate(m, data.test), phase=phase,
     )
 
 

@@ -30,8 +30,9 @@ from pydantic import Field
 
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnknownNameError
+from slimkit.finetune import FinetuneConfig
 from slimkit.measure.latency import DEFAULT_LATENCY_THREADS
-from slimkit.stages import STAGES, FinetuneConfig
+from slimkit.stages import STAGES
 from slimkit.train import TrainConfig
 
 DEFAULT_RECIPE = "deep-compression"

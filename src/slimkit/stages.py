@@ -2,9 +2,10 @@
 
 A stage is a function ``(model, config, ctx) -> StageOutput`` registered with its config
 class. It transforms the model (in place or by returning a new one) and says what it did;
-the runner (:mod:`slimkit.recipe`) then fine-tunes the result if the recipe asks, with the
+the runner (:mod:`slimkit.pipeline`) then fine-tunes the result if the recipe asks, with the
 hooks the stage returned (masks, shared-weight gradients) and optional distillation, and
-measures it. Adding a technique = one module that calls :func:`register_stage`, listed
+measures it. Every output states its ``phase``; the context always has ``finetune`` and
+``evaluate``. Adding a technique = one module that calls :func:`register_stage`, listed
 once in :data:`STAGE_MODULES`.
 
 >>> from slimkit.stages import STAGES
@@ -17,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from slimkit.config import Config
+from slimkit.exceptions import ConfigError
 from slimkit.registry import Registry
 from slimkit.train import TrainConfig, TrainHooks
 
@@ -75,42 +76,93 @@ def register_stage(name: str, config_cls: type[Config],
     return add
 
 
-@dataclass
+#: Simulated: masks, fake quantization, codebooks held by hooks (the stored size is a claim
+#: the ``encode`` stage makes real); materialized: what is stored is what runs (channels
+#: removed, low-rank layers, packed weights, a new architecture, a dense model).
+Phase = Literal["simulated", "materialized"]
+
+
+class Finetune(Protocol):
+    """``ctx.finetune``: train ``model`` inside a stage (e.g. between pruning rounds); returns it.
+
+    The runner's masks and the hooks earlier stages kept stay in force, ``hooks`` are added
+    (each hook runs once, :meth:`TrainHooks.merge`). The stage's training config is used,
+    or ``config`` instead (a stage with its own rates: DSD's sparse and dense phases), with
+    ``epochs`` overriding either.
+    """
+
+    def __call__(self, model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None, *,
+                 config: TrainConfig | None = None) -> nn.Module: ...
+
+
+#: ``ctx.evaluate(model)``: top-1 accuracy in percent on the test split; None only from
+#: :func:`no_evaluation` (a context without test data).
+Evaluate = Callable[[nn.Module], float | None]
+
+
+def no_training(model: nn.Module, hooks: TrainHooks | None = None, epochs: int | None = None, *,
+                config: TrainConfig | None = None) -> nn.Module:
+    """A :class:`Finetune` that trains nothing, for contexts that must not train (dry run, structural search)."""
+    return model
+
+
+def no_evaluation(model: nn.Module) -> None:
+    """An :data:`Evaluate` for a context without test data: every accuracy it gives is None (not reported)."""
+    return None
+
+
+@dataclass(kw_only=True)
 class StageContext:
-    """What a stage may use besides the model and its config."""
+    """What a stage may use besides the model and its config.
+
+    ``finetune`` and ``evaluate`` are always there: the runner trains and evaluates for
+    real; a context that must not (the dry run, a unit test without data) says so with
+    :func:`no_training` / :func:`no_evaluation`. ``phase`` is the phase of the model the
+    stage receives (a dense baseline is ``materialized``): a stage that leaves the model
+    as it is (``train``) reports it. ``run_dir`` is None outside a run (a TAKD chain
+    called from Python); :attr:`stage_dir` then refuses.
+    """
 
     example_inputs: torch.Tensor
     data: Any
     train_config: TrainConfig
-    run_dir: Path
-    baseline: nn.Module
+    run_dir: Path | None
+    baseline: nn.Module | None
+    finetune: Finetune = field(repr=False)
+    evaluate: Evaluate = field(repr=False)
     stage_index: int = 0
-    finetune: Callable[..., nn.Module] = field(repr=False, default=None)
-    evaluate: Callable[[nn.Module], float] = field(repr=False, default=None)
+    phase: Phase = "materialized"
 
     @property
     def stage_dir(self) -> Path:
         """A directory for this stage's files inside the run directory."""
+        if self.run_dir is None:
+            raise ConfigError(f"stage {self.stage_index} writes files but its context has no run_dir; "
+                              "give StageContext(run_dir=...) a directory")
         path = self.run_dir / "stages" / f"{self.stage_index:02d}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageOutput:
     """What a stage returns.
 
-    ``model``: the transformed model (possibly a new object). ``details``: JSON-friendly
-    figures for the report (per-layer tables go here). ``hooks``: used by this stage's
-    fine-tune; with ``persistent_hooks`` the runner also keeps them in every later fine-tune
-    (centroid sharing stays in force when a later stage distills).
+    ``model``: the transformed model (possibly a new object). ``phase`` (required): whether
+    the model is now ``simulated`` (masks, fake-quant) or ``materialized`` (channels removed,
+    weights packed); a stage that leaves the model as it is returns ``ctx.phase``.
+    ``details``: JSON-friendly figures for the report (per-layer tables go here). ``hooks``:
+    used by this stage's fine-tune; with ``persistent_hooks`` the runner also keeps them in
+    every later fine-tune (centroid sharing stays in force when a later stage distills).
+    The runner owns the kept set and merges each hook once (:meth:`TrainHooks.merge`), so a
+    stage may return hooks the runner already keeps (the masks) without doubling them.
     ``stored_bytes``: real size of the stored artifact when it is not the fp32 state dict
     (e.g. the ``.slim`` container). ``accuracy``: when the deployed model is evaluated by
-    another engine (ONNX Runtime int8). ``phase``: ``simulated`` (masks, fake-quant) or
-    ``materialized`` (channels removed, weights packed).
+    another engine (ONNX Runtime int8).
     """
 
     model: nn.Module
+    phase: Phase
     details: dict[str, Any] = field(default_factory=dict)
     hooks: TrainHooks | None = None
     persistent_hooks: bool = False
@@ -118,47 +170,7 @@ class StageOutput:
     accuracy: float | None = None
     engine: str | None = None
     latency_ms: float | None = None
-    phase: Literal["simulated", "materialized"] = "materialized"
     artifacts: dict[str, str] = field(default_factory=dict)
     #: Run after the stage's fine-tune, on the fine-tuned model; its StageOutput replaces
     #: this one (e.g. export and evaluate the integer model once QAT has trained it).
     finalize: Callable[[nn.Module], StageOutput] | None = field(default=None, repr=False)
-
-
-class DistillSpec(Config):
-    """``distill:`` inside a fine-tune: which loss, how strong, and which teacher.
-
-    ``teacher: baseline`` is the model as it was before compression; any other value is a
-    path to a model saved by slimkit. ``options`` go to the method (feature pairs, ...).
-    """
-
-    method: str = "kd"
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term")
-    temperature: float = Field(4.0, gt=0)
-    teacher: str = "baseline"
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-#: method name -> build(spec, student, teacher, ctx) -> TrainHooks
-DISTILL_METHODS: Registry[Callable[..., TrainHooks]] = Registry(
-    "distillation method", lazy_modules=("slimkit.distill.methods", "slimkit.distill.fsp", "slimkit.distill.crd")
-)
-
-
-class FinetuneConfig(Config):
-    """A stage's fine-tune: any training field overrides the recipe's ``train`` section."""
-
-    epochs: int | None = Field(None, ge=0)
-    optimizer: Literal["sgd", "adam", "adamw"] | None = None
-    lr: float | None = Field(None, gt=0)
-    momentum: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
-    schedule: Literal["cosine", "step", "constant"] | None = None
-    label_smoothing: float | None = Field(None, ge=0, lt=1)
-    batch_size: int | None = Field(None, ge=1)
-    distill: DistillSpec | None = None
-
-    def train_config(self, base: TrainConfig) -> TrainConfig:
-        """``base`` with this fine-tune's overrides applied."""
-        overrides = {k: v for k, v in self.model_dump(exclude={"distill"}).items() if v is not None}
-        return base.model_copy(update=overrides)

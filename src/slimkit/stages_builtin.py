@@ -14,5 +14,5 @@ class NoSettings(Config):
 
 @register_stage("train", NoSettings)
 def finetune_stage(model: nn.Module, config: NoSettings, ctx: StageContext) -> StageOutput:
-    """Leave the model unchanged; the stage's ``finetune:`` section trains it."""
-    return StageOutput(model=model, details={})
+    """Leave the model unchanged; the stage's ``finetune:`` section trains it (the phase stays the model's)."""
+    return StageOutput(model=model, phase=ctx.phase, details={})

@@ -82,16 +82,32 @@ class TrainHooks:
     modules: Sequence[nn.Module] = field(default_factory=tuple)
 
     def merge(self, other: TrainHooks | None) -> TrainHooks:
-        """Both sets of hooks; ``other.loss`` wins when both replace the loss."""
+        """Both sets of hooks, each hook once; ``other.loss`` wins when both replace the loss.
+
+        A hook (the same function or object) present in both runs once, at its first
+        place: masks kept by the runner and returned again by a stage (prune, then share)
+        are applied once per step, and a penalty is not added twice.
+        """
         if other is None:
             return self
         return TrainHooks(
             loss=other.loss or self.loss,
-            penalties=(*self.penalties, *other.penalties),
-            grad_hooks=(*self.grad_hooks, *other.grad_hooks),
-            after_step=(*self.after_step, *other.after_step),
-            modules=(*self.modules, *other.modules),
+            penalties=_once(self.penalties, other.penalties),
+            grad_hooks=_once(self.grad_hooks, other.grad_hooks),
+            after_step=_once(self.after_step, other.after_step),
+            modules=_once(self.modules, other.modules),
         )
+
+
+def _once(first: Sequence, second: Sequence) -> tuple:
+    """``first`` then ``second`` without repeats (by identity), in order of first appearance."""
+    seen: set[int] = set()
+    out = []
+    for item in (*first, *second):
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return tuple(out)
 
 
 def seed_everything(seed: int) -> None:

@@ -144,7 +144,7 @@ def qat_stage(model: nn.Module, config: QATStageConfig, ctx: StageContext) -> St
     qat = QATConfig(**quant.model_dump(), keep_bn=config.keep_bn, train_observer=config.train_observer)
     report = prepare_qat_(model, ctx.example_inputs, qat, calibration=_calibration(ctx, quant)).to_dict()
     report.update(planned)
-    report["ptq_accuracy"] = ctx.evaluate(model) if ctx.evaluate else None
+    report["ptq_accuracy"] = ctx.evaluate(model)
 
     def finalize(trained: nn.Module) -> StageOutput:
         details = dict(report)

@@ -46,8 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.distill import methods as M
+from slimkit.distill.spec import DISTILL_METHODS, DistillSpec
 from slimkit.exceptions import ConfigError
-from slimkit.stages import DISTILL_METHODS, DistillSpec, StageContext
+from slimkit.stages import StageContext
 from slimkit.train import TrainHooks
 
 M.OPTIONS["crd"] = frozenset({"pairs", "weight", "dim", "negatives", "tau", "momentum", "bank_size", "kd"})

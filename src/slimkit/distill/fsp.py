@@ -18,8 +18,9 @@ in spatial size, the larger is max-pooled to the smaller (as in torchdistill's F
 Method ``fsp`` in ``DISTILL_METHODS`` (options: ``pairs`` (required), ``weight`` = 1,
 ``kd`` = false, ``two_stage`` = false, ``fsp_epochs``). Each pair names two modules on each
 model: ``{student: [first, second], teacher: [first, second]}``. The paper's schedule is
-``two_stage``: the FSP loss alone for ``fsp_epochs`` (default: half the fine-tune's epochs),
-then the task loss alone; without it, the task term and ``weight x L_FSP`` are summed.
+``two_stage``: the FSP loss alone for ``fsp_epochs`` (default: half the fine-tune's epochs,
+:func:`pretrain_fsp`), then the task loss alone (:func:`build_fsp`); without it, the task
+term and ``weight x L_FSP`` are summed.
 
 >>> import torch
 >>> f1, f2 = torch.ones(2, 3, 4, 4), 2 * torch.ones(2, 5, 4, 4)
@@ -37,8 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.distill import methods as M
+from slimkit.distill.spec import DISTILL_METHODS, DISTILL_PRETRAINING, DistillSpec
 from slimkit.exceptions import ConfigError
-from slimkit.stages import DISTILL_METHODS, DistillSpec, StageContext
+from slimkit.stages import StageContext
 from slimkit.train import TrainHooks
 
 M.OPTIONS["fsp"] = frozenset({"pairs", "weight", "kd", "two_stage", "fsp_epochs"})
@@ -127,32 +129,40 @@ def _check_sizes(spec_pairs: list[tuple[Section, Section]], student: nn.Module, 
                               f"teacher's is {t_mat[0]}x{t_mat[1]}; pair layers with equal channel counts")
 
 
-@DISTILL_METHODS.register("fsp")
-def build_fsp(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> TrainHooks:
-    """FSP (Yim 2017): match the student's FSP matrices to the teacher's, plus the task term."""
+def _fsp_loss(spec: DistillSpec, student: nn.Module, teacher: nn.Module,
+              ctx: StageContext | None) -> tuple[list[str], list[str], FSPLoss]:
+    """The checked student and teacher layer names (pairs flattened) and the weighted FSP loss."""
     opts = spec.options
     M.check_options("fsp", opts)
     M._check_models(student, teacher)
     sections = parse_sections(opts.get("pairs"))
     _check_sizes(sections, student, teacher, ctx)
-    fsp = FSPLoss(M._float_option(opts, "weight", 1.0))
-    use_kd = bool(opts.get("kd", False))
-    s_names, t_names = _flat(sections, 0), _flat(sections, 1)
-    if opts.get("two_stage"):
-        _fsp_pretrain(spec, student, teacher, s_names, t_names, fsp, ctx)
+    return _flat(sections, 0), _flat(sections, 1), FSPLoss(M._float_option(opts, "weight", 1.0))
+
+
+@DISTILL_METHODS.register("fsp")
+def build_fsp(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> TrainHooks:
+    """FSP (Yim 2017) hooks: match the student's FSP matrices to the teacher's, plus the task term.
+
+    With ``two_stage`` these are the hooks of the paper's second stage: the task loss alone
+    (KD with ``kd: true``); the first stage is :func:`pretrain_fsp`. Builds only.
+    """
+    s_names, t_names, fsp = _fsp_loss(spec, student, teacher, ctx)
+    use_kd = bool(spec.options.get("kd", False))
+    if spec.options.get("two_stage"):
         if use_kd:
             return M.build_kd(spec.model_copy(update={"method": "kd", "options": {}}), student, teacher, ctx)
         return TrainHooks()
     return M._feature_hooks(spec, student, teacher, list(zip(s_names, t_names)), fsp, use_kd, ctx)
 
 
-def _fsp_pretrain(spec: DistillSpec, student: nn.Module, teacher: nn.Module, s_names: list[str],
-                  t_names: list[str], fsp: FSPLoss, ctx: StageContext | None) -> None:
-    """Stage 1 of the paper: train the student on the FSP loss alone."""
-    from slimkit.train import fit
-
-    if ctx is None or getattr(ctx, "data", None) is None or getattr(ctx, "train_config", None) is None:
-        raise ConfigError("fsp option two_stage needs a stage context with data and train_config")
+@DISTILL_PRETRAINING.register("fsp")
+def pretrain_fsp(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> None:
+    """Stage 1 of the paper (``two_stage``): train ``student`` in place on the FSP loss alone, via ``ctx.finetune``."""
+    if ctx is None:
+        raise ConfigError("fsp option two_stage trains the student first; it needs a stage context "
+                          "(slimkit.finetune.training_context(data, train_config))")
+    s_names, t_names, fsp = _fsp_loss(spec, student, teacher, ctx)
     epochs = spec.options.get("fsp_epochs")
     if epochs is None:
         epochs = max(1, ctx.train_config.epochs // 2)
@@ -166,6 +176,5 @@ def _fsp_pretrain(spec: DistillSpec, student: nn.Module, teacher: nn.Module, s_n
         return fsp(students.take(inputs), t_feats)
 
     hooks = TrainHooks(loss=loss, after_step=(students.after_step,))
-    fit(student, ctx.data.train, ctx.train_config.model_copy(update={"epochs": epochs}), hooks,
-        progress=False, desc="FSP pre-training")
+    ctx.finetune(student, hooks, epochs=epochs, config=ctx.train_config)
     students.tap.remove()

@@ -1,5 +1,9 @@
 """Distillation methods as trainer hooks: ``DISTILL_METHODS[name](spec, student, teacher, ctx) -> TrainHooks``.
 
+A builder only builds hooks; the two-stage methods register their first, training stage
+in ``DISTILL_PRETRAINING`` (:mod:`slimkit.distill.spec`), and :func:`prepare_distillation`
+runs both in order: pre-training (which trains the student in place) then the hooks.
+
 Every method returns :class:`slimkit.train.TrainHooks` whose ``loss`` replaces the task
 loss of :func:`slimkit.train.fit`, so distillation runs through the normal trainer (DDP,
 progress, checkpoints unchanged). The teacher runs in eval mode under ``torch.no_grad()``
@@ -14,8 +18,8 @@ Methods (``spec.options`` keys in brackets, defaults after ``=``):
   augmentation].
 - ``hint``: task term + ``weight`` x FitNets hint loss over feature ``pairs`` [``pairs``
   (required), ``weight`` = 1, ``kd`` = false, ``two_stage`` = false, ``hint_epochs``]. With
-  ``two_stage`` the hints are trained first, alone, for ``hint_epochs`` (default: half the
-  fine-tune's epochs), then the returned hooks are plain KD.
+  ``two_stage``, :func:`pretrain_hint` trains the hints first, alone, for ``hint_epochs``
+  (default: half the fine-tune's epochs), and :func:`build_hint` returns plain KD hooks.
 - ``at``: task term + attention transfer (p = 2) over ``pairs`` [``pairs`` (required),
   ``weight`` = 1000 (beta), ``kd`` = false].
 - ``rkd``: task term + relational KD on the logits, or on ``pairs`` of embeddings
@@ -25,7 +29,7 @@ The task term is cross-entropy, or ``KDLoss(spec.temperature, spec.alpha)`` with
 
 >>> import torch
 >>> from torch import nn
->>> from slimkit.stages import DISTILL_METHODS, DistillSpec
+>>> from slimkit.distill.spec import DISTILL_METHODS, DistillSpec
 >>> student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
 >>> hooks = DISTILL_METHODS.get("kd")(DistillSpec(method="kd"), student, teacher, None)
 >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
@@ -48,8 +52,9 @@ from slimkit.distill.features import FeatureTap, parse_pairs
 from slimkit.distill.hints import HintLoss
 from slimkit.distill.losses import KDLoss
 from slimkit.distill.relational import RKDLoss
+from slimkit.distill.spec import DISTILL_METHODS, DISTILL_PRETRAINING, DistillSpec
 from slimkit.exceptions import ConfigError
-from slimkit.stages import DISTILL_METHODS, DistillSpec, StageContext
+from slimkit.stages import StageContext
 from slimkit.train import StepInfo, TrainHooks
 
 #: Allowed ``options`` per method (anything else is an error).
@@ -216,22 +221,32 @@ def _float_option(options: dict[str, Any], key: str, default: float) -> float:
     return value
 
 
-@DISTILL_METHODS.register("hint")
-def build_hint(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> TrainHooks:
-    """FitNets: learned 1x1 regressor + L2 between paired feature maps (optionally two-stage)."""
-    opts = spec.options
-    check_options("hint", opts)
+def _hint_loss(spec: DistillSpec, student: nn.Module, teacher: nn.Module,
+               ctx: StageContext | None) -> tuple[list[tuple[str, str]], HintLoss]:
+    """The checked (student, teacher) pairs and a FitNets hint loss sized for them."""
+    check_options("hint", spec.options)
     _check_models(student, teacher)
-    pairs = parse_pairs(opts.get("pairs"), "distill.options.pairs")
+    pairs = parse_pairs(spec.options.get("pairs"), "distill.options.pairs")
     x = _example_inputs(ctx, "hint")
     s_shapes = _probe_shapes(student, [s for s, _ in pairs], x, "student")
     t_shapes = _probe_shapes(teacher, [t for _, t in pairs], x, "teacher")
-    hint = HintLoss(s_shapes, t_shapes)
-    weight = _float_option(opts, "weight", 1.0)
+    return pairs, HintLoss(s_shapes, t_shapes)
+
+
+@DISTILL_METHODS.register("hint")
+def build_hint(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> TrainHooks:
+    """FitNets hooks: task term + ``weight`` x L2 between regressed student and teacher feature maps.
+
+    With ``two_stage`` these are the hooks of the second stage, plain KD; the first stage
+    (hints alone) is :func:`pretrain_hint`. Builds only: nothing is trained here.
+    """
+    opts = spec.options
     if opts.get("two_stage"):
-        _hint_pretrain(spec, student, teacher, pairs, hint, ctx)
+        check_options("hint", opts)
+        _check_models(student, teacher)
         return build_kd(spec.model_copy(update={"method": "kd", "options": {}}), student, teacher, ctx)
-    weighted = _Weighted(hint, weight)
+    pairs, hint = _hint_loss(spec, student, teacher, ctx)
+    weighted = _Weighted(hint, _float_option(opts, "weight", 1.0))
     return _feature_hooks(spec, student, teacher, pairs, weighted, bool(opts.get("kd", False)), ctx)
 
 
@@ -247,13 +262,18 @@ class _Weighted(nn.Module):
         return self.weight * self.inner(*args)
 
 
-def _hint_pretrain(spec: DistillSpec, student: nn.Module, teacher: nn.Module, pairs: list[tuple[str, str]],
-                   hint: HintLoss, ctx: StageContext | None) -> None:
-    """Stage 1 of FitNets: train the student (layers up to the guided ones get gradient) on hints alone."""
-    from slimkit.train import fit
+@DISTILL_PRETRAINING.register("hint")
+def pretrain_hint(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext | None) -> None:
+    """Stage 1 of FitNets (``two_stage``): train ``student`` in place on the hint loss alone.
 
-    if ctx is None or getattr(ctx, "data", None) is None or getattr(ctx, "train_config", None) is None:
-        raise ConfigError("hint option two_stage needs a stage context with data and train_config")
+    Only the layers up to the guided ones get gradient. It trains through ``ctx.finetune``
+    (the run's kept hooks in force; a dry run's context trains nothing) for ``hint_epochs``
+    (default: half of ``ctx.train_config.epochs``, at least 1).
+    """
+    if ctx is None:
+        raise ConfigError("hint option two_stage trains the student first; it needs a stage context "
+                          "(slimkit.finetune.training_context(data, train_config))")
+    pairs, hint = _hint_loss(spec, student, teacher, ctx)
     epochs = spec.options.get("hint_epochs")
     if epochs is None:
         epochs = max(1, ctx.train_config.epochs // 2)
@@ -267,8 +287,7 @@ def _hint_pretrain(spec: DistillSpec, student: nn.Module, teacher: nn.Module, pa
         return hint(students.take(inputs), t_feats)
 
     hooks = TrainHooks(loss=loss, after_step=(students.after_step,), modules=(hint,))
-    fit(student, ctx.data.train, ctx.train_config.model_copy(update={"epochs": epochs}), hooks,
-        progress=False, desc="hint pre-training")
+    ctx.finetune(student, hooks, epochs=epochs, config=ctx.train_config)
     students.tap.remove()
 
 
@@ -315,9 +334,35 @@ def resolve_teacher(spec: DistillSpec, ctx: StageContext | None) -> nn.Module:
     return load_model(spec.teacher)
 
 
+def _pretrains(spec: DistillSpec) -> bool:
+    return bool(spec.options.get("two_stage")) and spec.method in DISTILL_PRETRAINING
+
+
 def build_hooks(spec: DistillSpec | dict, student: nn.Module, teacher: nn.Module | None = None,
                 ctx: StageContext | None = None) -> TrainHooks:
-    """Hooks for ``spec`` (a DistillSpec or its dict); the teacher defaults to :func:`resolve_teacher`."""
+    """Hooks for ``spec`` (a DistillSpec or its dict); the teacher defaults to :func:`resolve_teacher`.
+
+    Builds only; a two-stage spec (its first stage trains) is refused: use
+    :func:`prepare_distillation`.
+    """
+    spec = DistillSpec.coerce(spec, where="distill")
+    if _pretrains(spec):
+        raise ConfigError(f"distill method {spec.method!r} with two_stage trains the student before its hooks "
+                          "apply; call slimkit.distill.prepare_distillation instead of build_hooks")
+    teacher = teacher if teacher is not None else resolve_teacher(spec, ctx)
+    return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)
+
+
+def prepare_distillation(spec: DistillSpec | dict, student: nn.Module, teacher: nn.Module | None = None,
+                         ctx: StageContext | None = None) -> TrainHooks:
+    """Ready ``student`` for distillation by ``spec``; returns the hooks its training uses.
+
+    A two-stage method (``two_stage: true`` for ``hint`` or ``fsp``) first runs its
+    registered pre-training, which trains ``student`` in place through ``ctx.finetune``;
+    every other method only builds hooks. The teacher defaults to :func:`resolve_teacher`.
+    """
     spec = DistillSpec.coerce(spec, where="distill")
     teacher = teacher if teacher is not None else resolve_teacher(spec, ctx)
+    if _pretrains(spec):
+        DISTILL_PRETRAINING.get(spec.method)(spec, student, teacher, ctx)
     return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)

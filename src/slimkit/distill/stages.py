@@ -23,7 +23,8 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from slimkit.config import Config
-from slimkit.stages import DISTILL_METHODS, DistillSpec, StageContext, StageOutput, register_stage
+from slimkit.distill.spec import DISTILL_METHODS, DistillSpec
+from slimkit.stages import StageContext, StageOutput, register_stage
 
 
 class _StudentTraining(Config):
@@ -74,11 +75,9 @@ class TakdConfig(_StudentTraining):
     num_assistants: int = Field(1, ge=1, le=4)
 
 
-def _no_pretraining(spec: DistillSpec) -> DistillSpec:
-    """The spec for the stage's later fine-tune: the hint pre-training already ran once."""
-    if not spec.options.get("two_stage"):
-        return spec
-    return spec.model_copy(update={"method": "kd", "options": {}})
+def _later_hooks(spec: DistillSpec, student: nn.Module, teacher: nn.Module, ctx: StageContext):
+    """Hooks for the stage's own ``finetune:``: keep distilling (a two-stage method's second stage, no pre-training)."""
+    return DISTILL_METHODS.get(spec.method)(spec, student, teacher, ctx)
 
 
 def _teacher_row(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
@@ -86,7 +85,7 @@ def _teacher_row(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
     from slimkit.models import arch_of
 
     arch = arch_of(model) or {}
-    accuracy = ctx.evaluate(model) if ctx.evaluate is not None else None
+    accuracy = ctx.evaluate(model)
     return {"role": "teacher", "name": arch.get("name", type(model).__name__), "accuracy": accuracy,
             "params": count_params(model), "macs": _macs(model, ctx.example_inputs)}
 
@@ -94,9 +93,8 @@ def _teacher_row(model: nn.Module, ctx: StageContext) -> dict[str, Any]:
 @register_stage("distill", DistillStageConfig)
 def distill_stage(model: nn.Module, config: DistillStageConfig, ctx: StageContext) -> StageOutput:
     """Train a new student architecture with the current model as its teacher (KD, hints, AT, RKD)."""
-    from slimkit.distill.methods import build_hooks
+    from slimkit.distill.methods import prepare_distillation
     from slimkit.distill.takd import build_student, count_params, size_assistant
-    from slimkit.train import fit
 
     teacher = model
     teacher.eval()
@@ -108,9 +106,8 @@ def distill_stage(model: nn.Module, config: DistillStageConfig, ctx: StageContex
     torch.manual_seed(cfg.seed)
     student = build_student(name, data.num_classes, data.in_channels)
     spec = config.spec()
-    hooks = build_hooks(spec, student, teacher, ctx)
-    fit(student, data.train, cfg, hooks, checkpoint=ctx.stage_dir / "distill.ckpt", progress=False,
-        desc=f"distill {name}")
+    hooks = prepare_distillation(spec, student, teacher, ctx)
+    student = ctx.finetune(student, hooks, config=cfg)  # the student's training, checkpointed with the run
     student.eval()
     details = {
         "teacher": _teacher_row(teacher, ctx),
@@ -121,14 +118,15 @@ def distill_stage(model: nn.Module, config: DistillStageConfig, ctx: StageContex
         "alpha": spec.alpha,
         "epochs": cfg.epochs,
     }
-    # A later `finetune:` of this stage keeps distilling from the same teacher.
-    return StageOutput(model=student, details=details, hooks=build_hooks(_no_pretraining(spec), student, teacher, ctx))
+    # A new, smaller architecture: what is stored is what runs. A later `finetune:` of this
+    # stage keeps distilling from the same teacher.
+    return StageOutput(model=student, phase="materialized", details=details,
+                       hooks=_later_hooks(spec, student, teacher, ctx))
 
 
 @register_stage("takd", TakdConfig)
 def takd_stage(model: nn.Module, config: TakdConfig, ctx: StageContext) -> StageOutput:
     """Teacher-assistant KD: current model -> assistant(s) -> student; details list every link."""
-    from slimkit.distill.methods import build_hooks
     from slimkit.distill.takd import size_assistants, takd_chain
     from slimkit.models import arch_of
 
@@ -140,9 +138,9 @@ def takd_stage(model: nn.Module, config: TakdConfig, ctx: StageContext) -> Stage
     cfg = config.train_config(ctx)
     chain = takd_chain(teacher, [*assistants, config.student], data, cfg, config.spec(),
                        teacher_name=(arch_of(teacher) or {}).get("name", type(teacher).__name__),
-                       example_inputs=ctx.example_inputs, checkpoint_dir=ctx.stage_dir)
+                       example_inputs=ctx.example_inputs, ctx=ctx)
     student = chain[-1].model
     details = {"chain": [m.row() for m in chain], "method": config.method, "temperature": config.temperature,
                "alpha": config.alpha, "epochs": cfg.epochs}
-    hooks = build_hooks(_no_pretraining(config.spec()), student, chain[-2].model, ctx)
-    return StageOutput(model=student, details=details, hooks=hooks)
+    hooks = _later_hooks(config.spec(), student, chain[-2].model, ctx)
+    return StageOutput(model=student, phase="materialized", details=details, hooks=hooks)

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.distill.spec import DistillSpec
 from slimkit.exceptions import ConfigError
-from slimkit.stages import DistillSpec
-from slimkit.train import TrainConfig, evaluate, fit
+from slimkit.stages import StageContext
+from slimkit.train import TrainConfig, evaluate
 
 
 def build_student(name: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -139,42 +140,45 @@ def _macs(model: nn.Module, example_inputs: torch.Tensor | None) -> int | None:
 def takd_chain(teacher: nn.Module, names: list[str], data: Any, train_config: TrainConfig | dict,
                spec: DistillSpec | dict | None = None, *, teacher_name: str = "teacher",
                example_inputs: torch.Tensor | None = None, progress: bool = False,
-               checkpoint_dir: Any = None) -> list[ChainMember]:
+               checkpoint_dir: Any = None, ctx: StageContext | None = None) -> list[ChainMember]:
     """Train ``names`` (assistants, then the student) in turn, each taught by the previous one.
 
-    ``data`` is a bundle with ``.train``, ``.test``, ``.num_classes``, ``.in_channels``;
-    ``spec`` (default plain KD, T = 4, alpha = 0.9) is the distillation used at every link.
-    Each new model is built from ``train_config.seed`` so a chain is reproducible.
-    Returns the chain, teacher first, with test accuracy, parameters and MACs of every member.
+    ``data`` is a bundle with ``.train``, ``.test``, ``.num_classes``, ``.in_channels``
+    (and ``.input_shape`` when ``example_inputs`` is not given); ``spec`` (default plain KD,
+    T = 4, alpha = 0.9) is the distillation used at every link, with ``train_config``.
+    Every link trains through the ``finetune`` of a real :class:`~slimkit.stages.StageContext`
+    and is scored by its ``evaluate``: ``ctx``'s when given (the ``takd`` stage passes its own,
+    so a dry run trains nothing), else a :func:`slimkit.finetune.training_context` over
+    ``data``, checkpointed to ``checkpoint_dir`` when given. Each new model is built from
+    ``train_config.seed + i`` so a chain is reproducible. Returns the chain, teacher first,
+    with test accuracy, parameters and MACs of every member.
     """
+    import dataclasses
     from pathlib import Path
 
-    from slimkit.distill.methods import build_hooks
+    from slimkit.distill.methods import prepare_distillation
+    from slimkit.finetune import training_context
 
     if not names:
         raise ConfigError("a TAKD chain needs at least the student's name")
     cfg = TrainConfig.coerce(train_config, where="train")
     spec = DistillSpec.coerce(spec or {}, where="distill")
-    chain = [ChainMember("teacher", teacher_name, teacher, evaluate(teacher, data.test), count_params(teacher),
+    score = ctx.evaluate if ctx is not None else (lambda m: evaluate(m, data.test))
+    chain = [ChainMember("teacher", teacher_name, teacher, score(teacher), count_params(teacher),
                          _macs(teacher, example_inputs))]
     for i, name in enumerate(names):
         torch.manual_seed(cfg.seed + i)
         student = build_student(name, data.num_classes, data.in_channels)
         role = "student" if i == len(names) - 1 else "assistant"
-        hooks = build_hooks(spec, student, chain[-1].model, _Ctx(example_inputs, data, cfg))
-        checkpoint = Path(checkpoint_dir) / f"takd-{i:02d}.pt" if checkpoint_dir is not None else None
-        fit(student, data.train, cfg, hooks, checkpoint=checkpoint, progress=progress, desc=f"takd {role} {name}")
+        if ctx is not None:
+            link = dataclasses.replace(ctx, train_config=cfg, baseline=chain[-1].model)
+        else:
+            stem = Path(checkpoint_dir) / f"takd-{i:02d}" if checkpoint_dir is not None else None
+            link = training_context(data, cfg, example_inputs=example_inputs, baseline=chain[-1].model,
+                                    checkpoint_stem=stem, progress=progress, desc=f"takd {role} {name}")
+        hooks = prepare_distillation(spec, student, chain[-1].model, link)
+        link.finetune(student, hooks, config=cfg)
         student.eval()
-        chain.append(ChainMember(role, name, student, evaluate(student, data.test), count_params(student),
+        chain.append(ChainMember(role, name, student, score(student), count_params(student),
                                  _macs(student, example_inputs)))
     return chain
-
-
-@dataclass
-class _Ctx:
-    """The part of a StageContext the distillation builders read."""
-
-    example_inputs: torch.Tensor | None
-    data: Any
-    train_config: TrainConfig
-    baseline: nn.Module | None = None

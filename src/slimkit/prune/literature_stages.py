@@ -28,7 +28,7 @@ from slimkit.prune.masks import mask_hooks, sparsity_of
 from slimkit.prune.reconstruction import ReconstructionConfig, reconstruct_prune_
 from slimkit.prune.second_order import LOBSConfig, OBDConfig, lobs_prune_, obd_prune_
 from slimkit.stages import StageContext, StageOutput, register_stage
-from slimkit.train import TrainHooks, fit
+from slimkit.train import TrainHooks
 
 
 def sample_batches(ctx: StageContext, samples: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -68,7 +68,7 @@ def obd_stage(model: nn.Module, config: OBDConfig, ctx: StageContext) -> StageOu
         step = config.model_copy(update={"sparsity": target})
         report = obd_prune_(model, ctx.example_inputs, step, batches=sample_batches(ctx, config.samples))
         rounds.append({"round": r, "sparsity": report.sparsity})
-        if r < config.rounds and config.round_epochs > 0 and ctx.finetune is not None:
+        if r < config.rounds and config.round_epochs > 0:
             model = ctx.finetune(model, hooks=mask_hooks(), epochs=config.round_epochs) or model
     details = {"hessian": config.hessian, "scope": config.scope, **report.to_dict(), "rounds": rounds}
     return _masked_output(model, details)
@@ -97,7 +97,7 @@ def dsd_stage(model: nn.Module, config: DSDConfig, ctx: StageContext) -> StageOu
         raise ConfigError("dsd trains; run it from a recipe with `data:`")
 
     def train(m: nn.Module, cfg, hooks: TrainHooks | None) -> nn.Module:
-        return fit(m, data, cfg, hooks, progress=False, desc="dsd")
+        return ctx.finetune(m, hooks, config=cfg)
 
     report = dsd_(model, ctx.example_inputs, config, train=train, train_config=ctx.train_config)
     return StageOutput(model=model, details=report.to_dict(), phase="materialized")

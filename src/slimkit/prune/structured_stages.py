@@ -63,7 +63,7 @@ def structured_stage(model: nn.Module, config: StructuredStageConfig, ctx: Stage
         step = 1 - (1 - config.ratio) ** (1 / config.rounds)
         report = structured_(model, ctx.example_inputs, base.model_copy(update={"ratio": step}), batches=batches)
         rounds.append({"round": r + 1, "params": report.params_after, "macs": report.macs_after})
-        if r + 1 < config.rounds and config.round_epochs > 0 and ctx.finetune is not None:
+        if r + 1 < config.rounds and config.round_epochs > 0:
             model = ctx.finetune(model, epochs=config.round_epochs) or model
     details = report.to_dict()
     details.pop("layers")
@@ -102,4 +102,4 @@ def sparse_train_stage(model: nn.Module, config: SparseTrainConfig, ctx: StageCo
 
         g = torch.cat(gammas)
         details["gamma_below_1e-2_before"] = float((g < 1e-2).float().mean())
-    return StageOutput(model=model, details=details, hooks=hooks)
+    return StageOutput(model=model, details=details, hooks=hooks, phase=ctx.phase)  # the model is unchanged

@@ -195,15 +195,17 @@ def apply_stages(model: nn.Module, recipe: Any, example_inputs: torch.Tensor, da
     or compare engines. Returns the transformed model (``model`` itself, changed in place).
     """
     from slimkit.quantize.uniform import calibration_batches, quantize_
-    from slimkit.stages import STAGES, StageContext
+    from slimkit.stages import STAGES, StageContext, no_evaluation, no_training
 
     for index, stage in enumerate(recipe.stages, start=1):
         if stage.kind == "int8":
             quant = stage.config.quant_config()
             quantize_(model, example_inputs, quant, calibration=list(calibration_batches(data.train, quant)))
             continue
+        # structural only: no training between a stage's rounds, no accuracy
         ctx = StageContext(example_inputs=example_inputs, data=data, train_config=recipe.train,
-                           run_dir=Path(run_dir), baseline=model, stage_index=index)
+                           run_dir=Path(run_dir), baseline=model, stage_index=index, finetune=no_training,
+                           evaluate=no_evaluation)
         model = STAGES.get(stage.kind).apply(model, stage.config, ctx).model
         if stage.finetune is not None and finetune is not None and stage.finetune.epochs:
             finetune(model, stage.finetune.epochs)
