@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from slimkit.decompose import METHODS, decompose_
-from slimkit.export.onnx import OnnxRunner, export_onnx, median_ms
+from slimkit.export.onnx import OnnxRunner, export_onnx
+from slimkit.measure import measure_latency
 
 CONV_METHODS = ["tucker", "cp", "channel", "separable", "depthwise-separable"]
 
@@ -34,16 +35,14 @@ def bench_layer(channels: int, size: int, method: str, rank, repeats: int, tmp: 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1)).eval()
     x = torch.randn(1, channels, size, size)
-    with torch.no_grad():
-        eager_before = median_ms(lambda: model(x), repeats=repeats)
+    eager_before = measure_latency(model, x, runs=repeats).median_ms
     ort_before = OnnxRunner(export_onnx(model, x, tmp / "before.onnx")).latency_ms(x, repeats=repeats)
     settings = {"method": method, "rank": rank, "only_if_smaller": False, "cp_max_iter": 50}
     if method == "depthwise-separable" and isinstance(rank, float):
         settings["rank"] = 1  # the MobileNet block: one depthwise filter per input channel
     report = decompose_(model, x, settings)
     row = report.layers[0]
-    with torch.no_grad():
-        eager_after = median_ms(lambda: model(x), repeats=repeats)
+    eager_after = measure_latency(model, x, runs=repeats).median_ms
     ort_after = OnnxRunner(export_onnx(model, x, tmp / "after.onnx")).latency_ms(x, repeats=repeats)
     return dict(layer=f"{channels}ch@{size}x{size}", method=method, ranks="/".join(map(str, row.ranks)),
                 mac_ratio=row.macs_before / row.macs_after, eager=eager_before / eager_after,

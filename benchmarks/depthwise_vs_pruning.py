@@ -30,8 +30,8 @@ from torch import nn
 
 from slimkit.data import load_data
 from slimkit.decompose import decompose_
-from slimkit.export.onnx import OnnxRunner, export_onnx, median_ms
-from slimkit.measure import count_macs
+from slimkit.export.onnx import OnnxRunner, export_onnx
+from slimkit.measure import count_macs, measure_latency
 from slimkit.models import create_model
 from slimkit.prune import structured_
 from slimkit.train import evaluate, fit
@@ -40,8 +40,7 @@ from slimkit.train import evaluate, fit
 def _latency(model: nn.Module, x: torch.Tensor, repeats: int, tmp: Path, label: str) -> tuple[float, float]:
     """(eager ms, ONNX Runtime ms): median of ``repeats`` batch-``len(x)`` forwards on the current threads."""
     model.eval()
-    with torch.no_grad():
-        eager = median_ms(lambda: model(x), repeats=repeats)
+    eager = measure_latency(model, x, runs=repeats).median_ms
     runner = OnnxRunner(export_onnx(model, x, tmp / f"{label}.onnx"), threads=torch.get_num_threads())
     with torch.no_grad():
         reference = model(x)

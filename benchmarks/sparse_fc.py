@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 import torch
 
-from slimkit.export.onnx import median_ms
+from slimkit.measure.latency import time_callable
 
 LAYERS = {  # name: (out, in, sparsity) as in the recipes
     "lenet300.fc1": (300, 784, 0.96), "lenet300.fc2": (100, 300, 0.92), "lenet300.fc3": (10, 100, 0.75),
@@ -25,7 +25,7 @@ LAYERS = {  # name: (out, in, sparsity) as in the recipes
 
 def timed(fn, runs: int) -> float:
     """Median wall time of ``fn()`` in microseconds (5 warm-up calls)."""
-    return median_ms(fn, warmup=5, repeats=runs) * 1e3
+    return time_callable(fn, warmup=5, runs=runs).median_ms * 1e3
 
 
 def layers_from(path: str) -> dict[str, torch.Tensor]:

@@ -386,12 +386,25 @@ def test_layers_fallback_for_a_model_fx_cannot_trace():
     assert model.training and all(not m._forward_hooks for m in model.modules())
 
 
-def test_untraceable_submodule_becomes_a_leaf():
-    # LeNet-5's FitSize branches on the input size; it becomes an fx leaf and the rest is traced
+def test_shape_branch_resolved_by_the_meta_trace():
+    # LeNet-5's FitSize branches on the input size: the meta trace resolves it (an identity at 28 x 28)
     mem = peak_activation_bytes(create_model("lenet5", in_channels=1), torch.zeros(1, 1, 28, 28))
-    assert mem.method == "graph" and "fit" in dict(mem.steps)
+    assert mem.method == "graph" and "fit" not in dict(mem.steps) and "conv2" in dict(mem.steps)
     assert (mem.peak_bytes, mem.peak_at) == (F32 * (20 * 24 * 24 + 20 * 12 * 12), "pool1")
-    assert dict(mem.steps)["fit"] == F32 * 50 * 4 * 4  # an identity here: its output is its input
+
+
+class _ValueBranch(nn.Module):
+    """Branches on a tensor's value: no trace sees through it, so it is kept whole."""
+
+    def forward(self, x):
+        return x.relu() if x.sum() > 0 else x * 2
+
+
+def test_untraceable_submodule_becomes_a_leaf():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _ValueBranch(), nn.Conv2d(4, 2, 3, padding=1))
+    mem = peak_activation_bytes(model, torch.zeros(1, 1, 8, 8))
+    assert mem.method == "graph" and "1" in dict(mem.steps)
+    assert dict(mem.steps)["1"] == 2 * F32 * 4 * 64  # its input and (a new) output
 
 
 def test_peak_memory_bad_input_raises_config_error():
@@ -445,3 +458,168 @@ def test_skip_connections_raise_the_peak_above_any_single_layer():
     model = create_model("resnet20-cifar", num_classes=10, in_channels=1)
     x = torch.zeros(1, 1, 28, 28)
     assert peak_activation_bytes(model, x).peak_bytes > _largest_leaf_in_plus_out(model, x)
+
+
+# ---------------------------------------------------------------- one measurement layer (issue 16)
+
+class _Probe(nn.Module):
+    """Records, on every forward, what a timer must have set: eval mode, inference mode, the thread count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.seen: list[tuple[bool, bool, int]] = []
+
+    def forward(self, x):
+        self.seen.append((self.training, torch.is_inference_mode_enabled(), torch.get_num_threads()))
+        return self.fc(x)
+
+
+def _latency_paths():
+    from slimkit.deploy.runners import TorchRunner
+    from slimkit.measure.realtime import realtime_profile
+
+    return {
+        "measure_latency": lambda m, x: measure_latency(m, x, warmup=1, runs=3, threads=1),
+        "profile": lambda m, x: profile(m, x, warmup=1, runs=3, threads=1),
+        "TorchRunner.latency_ms": lambda m, x: TorchRunner(m, threads=1).latency_ms(x, warmup=1, repeats=3),
+        "realtime eager": lambda m, x: realtime_profile(m, x, engine="eager", runs=3, threads=1),
+    }
+
+
+@pytest.mark.parametrize("path", sorted(_latency_paths()))
+def test_every_latency_path_times_in_eval_and_inference_mode_on_its_threads(path):
+    model = _Probe().train()
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _latency_paths()[path](model, torch.zeros(1, 4))
+        timed = model.seen[-3:]  # the timed runs
+        assert timed == [(False, True, 1)] * 3, timed
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_time_callable_applies_and_restores_threads():
+    from slimkit.measure.latency import call_times_ms, time_callable
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        stats = time_callable(lambda: seen.append(torch.get_num_threads()), warmup=2, runs=5, threads=1)
+        assert seen == [1] * 7 and stats.runs == 5 and stats.threads == 1 and torch.get_num_threads() == 2
+        assert call_times_ms(lambda: None, warmup=0, runs=4).shape == (4,)
+        with pytest.raises(ConfigError, match="runs must be an integer >= 1"):
+            time_callable(lambda: None, runs=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_one_timer_no_other_clock_around_an_inference():
+    """Latency figures come from slimkit.measure.latency only: no other module in src reads the clock around
+    a forward (the files listed time other things: interleaved kernel comparisons, a RAPL window, elapsed run
+    time). The earlier deploy.timing.median_ms (no eval mode, inference mode or thread control) is gone."""
+    from pathlib import Path
+
+    import slimkit
+
+    root = Path(slimkit.__file__).parent
+    clocks = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "perf_counter" in p.read_text())
+    assert clocks == ["kernels/timing.py", "measure/energy.py", "measure/latency.py", "measure/realtime.py",
+                      "pipeline.py", "search/run.py"], clocks
+    assert "perf_counter()" not in (root / "measure/realtime.py").read_text()  # named in its docstring only
+    assert not [p for p in root.rglob("*.py") if "\ndef median_ms(" in p.read_text()]
+    import slimkit.deploy
+    import slimkit.deploy.timing
+
+    assert not hasattr(slimkit.deploy.timing, "median_ms") and not hasattr(slimkit.deploy, "median_ms")
+
+
+_CONVS = [
+    nn.Conv2d(8, 16, 3, padding=1),
+    nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, bias=False),
+    nn.Conv2d(8, 8, 3, padding=1, groups=8),
+    nn.Conv2d(8, 16, 4, padding="same"),  # even kernel: padding 1 on one side, 2 on the other
+    nn.Conv2d(8, 16, (1, 5), padding="valid"),
+    nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"),
+]
+
+
+@pytest.mark.parametrize("conv", _CONVS, ids=lambda c: repr(c))
+def test_count_macs_by_shape_equals_a_real_forward(conv):
+    from slimkit.measure import count_macs_by_shape
+
+    x = torch.randn(1, 8, 11, 9)
+    assert count_macs_by_shape(conv, tuple(x.shape)) == count_macs(conv, x)
+    chain = nn.Sequential(conv, nn.Conv2d(conv.out_channels, 4, 1))
+    assert count_macs_by_shape(chain, tuple(x.shape)) == count_macs(chain, x)
+    assert count_macs_by_shape(chain.to("meta"), tuple(x.shape)) == count_macs(chain, x, meta=True) > 0
+
+
+@pytest.mark.parametrize("method", ["tucker", "cp", "channel", "separable", "depthwise-separable"])
+def test_chain_cost_is_the_measure_count_on_a_decomposed_chain(method):
+    """decompose's cost model and the report's MAC/param figures are one counter: they cannot disagree."""
+    from slimkit.decompose import METHODS, chain_cost
+
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    x = torch.randn(1, 8, 10, 10)
+    spec = METHODS.get(method)
+    skeleton = spec.skeleton(conv, tuple(max(1, f // 2) for f in spec.full_ranks(conv)), device="cpu")
+    for chain in (conv, skeleton):
+        assert chain_cost(chain, tuple(x.shape[1:])) == (count_params(chain), count_macs(chain, x))
+    linear = nn.Linear(20, 6)
+    assert chain_cost(linear, (3, 20)) == (126, 3 * 20 * 6) == (count_params(linear),
+                                                                 count_macs(linear, torch.zeros(1, 3, 20)))
+
+
+def test_mac_rules_and_units_are_public():
+    """Packages that declare MACs (quantize/hashed, prune/graph) use measure.macs' public names."""
+    from pathlib import Path
+
+    import slimkit
+    from slimkit.measure import macs
+
+    assert macs.rule_for(nn.Conv2d(1, 1, 1)) is macs.conv_macs and macs.rule_for(nn.Linear(1, 1)) is macs.linear_macs
+    assert [n for n, _ in macs.mac_units(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))] == ["0", "1"]
+    root = Path(slimkit.__file__).parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.parent.name != "measure" and any(
+                     line.lstrip().startswith("from slimkit.measure") and " import _" in line
+                     or line.lstrip().startswith("from slimkit.measure") and ", _" in line
+                     for line in p.read_text().splitlines())]
+    assert offenders == []
+
+
+class _Packed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(8, 8))
+        self.register_buffer("weight_mask", torch.ones(8, 8))
+
+
+@pytest.mark.parametrize("name", SMALL_ZOO[:4])
+def test_stored_bytes_is_the_state_dict_figure_without_rules(name):
+    from slimkit.measure import stored_bytes
+    from slimkit.measure.size import state_dict_bytes as size_bytes
+
+    model = create_model(name, in_channels=1 if name.startswith("lenet") else 3)
+    assert size_bytes is state_dict_bytes  # one implementation (slimkit.measure.storage)
+    assert stored_bytes(model) == state_dict_bytes(model) == 4 * count_params(model) + 4 * _bn_buffers(model)[0] \
+        + 8 * _bn_buffers(model)[1]
+
+
+def test_storage_rules_replace_a_layers_own_tensors_once():
+    from slimkit.measure import register_storage_rule, stored_bytes
+    from slimkit.measure.storage import _RULES
+
+    packed = _Packed()
+    model = nn.Sequential(nn.Linear(4, 2), packed, nn.Sequential(packed))  # the ruled layer under two names
+    assert state_dict_bytes(model) == 4 * 10 + 4 * 64  # masks excluded, shared tensors once
+    register_storage_rule(_Packed, lambda m: m.weight.numel() // 8)  # 1 bit per weight
+    try:
+        assert stored_bytes(model) == 4 * 10 + 8
+        assert state_dict_bytes(model) == 4 * 10 + 4 * 64  # the dense figure ignores rules
+    finally:
+        del _RULES[_Packed]

@@ -171,32 +171,17 @@ class DecompositionPlan:
 # ---------------------------------------------------------------- costs
 
 
-def _out_hw(conv: nn.Conv2d, hw: tuple[int, int], padding) -> tuple[int, int]:
-    return tuple(
-        (hw[i] + 2 * padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1) // conv.stride[i] + 1
-        for i in range(2)
-    )
-
-
 def chain_cost(chain: nn.Module, in_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(params, MACs) of a Conv2d/Linear layer or a Sequential of them for one input of
-    shape ``in_shape`` (no batch axis: [C, H, W] for convs, [..., C] for Linear)."""
-    from slimkit.decompose.methods import conv_padding
+    """(params, MACs) of a layer or a chain of layers (a skeleton on the meta device included) for
+    one input of shape ``in_shape`` (no batch axis: [C, H, W] for convs, [..., C] for Linear).
 
-    layers = list(chain) if isinstance(chain, nn.Sequential) else [chain]
-    params = sum(p.numel() for p in chain.parameters())
-    macs = 0
-    shape = tuple(in_shape)
-    for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            hw = _out_hw(layer, shape[-2:], conv_padding(layer) or (0, 0))
-            kh, kw = layer.kernel_size
-            macs += hw[0] * hw[1] * layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
-            shape = (layer.out_channels, *hw)
-        elif isinstance(layer, nn.Linear):
-            macs += math.prod(shape[:-1]) * layer.in_features * layer.out_features
-            shape = (*shape[:-1], layer.out_features)
-    return params, macs
+    Counted by :mod:`slimkit.measure` (``count_params``, ``count_macs_by_shape``: the MAC rules
+    of ``count_macs`` applied to shapes), so a chain costs what the model's MAC figure says it does.
+    """
+    from slimkit.measure.macs import count_macs_by_shape
+    from slimkit.measure.size import count_params
+
+    return count_params(chain), count_macs_by_shape(chain, (1, *in_shape))
 
 
 def _record(shapes: dict, name: str, _module: nn.Module, args: tuple) -> None:

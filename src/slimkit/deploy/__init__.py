@@ -33,12 +33,12 @@ from slimkit.deploy.results import (
 from slimkit.deploy.run import Deployable, RunDeployables, publish_deployables
 from slimkit.deploy.runners import OnnxRunner, Runner, TorchRunner
 from slimkit.deploy.slim import write_slim
-from slimkit.deploy.timing import file_bytes, median_ms
+from slimkit.deploy.timing import file_bytes
 
 __all__ = [
     "ENGINES", "FORMATS", "CheckResult", "DenseComparison", "Deployable", "EngineChoice", "EngineComparison",
     "EngineInput", "EngineResult", "EngineSpec", "Exported", "OnnxRunner", "RunDeployables", "Runner", "SlimFile",
     "TorchRunner", "check_export", "choose_engine", "compare_engines", "default_path", "export_model",
-    "export_onnx", "file_bytes", "is_quantized", "median_ms", "publish_deployables", "register_engine",
+    "export_onnx", "file_bytes", "is_quantized", "publish_deployables", "register_engine",
     "register_format", "vs_dense", "write_slim",
 ]

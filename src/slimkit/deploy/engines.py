@@ -150,25 +150,31 @@ def _torch_x86_int8(inp: EngineInput) -> Runner:
 
 @quantized_engine("x86")  # prepared, calibrated and converted on x86; the caller's engine is restored
 def torch_x86_int8(float_model: nn.Module, calibration: list[torch.Tensor], example: torch.Tensor) -> nn.Module:
-    """PyTorch's x86 int8 model of ``float_model`` (FX graph mode, per-channel weights)."""
+    """PyTorch's x86 int8 model of ``float_model`` (FX graph mode, per-channel weights).
+
+    The graph is :func:`slimkit.tracing.trace_model`'s (the tracing helper every graph path
+    uses): a model whose forward branches on shapes is quantized from its meta-traced graph
+    (the branches taken at the example's shape); a submodule fx cannot trace is kept whole
+    (``non_traceable_module_names``: it runs in float between int8 layers).
+    """
     from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    from slimkit.exceptions import UnsupportedModelError
+    from slimkit.tracing import trace_model
+
     model = copy.deepcopy(float_model).eval()
+    traced = trace_model(model, example)
+    if traced.graph_module is None:
+        raise UnsupportedModelError(f"torch-x86-int8: {type(float_model).__name__} cannot be traced by torch.fx "
+                                    f"({traced.error}); deploy it with onnxruntime instead")
+    if traced.method == "meta":
+        model = traced.graph_module  # prepare_fx traces the generated forward: no shape branches left
+    custom = PrepareCustomConfig().set_non_traceable_module_names(list(traced.opaque))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,))
-        except Exception:  # data-dependent control flow (e.g. LeNet-5's FitSize): keep such
-            # parameter-free custom modules as opaque leaves (they run in float between int8 layers)
-            from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-
-            opaque = sorted({type(m) for m in model.modules() if m is not model and next(m.parameters(), None) is None
-                             and not type(m).__module__.startswith("torch.")}, key=lambda c: c.__name__)
-            if not opaque:
-                raise
-            custom = PrepareCustomConfig().set_non_traceable_module_classes(opaque)
-            prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,), prepare_custom_config=custom)
+        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), (example,), prepare_custom_config=custom)
         with torch.no_grad():
             for batch in calibration:
                 prepared(batch)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from slimkit.deploy.timing import median_ms
+from slimkit.measure.latency import measure_latency, time_callable
 
 
 class Runner:
@@ -53,8 +53,9 @@ class Runner:
         return 100.0 * float((logits.argmax(1) == labels).float().mean())
 
     def latency_ms(self, x: torch.Tensor, warmup: int = 5, repeats: int = 30) -> float:
-        """Median wall time of one run on ``x`` (batch 1), in milliseconds."""
-        return median_ms(lambda: self(x), warmup, repeats)
+        """Median wall time of one run on ``x`` (batch 1), in milliseconds, on ``threads`` torch threads
+        (:func:`slimkit.measure.latency.time_callable`; engines set their own intra-op threads too)."""
+        return time_callable(lambda: self(x), warmup=warmup, runs=repeats, threads=self.threads).median_ms
 
 
 class TorchRunner(Runner):
@@ -69,8 +70,7 @@ class TorchRunner(Runner):
         return self.model(x).float().cpu()
 
     def latency_ms(self, x: torch.Tensor, warmup: int = 5, repeats: int = 30) -> float:
-        from slimkit.measure.latency import measure_latency
-
+        """Median of :func:`slimkit.measure.latency.measure_latency` (eval mode, inference mode, ``threads``)."""
         return measure_latency(self.model, x, warmup=warmup, runs=repeats, threads=self.threads).median_ms
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from slimkit.deploy.compare import REFERENCE, choose_engine, compare_engines, vs_dense
 from slimkit.deploy.engines import engines_of
 from slimkit.deploy.slim import write_slim
-from slimkit.deploy.timing import median_ms
+from slimkit.measure.latency import measure_latency
 from slimkit.measure.storage import stored_bytes
 from slimkit.quantize.binary import BinarizeConfig, binarize_, binary_layers, use_kernel_
 from slimkit.quantize.stages import AutoBitsConfig, layer_rows, plan_bits
@@ -165,8 +165,7 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
         details = dict(report)
         example = ctx.example_inputs[:1]
         sim_acc = ctx.evaluate(trained)
-        with torch.no_grad():
-            sim_ms = median_ms(lambda: trained.eval()(example), repeats=20)
+        sim_ms = measure_latency(trained, example, runs=20).median_ms
         details.update(simulated_accuracy=sim_acc, simulated_latency_ms=sim_ms)
         engine, acc, latency = "torch", sim_acc, sim_ms
         if config.mode == "xnor" and config.kernel and use_kernel_(trained, True):
@@ -176,7 +175,7 @@ def binarize_stage(model: nn.Module, config: BinarizeStageConfig, ctx: StageCont
 
             with torch.no_grad(), numba_threads(torch.get_num_threads()) as threads:
                 kernel_acc = ctx.evaluate(trained)
-                kernel_ms = median_ms(lambda: trained(example), repeats=20)
+                kernel_ms = measure_latency(trained, example, runs=20).median_ms
             use_kernel_(trained, False)
             details.update(kernel_accuracy=kernel_acc, kernel_latency_ms=kernel_ms, kernel_threads=threads)
             if kernel_ms < sim_ms and kernel_acc >= sim_acc - 0.5:

@@ -1,29 +1,19 @@
-"""Wall-clock timing shared by every engine: the median of repeated batch-1 runs.
+"""Sizes of deployed files. Timing lives in one place, :mod:`slimkit.measure.latency`
+(:func:`~slimkit.measure.latency.measure_latency` for a model,
+:func:`~slimkit.measure.latency.time_callable` for an engine's callable).
 
->>> median_ms(lambda: sum(range(100)), warmup=1, repeats=5) > 0
-True
+>>> import tempfile, pathlib
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     path = pathlib.Path(tmp) / "m.bin"
+...     _ = path.write_bytes(b"1234")
+...     file_bytes(path)
+4
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
-
-
-def median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def file_bytes(path: str | os.PathLike) -> int:

@@ -12,17 +12,19 @@
 True
 
 Submodules: :mod:`~slimkit.measure.macs` (hook-based MAC counting and what it counts),
-:mod:`~slimkit.measure.size` (params, non-zeros, bytes), :mod:`~slimkit.measure.memory`
+:mod:`~slimkit.measure.size` (params, non-zeros), :mod:`~slimkit.measure.storage` (stored
+bytes, with rules the compressed layers register), :mod:`~slimkit.measure.memory`
 (peak activation memory: the RAM one forward needs besides the weights, by fx liveness),
-:mod:`~slimkit.measure.latency` (timing), :mod:`~slimkit.measure.table` (text tables for
-the CLI and reports).
+:mod:`~slimkit.measure.latency` (the one timer, for models and engine callables),
+:mod:`~slimkit.measure.table` (text tables for the CLI and reports).
 """
 
-from slimkit.measure.latency import LatencyStats, measure_latency
-from slimkit.measure.macs import LayerProfile, count_macs, layer_profiles, register_mac_rule
+from slimkit.measure.latency import LatencyStats, measure_latency, time_callable
+from slimkit.measure.macs import LayerProfile, count_macs, count_macs_by_shape, layer_profiles, register_mac_rule
 from slimkit.measure.memory import MemoryProfile, peak_activation_bytes
 from slimkit.measure.profiler import Profile, profile
-from slimkit.measure.size import count_nonzeros, count_params, state_dict_bytes
+from slimkit.measure.size import count_nonzeros, count_params
+from slimkit.measure.storage import register_storage_rule, state_dict_bytes, stored_bytes
 from slimkit.measure.table import format_comparison, format_layer_table, format_summary, human, human_bytes
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "MemoryProfile",
     "Profile",
     "count_macs",
+    "count_macs_by_shape",
     "count_nonzeros",
     "count_params",
     "format_comparison",
@@ -43,5 +46,8 @@ __all__ = [
     "peak_activation_bytes",
     "profile",
     "register_mac_rule",
+    "register_storage_rule",
     "state_dict_bytes",
+    "stored_bytes",
+    "time_callable",
 ]

@@ -141,8 +141,9 @@ def _is_int8(module: nn.Module) -> bool:
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Stored bytes of ``model``'s weights: bit-packed where it is quantized, else the fp32 state dict."""
-    from slimkit.measure.size import state_dict_bytes
+    """Stored bytes of ``model``'s weights: bit-packed where it is quantized, else the fp32 state dict
+    (:func:`slimkit.measure.storage.state_dict_bytes`)."""
+    from slimkit.measure.storage import state_dict_bytes
     from slimkit.quantize.fake import quant_layers
 
     if quant_layers(model):

@@ -1,11 +1,17 @@
-"""Wall-clock latency of a forward pass: median and p99 over repeated runs (the real-time view).
+"""Wall-clock latency: the one timer every latency figure in slimkit goes through.
 
-The model runs in eval mode under ``torch.inference_mode``: ``warmup`` untimed runs (at
-least one, which also checks the input; they absorb lazy initialisation and cache warm-up),
-then ``runs`` timed runs, each measured with ``time.perf_counter`` around one full forward
-(on CUDA the device is synchronised before the clock is read). The p99 is the 99th
-percentile with linear interpolation, so with fewer than 100 runs it lies between the two
-slowest runs. Modes and the torch thread count are restored afterwards.
+- :func:`call_times_ms`: the primitive. ``warmup`` untimed calls of a no-argument function
+  (they absorb lazy initialisation and cache warm-up), then ``runs`` calls each timed with
+  ``time.perf_counter`` around the whole call, with ``threads`` torch intra-op threads
+  (None: as set) and the thread count restored afterwards.
+- :func:`time_callable`: :class:`LatencyStats` of those times, for what is not an
+  ``nn.Module`` (an ONNX Runtime session, an ExecuTorch program, a numba kernel).
+- :func:`measure_latency`: a model's forward on ``example_inputs``, in eval mode under
+  ``torch.inference_mode`` (the first warmup run also checks the input; on CUDA the device
+  is synchronised before the clock is read); every module's mode is restored afterwards.
+
+The p99 is the 99th percentile with linear interpolation, so with fewer than 100 runs it
+lies between the two slowest runs.
 
 >>> import torch
 >>> from torch import nn
@@ -17,6 +23,7 @@ True
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,33 +62,66 @@ def _sync(args: tuple[torch.Tensor, ...]) -> None:
             return
 
 
-def measure_latency(
-    model: nn.Module, example_inputs: Any, *, warmup: int = 5, runs: int = 30, threads: int | None = None
-) -> LatencyStats:
-    """Time ``runs`` forwards of ``example_inputs`` after ``warmup`` untimed ones; see the module docstring."""
-    if not isinstance(warmup, int) or warmup < 0:
+def _check_counts(warmup: Any, runs: Any, min_runs: int = 1) -> None:
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
-    if not isinstance(runs, int) or runs < 1:
-        raise ConfigError(f"runs must be an integer >= 1, got {runs!r}")
-    args = as_args(example_inputs)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < min_runs:
+        raise ConfigError(f"runs must be an integer >= {min_runs}, got {runs!r}")
+
+
+def call_times_ms(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30, threads: int | None = None,
+                  sync: Callable[[], None] | None = None) -> np.ndarray:
+    """Wall times of ``runs`` calls of ``fn()``, milliseconds (float64 ``[runs]``), after ``warmup`` untimed calls.
+
+    ``threads``: torch intra-op threads while timing (None: as set); restored afterwards.
+    ``sync``: called after the warmup and inside each timed window, after ``fn()`` (a CUDA
+    synchronise, so that the clock sees the kernels finish).
+    """
+    _check_counts(warmup, runs)
     times = np.empty(runs, dtype=np.float64)
-    with num_threads(threads) as used, eval_mode(model), torch.inference_mode():
-        run_forward(model, args)  # fails fast with a clear message on a bad input
-        for _ in range(max(warmup - 1, 0)):
-            model(*args)
-        _sync(args)
+    with num_threads(threads):
+        for _ in range(warmup):
+            fn()
+        if sync is not None:
+            sync()
         for i in range(runs):
             start = time.perf_counter()
-            model(*args)
-            _sync(args)
+            fn()
+            if sync is not None:
+                sync()
             times[i] = time.perf_counter() - start
-    ms = times * 1e3
+    return times * 1e3
+
+
+def latency_stats(times_ms: np.ndarray, threads: int) -> LatencyStats:
+    """:class:`LatencyStats` of per-run times in milliseconds (``threads``: the thread count they ran with)."""
+    ms = np.asarray(times_ms, dtype=np.float64)
     return LatencyStats(
         median_ms=float(np.median(ms)),
         p99_ms=float(np.percentile(ms, 99)),
         mean_ms=float(ms.mean()),
         min_ms=float(ms.min()),
         max_ms=float(ms.max()),
-        runs=runs,
-        threads=used,
+        runs=int(ms.size),
+        threads=threads,
     )
+
+
+def time_callable(fn: Callable[[], Any], *, warmup: int = 5, runs: int = 30,
+                  threads: int | None = None) -> LatencyStats:
+    """Timings of ``fn()`` (one inference of an engine that is not an ``nn.Module``); see :func:`call_times_ms`."""
+    with num_threads(threads) as used:
+        return latency_stats(call_times_ms(fn, warmup=warmup, runs=runs), used)
+
+
+def measure_latency(
+    model: nn.Module, example_inputs: Any, *, warmup: int = 5, runs: int = 30, threads: int | None = None
+) -> LatencyStats:
+    """Time ``runs`` forwards of ``example_inputs`` after ``warmup`` untimed ones; see the module docstring."""
+    _check_counts(warmup, runs)
+    args = as_args(example_inputs)
+    with num_threads(threads) as used, eval_mode(model), torch.inference_mode():
+        run_forward(model, args)  # fails fast with a clear message on a bad input
+        times = call_times_ms(lambda: model(*args), warmup=max(warmup - 1, 0), runs=runs,
+                              sync=lambda: _sync(args))
+    return latency_stats(times, used)

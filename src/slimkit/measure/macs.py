@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from slimkit.measure.inputs import as_args, eval_mode, run_forward
+from slimkit.measure.size import count_params
 
 #: rule(module, inputs, output) -> MACs of one call.
 MacRule = Callable[[nn.Module, tuple[Any, ...], Any], int]
@@ -54,28 +55,32 @@ def register_mac_rule(cls: type[nn.Module], rule: MacRule) -> None:
     MAC_RULES[cls] = rule
 
 
-def _conv(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+def conv_macs(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    """The MAC rule of a convolution (any class with ``in_channels``, ``groups``, ``kernel_size``)."""
     return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
 
-def _conv_transpose(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+def conv_transpose_macs(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    """The MAC rule of a transposed convolution: input elements * out_channels/groups * kernel volume."""
     return inputs[0].numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
 
 
-def _linear(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+def linear_macs(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    """The MAC rule of a linear layer (any class with ``in_features``): output elements * in_features."""
     return out.numel() * m.in_features
 
 
-def _bilinear(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+def bilinear_macs(m: nn.Module, inputs: tuple[Any, ...], out: Any) -> int:
+    """The MAC rule of ``nn.Bilinear``: output elements * in1_features * in2_features."""
     return out.numel() * m.in1_features * m.in2_features
 
 
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_mac_rule(_cls, _conv)
+    register_mac_rule(_cls, conv_macs)
 for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_mac_rule(_cls, _conv_transpose)
-register_mac_rule(nn.Linear, _linear)
-register_mac_rule(nn.Bilinear, _bilinear)
+    register_mac_rule(_cls, conv_transpose_macs)
+register_mac_rule(nn.Linear, linear_macs)
+register_mac_rule(nn.Bilinear, bilinear_macs)
 
 
 def rule_for(module: nn.Module) -> MacRule | None:
@@ -102,8 +107,9 @@ class LayerProfile:
     share: float
 
 
-def _units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Leaf modules and modules with a MAC rule (not descending into those), in ``named_modules`` order."""
+def mac_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules counted as one unit each: leaf modules and modules with a MAC rule (not descending
+    into those), by qualified name (the root's class name when it is one itself), in ``named_modules`` order."""
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -126,16 +132,24 @@ def _first_shape(output: Any) -> tuple[int, ...] | None:
     return None
 
 
-def layer_profiles(model: nn.Module, example_inputs: Any) -> tuple[LayerProfile, ...]:
+def layer_profiles(model: nn.Module, example_inputs: Any, *, meta: bool = False) -> tuple[LayerProfile, ...]:
     """Per-layer params and MACs of one forward of ``example_inputs``, in call order.
 
     Runs the model once in eval mode under ``torch.no_grad`` (so BatchNorm statistics are
     not touched) and restores every module's mode afterwards. Hooks are removed even
-    when the forward fails. Layers that never ran are left out.
+    when the forward fails. Layers that never ran are left out. ``meta``: run on meta
+    tensors (the inputs' shapes, the parameters swapped for meta tensors of theirs, see
+    :func:`slimkit.tracing.on_meta`): the same counts from shapes alone, no arithmetic; for
+    models whose forward does not read tensor values.
     Raises ConfigError when ``example_inputs`` do not fit the model.
     """
     args = as_args(example_inputs)
-    units = _units(model)
+    if meta:
+        from slimkit.tracing import on_meta
+
+        with on_meta(model):
+            return layer_profiles(model, tuple(t.to("meta") for t in args))
+    units = mac_units(model)
     calls: dict[str, dict[str, Any]] = {}  # name -> {"module", "macs", "shape"}, insertion = call order
     handles = []
 
@@ -164,7 +178,7 @@ def layer_profiles(model: nn.Module, example_inputs: Any) -> tuple[LayerProfile,
             name=name,
             type=type(entry["module"]).__name__,
             output_shape=entry["shape"],
-            params=sum(p.numel() for p in entry["module"].parameters()),
+            params=count_params(entry["module"]),
             macs=entry["macs"],
             share=entry["macs"] / total if total else 0.0,
         )
@@ -172,6 +186,63 @@ def layer_profiles(model: nn.Module, example_inputs: Any) -> tuple[LayerProfile,
     )
 
 
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Total MACs of one forward of ``example_inputs`` (whole batch); see the module docstring for what counts."""
-    return sum(layer.macs for layer in layer_profiles(model, example_inputs))
+class _Shape(tuple):
+    """A tensor's shape standing in for the tensor in a MAC rule (rules read ``numel()`` and ``shape``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self)
+
+    def numel(self) -> int:
+        return math.prod(self)
+
+
+def _conv_out(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    dims = len(m.kernel_size)
+    if len(shape) != dims + 2 or shape[1] != m.in_channels:
+        return None
+    if m.padding == "same":
+        return (shape[0], m.out_channels, *shape[2:])
+    padding = (0,) * dims if m.padding == "valid" else m.padding
+    spatial = ((n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, p, d, k, s in zip(shape[2:], padding, m.dilation, m.kernel_size, m.stride, strict=True))
+    return (shape[0], m.out_channels, *spatial)
+
+
+def _linear_out(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    return (*shape[:-1], m.out_features) if shape and shape[-1] == m.in_features else None
+
+
+#: exact classes whose output shape :func:`count_macs_by_shape` computes without running them
+_SHAPE_RULES = {**{cls: _conv_out for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}, nn.Linear: _linear_out}
+
+
+def count_macs_by_shape(model: nn.Module, in_shape: tuple[int, ...]) -> int:
+    """:func:`count_macs` of one input of shape ``in_shape`` (batch axis included), from shapes alone.
+
+    For a Conv1d/2d/3d or Linear layer, or an ``nn.Sequential`` chain of them (a low-rank
+    decomposition's skeleton, on any device, the meta device included): each layer's output
+    shape follows from conv arithmetic and its MACs from its registered rule, the rule
+    :func:`count_macs` applies in its forward hooks, without running anything (a forward on
+    meta tensors costs ~100x more). Any other module is counted by :func:`count_macs` on
+    meta tensors.
+    """
+    layers = list(model) if type(model) is nn.Sequential else [model]
+    shape = _Shape(in_shape)
+    total = 0
+    for layer in layers:
+        out_shape = _SHAPE_RULES[type(layer)](layer, shape) if type(layer) in _SHAPE_RULES else None
+        if out_shape is None:
+            return count_macs(model, torch.empty(in_shape, device="meta"), meta=True)
+        out = _Shape(out_shape)
+        total += int(rule_for(layer)(layer, (shape,), out))
+        shape = out
+    return total
+
+
+def count_macs(model: nn.Module, example_inputs: Any, *, meta: bool = False) -> int:
+    """Total MACs of one forward of ``example_inputs`` (whole batch); see the module docstring for what counts.
+
+    ``meta``: counted from shapes alone on meta tensors (see :func:`layer_profiles`).
+    """
+    return sum(layer.macs for layer in layer_profiles(model, example_inputs, meta=meta))

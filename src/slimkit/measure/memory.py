@@ -12,16 +12,18 @@ overestimate by that one tensor). Weights, and tensors computed from weights alo
 
 Two methods, the first that works is used:
 
-- ``"graph"``: the model is traced with ``torch.fx`` (torch's own modules are leaves, as
-  fx does by default; a submodule whose forward fx cannot trace becomes a leaf too),
-  the graph is run once recording every node's output storages, and a liveness sweep in
+- ``"graph"``: the model is traced by :func:`slimkit.tracing.trace_model` (torch's own
+  modules are leaves, as fx does by default; control flow on shapes is resolved for the
+  example's shapes, else a submodule whose forward fx cannot trace is kept whole), the
+  graph is run once recording every node's output storages, and a liveness sweep in
   execution order follows: a node's output is alive from the node until its last user
   has run, so while node ``n`` runs, the tensors still needed later, ``n``'s inputs and
   ``n``'s output are alive. The peak is the largest such sum; skip connections count.
-- ``"layers"``: when the model itself cannot be traced (data-dependent control flow in its
-  own ``forward``), forward hooks on the leaf modules give, per call, the input bytes plus
-  the output bytes; the peak is the largest of those (and of the inputs). Tensors kept
-  alive across layers (a residual's skip) are missed, so it is a lower bound.
+- ``"layers"``: when nothing traces (:func:`~slimkit.tracing.trace_model` finds no graph:
+  data-dependent control flow in the model's own ``forward``), forward hooks on the leaf
+  modules give, per call, the input bytes plus the output bytes; the peak is the largest
+  of those (and of the inputs). Tensors kept alive across layers (a residual's skip) are
+  missed, so it is a lower bound.
 
 >>> import torch
 >>> from torch import nn
@@ -41,6 +43,7 @@ import torch
 from torch import fx, nn
 
 from slimkit.measure.inputs import as_args, eval_mode, run_forward
+from slimkit.tracing import trace_model
 
 #: storage key -> bytes of that storage.
 Storages = dict[tuple[str, int], int]
@@ -99,40 +102,6 @@ def _peak(steps: list[tuple[str, int]], method: str) -> MemoryProfile:
     return MemoryProfile(peak_bytes=peak, peak_at=name, method=method, steps=tuple(steps))
 
 
-class _Tracer(fx.Tracer):
-    """fx's default tracer, with extra leaves; remembers the innermost submodule whose trace failed."""
-
-    def __init__(self, leaves: frozenset[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-        self.failed: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed is None:
-                self.failed = self.path_of_module(m)
-            raise
-
-
-def _trace(model: nn.Module) -> fx.GraphModule | None:
-    """``model`` as a GraphModule, making untraceable submodules leaves; None when its own forward fails."""
-    leaves: frozenset[str] = frozenset()
-    while True:
-        tracer = _Tracer(leaves)
-        try:
-            return fx.GraphModule(model, tracer.trace(model))
-        except Exception:
-            if tracer.failed is None or tracer.failed in leaves:
-                return None
-            leaves |= {tracer.failed}
-
-
 class _Recorder(fx.Interpreter):
     """Runs a GraphModule keeping every value alive (so no address is reused) and records output storages."""
 
@@ -183,7 +152,7 @@ def _liveness(nodes: list[fx.Node], outputs: dict[fx.Node, Storages]) -> list[tu
 
 def _graph_steps(model: nn.Module, args: tuple[torch.Tensor, ...]) -> list[tuple[str, int]] | None:
     """Live bytes per fx node (see the module docstring), or None when the model cannot be traced or run traced."""
-    graph_module = _trace(model)
+    graph_module = trace_model(model, args).graph_module
     if graph_module is None:
         return None
     recorder = _Recorder(graph_module, _weight_storages(model))

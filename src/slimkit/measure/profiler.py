@@ -11,7 +11,8 @@ from slimkit.measure.inputs import as_args, batch_size_of, num_threads
 from slimkit.measure.latency import measure_latency
 from slimkit.measure.macs import LayerProfile, layer_profiles
 from slimkit.measure.memory import peak_activation_bytes
-from slimkit.measure.size import count_nonzeros, count_params, state_dict_bytes
+from slimkit.measure.size import count_nonzeros, count_params
+from slimkit.measure.storage import state_dict_bytes
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Profile:
     - ``params``: parameter entries; ``nonzeros``: those non-zero after any ``*_mask``;
     - ``macs``: multiply-accumulates of one forward of the whole example batch
       (:mod:`slimkit.measure.macs` says what counts); ``flops`` = 2 * ``macs``;
-    - ``bytes``: the fp32 state dict (:func:`slimkit.measure.size.state_dict_bytes`);
+    - ``bytes``: the fp32 state dict (:func:`slimkit.measure.storage.state_dict_bytes`);
     - ``peak_activation_bytes``: bytes of activations alive at once in one forward of the batch,
       input included, at the tensors' dtypes, and ``peak_activation_at`` the node or layer
       running then (:func:`slimkit.measure.memory.peak_activation_bytes`);

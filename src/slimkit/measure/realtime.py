@@ -16,7 +16,6 @@ quantized model), with a fixed thread count.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from slimkit.exceptions import ConfigError
+from slimkit.measure.inputs import num_threads
+from slimkit.measure.latency import call_times_ms
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,16 @@ def deadline_from(deadline_ms: float | None = None, fps: float | None = None) ->
 
 
 def realtime_stats(fn: Callable[[], Any], runs: int = 500, warmup: int = 10, deadline_ms: float | None = None,
-                   engine: str = "", threads: int = 1) -> RealtimeStats:
-    """Time ``runs`` calls of ``fn`` (one batch-1 inference each) after ``warmup`` untimed calls."""
+                   engine: str = "", threads: int | None = None) -> RealtimeStats:
+    """Time ``runs`` calls of ``fn`` (one batch-1 inference each) after ``warmup`` untimed calls.
+
+    Timed by :func:`slimkit.measure.latency.call_times_ms` with ``threads`` torch intra-op
+    threads (None: as set; restored afterwards); ``threads`` in the result is the count used.
+    """
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
         raise ConfigError(f"runs must be an integer >= 2 (p99 needs many runs; 500 is a good default), got {runs!r}")
-    for _ in range(max(warmup, 0)):
-        fn()
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        fn()
-        times[i] = time.perf_counter() - start
-    ms = times * 1e3
+    with num_threads(threads) as used:
+        ms = call_times_ms(fn, warmup=max(warmup, 0), runs=runs)
     p50, p99 = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     extra: dict[str, Any] = {}
     if deadline_ms is not None:
@@ -96,7 +95,7 @@ def realtime_stats(fn: Callable[[], Any], runs: int = 500, warmup: int = 10, dea
                  "margin_ms": float(deadline_ms - p99), "meets": bool(p99 <= deadline_ms)}
     return RealtimeStats(p50_ms=p50, p99_ms=p99, max_ms=float(ms.max()), mean_ms=float(ms.mean()),
                          jitter_ms=float(ms.std()), p99_minus_p50_ms=p99 - p50, runs=runs, engine=engine,
-                         threads=threads, **extra)
+                         threads=used, **extra)
 
 
 ENGINES = ("eager", "onnxruntime", "onnxruntime-int8")

@@ -1,17 +1,13 @@
-"""Parameters, non-zeros and the bytes of the fp32 state dict.
+"""Parameters, non-zeros and the bytes of the fp32 state dict: the one parameter counter.
 
 - :func:`count_params`: every parameter entry (shared parameters once).
 - :func:`count_nonzeros`: parameter entries that are non-zero *after masking*: when the
   owning module has a buffer ``<param>_mask`` (slimkit's ``weight_mask``) or the parameter
   is ``<name>_orig`` with a ``<name>_mask`` buffer (``torch.nn.utils.prune``), an entry counts
   only if both the weight and its mask are non-zero.
-- :func:`state_dict_bytes`: the size of the model stored densely in fp32, i.e. of its
-  ``state_dict``: every floating-point entry (parameters and buffers such as BatchNorm
-  running statistics, whatever their dtype) at 4 bytes, every integer or bool buffer
-  (``num_batches_tracked``) at its own item size. Entries whose name ends in ``_mask`` are
-  excluded: masks are a simulation artefact, not part of a deployed model. Tensors shared
-  under two names count once. No file-format overhead (pickle headers, zip) is included.
-  This is the "before" figure; compressed artifacts report their real bytes themselves.
+- :func:`state_dict_bytes`: the size of the model stored densely in fp32, re-exported from
+  :mod:`slimkit.measure.storage` (the one module for stored bytes, which says what counts;
+  :func:`slimkit.measure.storage.stored_bytes` counts registered compressed layers as stored).
 
 >>> from torch import nn
 >>> layer = nn.Linear(4, 3)
@@ -27,11 +23,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MASK_SUFFIX = "_mask"
+from slimkit.measure.storage import MASK_SUFFIX, state_dict_bytes
+
+__all__ = ["MASK_SUFFIX", "count_nonzeros", "count_params", "state_dict_bytes"]
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameter entries of ``model`` (shared parameters counted once)."""
+    """Number of parameter entries of ``model`` (shared parameters counted once); every parameter
+    figure in slimkit (reports, profiles, decomposition costs) is this count."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -59,17 +58,4 @@ def count_nonzeros(model: nn.Module) -> int:
                 if mask is not None and mask.shape == param.shape:
                     nonzero = nonzero & (mask != 0)
                 total += int(nonzero.sum())
-    return total
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s state dict stored densely in fp32 (see the module docstring for what counts)."""
-    total = 0
-    seen: set[int] = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name.rsplit(".", 1)[-1].endswith(MASK_SUFFIX) or id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        itemsize = 4 if tensor.is_floating_point() else tensor.element_size()
-        total += tensor.numel() * itemsize
     return total

@@ -6,9 +6,10 @@
 happens before quantizing so the integer model has no BN left; the folded model equals the
 original in eval mode (to float rounding).
 
-Pairs are found on the traced graph (torch.fx) when the model traces, otherwise by
-adjacency inside ``nn.Sequential`` containers; a conv is folded only when the BN is its
-sole consumer.
+Pairs are found on the traced graph (:func:`slimkit.tracing.trace_model`, the tracing
+helper every graph path uses) when the model traces, otherwise (and inside a submodule the
+trace had to keep whole) by adjacency inside ``nn.Sequential`` containers; a conv is folded
+only when the BN is its sole consumer.
 
 >>> import torch
 >>> from torch import nn
@@ -25,19 +26,19 @@ tensor(...
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from slimkit.selection import replace_module
+from slimkit.tracing import trace_model
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
-    import torch.fx
-
-    graph = torch.fx.symbolic_trace(model).graph
+def _pairs_graph(model: nn.Module, graph: torch.fx.Graph) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
@@ -54,25 +55,34 @@ def _pairs_fx(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs_sequential(model: nn.Module) -> list[tuple[str, str]]:
+def _pairs_sequential(model: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
     pairs = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(prefix=prefix):
         if not isinstance(module, nn.Sequential):
             continue
         children = list(module.named_children())
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
             if isinstance(a, _CONVS) and isinstance(b, _BNS):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + a_name, prefix + b_name))
+                head = f"{name}." if name else ""
+                pairs.append((head + a_name, head + b_name))
     return pairs
 
 
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, bn name) pairs where the BN directly and solely consumes the conv."""
-    try:
-        pairs = _pairs_fx(model)
-    except Exception:  # untraceable control flow: fall back to Sequential adjacency
+def conv_bn_pairs(model: nn.Module, example_inputs: Any = None) -> list[tuple[str, str]]:
+    """(conv name, bn name) pairs where the BN directly and solely consumes the conv.
+
+    Found on the graph of :func:`slimkit.tracing.trace_model` (``example_inputs``, a Tensor or
+    a tuple of Tensors, lets it resolve shape-dependent control flow); inside a submodule kept
+    whole by the trace, and in a model that does not trace at all, by adjacency inside
+    ``nn.Sequential`` containers.
+    """
+    traced = trace_model(model, example_inputs)
+    if traced.graph_module is None:
         pairs = _pairs_sequential(model)
+    else:
+        pairs = _pairs_graph(model, traced.graph_module.graph)
+        for name in traced.opaque:
+            pairs += _pairs_sequential(model.get_submodule(name), prefix=name)
     modules = dict(model.named_modules())
     usage: dict[int, int] = {}
     for _, module in model.named_modules(remove_duplicate=False):
@@ -97,14 +107,14 @@ def fold_into(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         conv.bias.copy_(new_bias)
 
 
-def fold_bn_(model: nn.Module) -> list[str]:
+def fold_bn_(model: nn.Module, example_inputs: Any = None) -> list[str]:
     """Fold every BN that directly follows a conv into it, in place; BNs become Identity.
 
     Returns the names of the folded convolutions. Uses the BN's running statistics, so the
-    result equals the original in eval mode only.
+    result equals the original in eval mode only. ``example_inputs``: see :func:`conv_bn_pairs`.
     """
     folded = []
-    for conv_name, bn_name in conv_bn_pairs(model):
+    for conv_name, bn_name in conv_bn_pairs(model, example_inputs):
         bn = model.get_submodule(bn_name)
         if not bn.track_running_stats or bn.running_mean is None:
             continue

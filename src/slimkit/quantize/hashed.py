@@ -187,10 +187,10 @@ register_module_spec(HashedConv2d, lambda m: {**_conv_spec(m), **m.hash_args()})
 
 
 def _register_macs() -> None:
-    from slimkit.measure.macs import _conv, _linear, register_mac_rule
+    from slimkit.measure.macs import conv_macs, linear_macs, register_mac_rule
 
-    register_mac_rule(HashedConv2d, _conv)  # the virtual dense weight is multiplied in full
-    register_mac_rule(HashedLinear, _linear)
+    register_mac_rule(HashedConv2d, conv_macs)  # the virtual dense weight is multiplied in full
+    register_mac_rule(HashedLinear, linear_macs)
 
 
 _register_macs()

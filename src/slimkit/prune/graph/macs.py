@@ -46,12 +46,12 @@ class _Counter(_ShapeProp):
 
 def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Tensor) -> int | None:
     """``count_macs(model, example_inputs)`` from a meta run of ``graph.traced``, or None where it may differ."""
-    from slimkit.measure.macs import _units, rule_for
+    from slimkit.measure.macs import mac_units, rule_for
 
     gm = graph.traced
     if gm is None:
         return None
-    ruled = {name: rule_for(m) for name, m in _units(model) if rule_for(m) is not None}
+    ruled = {name: rule_for(m) for name, m in mac_units(model) if rule_for(m) is not None}
     if not set(ruled) <= {n.target for n in gm.graph.nodes if n.op == "call_module"}:
         return None
     was_training = model.training

@@ -1,0 +1,198 @@
+"""One tracing helper: the torch.fx graph of a model, found by one fallback order.
+
+Every path that needs a model's graph calls :func:`trace_model`: the channel graph of
+structured pruning (:mod:`slimkit.prune.graph.trace`), peak activation memory
+(:mod:`slimkit.measure.memory`), batch-norm folding (:mod:`slimkit.quantize.fold`) and
+PyTorch's x86 int8 engine (:func:`slimkit.deploy.engines.torch_x86_int8`). So a model traces
+for one figure iff it traces for the others. The order, first that works:
+
+1. ``"symbolic"``: ``torch.fx`` symbolic tracing. torch's own modules are leaves (fx's
+   default), and so is every module for which the caller's ``leaf`` predicate is true
+   (structured pruning: classes with a channel rule of their own); every other module is
+   traced through. A parameter read in a traced-through forward is found by identity.
+2. ``"meta"`` (only with ``example_inputs``): fx's ``MetaTracer`` on a meta-device copy,
+   which resolves control flow on shapes (``if x.shape[-1] != 32``) for the example's
+   shapes; the graph then holds for inputs of those shapes. Its root is the model itself.
+3. ``"opaque"``: step 1 again with the submodule whose forward failed kept whole (a leaf),
+   innermost first, repeated until the trace succeeds; :attr:`Traced.opaque` names them.
+   A caller that must see inside every module (structured pruning) refuses such a graph.
+4. Nothing traced (the model's own forward cannot be traced): :attr:`Traced.graph_module`
+   is None and :attr:`Traced.error` says why; the caller raises a one-line error or uses
+   a method that needs no graph.
+
+Tracing does not change the model's train/eval mode: a forward that branches on
+``self.training`` is traced in the mode the caller left it in.
+
+>>> import torch
+>>> from torch import nn
+>>> class Fit(nn.Module):  # control flow on a shape: symbolic tracing fails, the meta trace resolves it
+...     def forward(self, x):
+...         return x if x.shape[-1] == 4 else nn.functional.adaptive_avg_pool2d(x, 4)
+>>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), Fit())
+>>> trace_model(model).method, trace_model(model).opaque
+('opaque', ('1',))
+>>> trace_model(model, torch.zeros(1, 1, 4, 4)).method
+'meta'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+#: ``leaf(module, qualified_name) -> True`` keeps a module whole in the trace (besides fx's default leaves).
+LeafRule = Callable[[nn.Module, str], bool]
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What :func:`trace_model` found (see the module docstring).
+
+    - ``graph_module``: the traced ``fx.GraphModule`` (its modules are the model's), or None;
+    - ``method``: ``"symbolic"``, ``"meta"``, ``"opaque"`` or ``"none"``;
+    - ``opaque``: qualified names of the submodules kept whole because fx could not trace them;
+    - ``error``: the first line of the symbolic trace's error (None when it succeeded).
+    """
+
+    graph_module: fx.GraphModule | None
+    method: str
+    opaque: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its class name when empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, with the caller's extra leaves and the opaque submodules kept whole.
+
+    A parameter read in a traced-through forward (``self.weight`` in timm's ``BatchNormAct2d``)
+    is found by identity in a table built once; fx's own lookup walks every parameter of the
+    model for each read (seconds on a timm model). Remembers the innermost submodule whose
+    forward failed (``failed``).
+    """
+
+    def __init__(self, leaf: LeafRule | None = None, opaque: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self.leaf = leaf
+        self.opaque = opaque
+        self.failed: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (qualname in self.opaque or fx.Tracer.is_leaf_module(self, m, qualname)
+                or (self.leaf is not None and self.leaf(m, qualname)))
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = self.path_of_module(m)
+            raise
+
+    def _names(self) -> dict[int, tuple[str, bool]]:
+        names = getattr(self, "_slimkit_names", None)
+        if names is None:
+            names = {}
+            for name, p in self.root.named_parameters():
+                names.setdefault(id(p), (name, True))
+            for name, b in self.root.named_buffers():
+                names.setdefault(id(b), (name, False))
+            self._slimkit_names = names
+        return names
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, fx.Proxy):
+            found = self._names().get(id(a))
+            if found is not None:
+                return self.create_node("get_attr", found[0], (), {})
+        return super().create_arg(a)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        found = self._names().get(id(attr_val))
+        if found is None or not (found[1] or self.proxy_buffer_attributes) or (
+                found[1] and not isinstance(attr_val, nn.Parameter)):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = found[0]
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+
+def _symbolic(model: nn.Module, leaf: LeafRule | None, opaque: frozenset[str]) -> tuple[fx.GraphModule | None,
+                                                                                        _Tracer, Exception | None]:
+    tracer = _Tracer(leaf, opaque)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many types on data-dependent control flow
+        return None, tracer, err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer, None
+
+
+def _meta(model: nn.Module, args: tuple[torch.Tensor, ...], leaf: LeafRule | None) -> fx.GraphModule:
+    """Trace a meta-device copy with fx's MetaTracer, so that control flow on shapes is resolved."""
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    class _Meta(MetaTracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return _Tracer.is_leaf_module(self, m, qualname)
+
+    meta_model = copy.deepcopy(model).to("meta")
+    names = list(inspect.signature(model.forward).parameters)[:len(args)]
+    tracer = _Meta()
+    tracer.leaf, tracer.opaque = leaf, frozenset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tracer.trace(meta_model, meta_args={n: t.to("meta") for n, t in zip(names, args)})
+    return fx.GraphModule(model, graph)
+
+
+def trace_model(model: nn.Module, example_inputs: Any = None, *, leaf: LeafRule | None = None) -> Traced:
+    """The fx graph of ``model`` by the fallback order of the module docstring (the model is not changed).
+
+    ``example_inputs``: a Tensor or a tuple of Tensors (enables the meta trace, step 2);
+    ``leaf``: extra modules to keep whole in every step.
+    """
+    gm, tracer, err = _symbolic(model, leaf, frozenset())
+    if gm is not None:
+        return Traced(gm, "symbolic")
+    error = first_line(err)
+    if example_inputs is not None:
+        from slimkit.measure.inputs import as_args
+
+        try:
+            return Traced(_meta(model, as_args(example_inputs), leaf), "meta", error=error)
+        except Exception:  # an op without a meta kernel, a forward that reads tensor values
+            pass
+    opaque: frozenset[str] = frozenset()
+    while tracer.failed is not None and tracer.failed not in opaque:
+        opaque |= {tracer.failed}
+        gm, tracer, _ = _symbolic(model, leaf, opaque)
+        if gm is not None:
+            order = [name for name, _ in model.named_modules() if name in opaque]
+            return Traced(gm, "opaque", tuple(order), error)
+    return Traced(None, "none", error=error)
+
+
+def on_meta(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Inside the block, every parameter and buffer of ``module`` is a meta tensor of the same shape."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    tensors = {name: torch.empty_like(t, device="meta")
+               for name, t in [*module.named_parameters(remove_duplicate=False),
+                               *module.named_buffers(remove_duplicate=False)]}
+    return _reparametrize_module(module, tensors)
