@@ -26,6 +26,7 @@ from torch import nn
 
 from slimkit.distill.spec import DistillSpec
 from slimkit.exceptions import ConfigError
+from slimkit.measure.size import count_params  # the one parameter counter (also imported from here)
 from slimkit.stages import StageContext
 from slimkit.train import TrainConfig, evaluate
 
@@ -38,10 +39,6 @@ def build_student(name: str, num_classes: int, in_channels: int) -> nn.Module:
     if parse_plain_name(name) is not None:
         return plain_cnn(name, num_classes=num_classes, in_channels=in_channels)
     return create_model(name, num_classes=num_classes, in_channels=in_channels)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _plain_depth(model: nn.Module) -> int | None:
