@@ -47,22 +47,23 @@ def models() -> dict[str, nn.Module]:
     torch.manual_seed(0)
     m = skeleton()
     m[1].running_mean.uniform_()
-    dct_compress_(m, {"conv_bits": 3, "zero_fraction": 0.5, "layers": ("0",)})
+    dct_compress_(m, x, {"conv_bits": 3, "zero_fraction": 0.5, "layers": ("0",)})
     magnitude_prune_(m, x, {"sparsity": 0.8, "layers": ("3", "6")})
-    share_weights_(m, {"conv_bits": 4, "linear_bits": 3, "layers": ("3", "8")})
+    share_weights_(m, x, {"conv_bits": 4, "linear_bits": 3, "layers": ("3", "8")})
     out["shared_dct"] = m.eval()
     torch.manual_seed(1)
     m = skeleton().eval()
-    quantize_(m, {"bits": 4, "per_channel": True, "symmetric": False, "scale_dtype": "float16",
-                  "overrides": {"0": 8}, "reduce_range": False}, calibration=[x])
+    quantize_(m, x, {"bits": 4, "per_channel": True, "symmetric": False, "scale_dtype": "float16",
+                     "overrides": {"0": 8}, "reduce_range": False}, calibration=[x])
     out["int4_per_channel"] = m.eval()
     torch.manual_seed(2)
     m = skeleton().eval()
-    quantize_(m, {"bits": 8, "per_channel": False, "symmetric": True, "scale_dtype": "float32"}, calibration=[x])
+    quantize_(m, x, {"bits": 8, "per_channel": False, "symmetric": True, "scale_dtype": "float32"},
+              calibration=[x])
     out["int8_per_tensor"] = m.eval()
     torch.manual_seed(3)
     m = skeleton().eval()
-    binarize_(m, {"mode": "xnor"})
+    binarize_(m, x, {"mode": "xnor"})
     out["binary"] = m.eval()
     return out
 
