@@ -104,3 +104,18 @@ def test_rapl_reads_counters_or_says_why(tmp_path):
     assert mj == pytest.approx(2.0) and "package-0" in note
     assert rapl_energy_mj(work, runs=1, root=tmp_path / "missing") == (None, f"no readable RAPL counter under "
                                                                             f"{tmp_path / 'missing'}")
+
+
+def test_weight_traffic_is_the_stored_bytes_figure():
+    """The energy's weight bytes come from the one stored-bytes module: fp32 state dict for a float model,
+    1 bit per weight + alpha for a binarized one (the rule binary layers register)."""
+    from slimkit.measure.energy import model_weight_bytes
+    from slimkit.measure.storage import state_dict_bytes, stored_bytes
+    from slimkit.quantize.binary import binarize_
+
+    model = two_layer()
+    assert model_weight_bytes(model) == state_dict_bytes(model) == 4 * (18 + 24)
+    binarize_(model, X, {"mode": "bwn", "keep_first_last": False})
+    packed = model_weight_bytes(model)
+    assert packed == stored_bytes(model) < state_dict_bytes(model)
+    assert estimate_energy(model, profile(model, X, latency=False), sram_bytes=0).weight_bytes == packed

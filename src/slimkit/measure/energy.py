@@ -141,16 +141,11 @@ def _is_int8(module: nn.Module) -> bool:
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Stored bytes of ``model``'s weights: bit-packed where it is quantized, else the fp32 state dict
-    (:func:`slimkit.measure.storage.state_dict_bytes`)."""
-    from slimkit.measure.storage import state_dict_bytes
-    from slimkit.quantize.fake import quant_layers
+    """Stored bytes of ``model``'s weights: :func:`slimkit.measure.storage.stored_bytes` (bit-packed
+    where a layer is quantized or binary, by the rules those layers register; the fp32 state dict else)."""
+    from slimkit.measure.storage import stored_bytes
 
-    if quant_layers(model):
-        from slimkit.measure.storage import stored_bytes
-
-        return stored_bytes(model)
-    return state_dict_bytes(model)
+    return stored_bytes(model)
 
 
 def estimate_energy(model: nn.Module, profile: Any, *, weight_bytes: int | None = None,
