@@ -102,6 +102,7 @@ def _pruning_traces(model) -> bool:
         trace(model, X)
     except UnsupportedModelError as err:
         assert "cannot be traced by torch.fx" in str(err)
+        assert ("'branch' kept whole" in str(err)) is isinstance(model, OpaqueInside)
         return False
     return True
 

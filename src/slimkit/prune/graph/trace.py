@@ -100,8 +100,10 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     """
     traced = trace_model(model, example_inputs, leaf=_has_own_rule)
     if traced.graph_module is None or traced.opaque:
-        kept = (f" (it traces only with {', '.join(map(repr, traced.opaque))} kept whole, and the channel graph "
-                "needs to see inside every module)") if traced.opaque else ""
+        names = ", ".join(map(repr, traced.opaque[:3])) + (
+            f" and {len(traced.opaque) - 3} more" if len(traced.opaque) > 3 else "")
+        kept = (f" (it traces only with {names} kept whole, and the channel graph needs to see inside every "
+                "module)") if traced.opaque else ""
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx ({traced.error}){kept}; "
             "make its forward free of data-dependent control flow or prune it layer by layer"
