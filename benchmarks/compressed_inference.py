@@ -9,7 +9,11 @@ and k-means bits, no fine-tuning) it loads the model twice, decoded
 codebook), and reports in one run: test accuracy of both on digits, the file size, the
 bytes of every tensor each one keeps (``slimkit.encode.runtime.resident_bytes``; for the
 decoded model also just its weights and biases), and batch-1 latency of both, timed in
-turn (median), at each ``--threads``.
+turn (round-robin, median), at each ``--threads`` (``torch.set_num_threads``: the dense
+model's convolutions and GEMMs use them; the compressed model runs each fused chain as one
+serial numba call, so it uses one thread whatever the setting). A third column times the
+compressed model run layer by layer (``load_compressed(path, fuse=False)``), to show what
+the fused chain saves.
 
     .venv/bin/python benchmarks/compressed_inference.py
     .venv/bin/python benchmarks/compressed_inference.py --slim /tmp/dc/model.slim /tmp/dc300/model.slim --threads 1 2
@@ -25,7 +29,7 @@ import torch
 
 from slimkit.data import load_data
 from slimkit.encode import load, save
-from slimkit.encode.runtime import resident_bytes
+from slimkit.encode.runtime import load_compressed, resident_bytes
 from slimkit.kernels.timing import interleaved_ms
 from slimkit.train import evaluate
 
@@ -59,19 +63,20 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def measure(path: Path, data, threads: list[int], repeats: int) -> list[dict]:
     decoded, compressed = load(path), load(path, runtime="compressed")
+    layered = load_compressed(path, fuse=False)
     x = data.test[0][0].unsqueeze(0)
     acc_dense, acc_comp = evaluate(decoded, data.test), evaluate(compressed, data.test)
     rows = []
     for t in threads:
         torch.set_num_threads(t)
         with torch.no_grad():
-            ms = interleaved_ms({"dense": lambda: decoded(x), "compressed": lambda: compressed(x)}, repeats=repeats,
-                                warmup=20)
+            ms = interleaved_ms({"dense": lambda: decoded(x), "compressed": lambda: compressed(x),
+                                 "layered": lambda: layered(x)}, repeats=repeats, warmup=20)
         rows.append({"file": str(path), "threads": t, "file_bytes": path.stat().st_size,
                      "accuracy_decoded": acc_dense, "accuracy_compressed": acc_comp,
                      "resident_compressed": resident_bytes(compressed), "resident_decoded": resident_bytes(decoded),
                      "weights_decoded": weight_bytes(decoded), "dense_ms": ms["dense"],
-                     "compressed_ms": ms["compressed"],
+                     "compressed_ms": ms["compressed"], "layered_ms": ms["layered"],
                      "layers": compressed.compressed_report})
     return rows
 
@@ -92,14 +97,15 @@ def main() -> None:
         paths = [Path(p) for p in args.slim] or [build(name, data, Path(tmp)) for name in RECIPES]
         rows = [r for p in paths for r in measure(p, data, args.threads, args.repeats)]
     print("| file | threads | accuracy decoded / compressed | .slim bytes | resident compressed (x file) | "
-          "decoded: all tensors / weights+biases | dense fp32 eager ms | compressed ms | dense / compressed |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          "decoded: all tensors / weights+biases | dense fp32 eager ms | compressed ms | dense / compressed | "
+          "compressed layer by layer ms |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kept = r["resident_compressed"]
         print(f"| {_label(r['file'])} | {r['threads']} | {r['accuracy_decoded']:.2f} / "
               f"{r['accuracy_compressed']:.2f} | {r['file_bytes']:,} | {kept:,} ({kept / r['file_bytes']:.2f}x)"
               f" | {r['resident_decoded']:,} / {r['weights_decoded']:,} | {r['dense_ms']:.3f} | "
-              f"{r['compressed_ms']:.3f} | {r['dense_ms'] / r['compressed_ms']:.2f}x |")
+              f"{r['compressed_ms']:.3f} | {r['dense_ms'] / r['compressed_ms']:.2f}x | {r['layered_ms']:.3f} |")
     for r in rows[:: len(args.threads)]:
         print(f"{_label(r['file'])}: " + "; ".join(f"{k}: {v}" for k, v in r["layers"].items()))
 

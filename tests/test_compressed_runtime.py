@@ -6,7 +6,8 @@ from torch import nn
 
 from slimkit.data import load_data
 from slimkit.encode import load, save
-from slimkit.encode.runtime import COMPRESSED_LAYERS, resident_bytes
+from slimkit.encode.runtime import COMPRESSED_LAYERS, load_compressed, resident_bytes
+from slimkit.kernels.fused import FusedChain
 from slimkit.models import create_model
 from slimkit.prune.magnitude import magnitude_prune_
 from slimkit.quantize.sharing import share_weights_
@@ -60,6 +61,72 @@ def test_no_dense_weight_is_kept_and_memory_is_at_most_twice_the_file(slim_file)
     kept = resident_bytes(compressed)
     assert kept <= 2 * path.stat().st_size
     assert kept < resident_bytes(load(path)) / 20
+
+
+def test_the_whole_lenet_runs_as_one_fused_chain_with_the_layers_unfused_outputs(slim_file, digits):
+    name, path = slim_file
+    fused, unfused = load(path, runtime="compressed"), load_compressed(path, fuse=False)
+    chains = [m for m in fused.modules() if isinstance(m, FusedChain)]
+    assert len(chains) == 1 and not any(isinstance(m, FusedChain) for m in unfused.modules())
+    assert set(RECIPES[name][0]) <= set(chains[0].names)  # every compressed layer inside the one chain
+    assert all(v.endswith("fused in fused_0") for v in fused.compressed_report.values())
+    x = torch.stack([digits.test[i][0] for i in range(5)])
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            assert torch.allclose(fused(batch), unfused(batch), rtol=1e-5, atol=1e-5)
+        # another resolution: FitSize resamples, which the chain cannot do, so it runs the layers one by one
+        big = torch.rand(2, 1, 32, 32)
+        assert torch.allclose(fused(big), load(path)(big), rtol=1e-4, atol=1e-5)
+    assert resident_bytes(fused) <= resident_bytes(unfused) + 4 * 1000  # weights not held twice (biases copied)
+
+
+class _Functional(nn.Module):
+    """Convolutions with padding and stride 2, functional ReLU and flatten: the chain's other code paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 7, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(7, 5, 3, stride=2, padding=2, bias=False)
+        self.fc1 = nn.Linear(5 * 4 * 4, 9)
+        self.fc2 = nn.Linear(9, 4)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = torch.flatten(nn.functional.relu(self.conv2(x)), 1)
+        return self.fc2(self.fc1(x).relu())
+
+
+def test_fused_chain_matches_the_decoded_model_on_padding_stride_and_functional_ops(tmp_path):
+    torch.manual_seed(1)
+    model = _Functional()
+    magnitude_prune_(model, torch.zeros(1, 3, 11, 11), {"sparsity": 0.6})
+    share_weights_(model, torch.zeros(1, 3, 11, 11), {"conv_bits": 4, "linear_bits": 3})
+    save(model, tmp_path / "m.slim")
+    decoded = load(tmp_path / "m.slim", model=_Functional())
+    compressed = load(tmp_path / "m.slim", model=_Functional(), runtime="compressed")
+    chains = [m for m in compressed.modules() if isinstance(m, FusedChain)]
+    assert len(chains) == 1 and {"conv1", "pool", "conv2", "fc1", "fc2"} <= set(chains[0].names)
+    x = torch.randn(3, 3, 11, 11)
+    with torch.no_grad():
+        for batch in (x[:1], x):
+            want = decoded(batch)
+            assert torch.allclose(compressed(batch), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_a_copy_or_a_pickle_keeps_one_copy_of_the_weights_and_the_outputs(slim_file):
+    import copy
+    import io
+
+    compressed = load(slim_file[1], runtime="compressed")
+    buffer = io.BytesIO()
+    torch.save(compressed, buffer)
+    buffer.seek(0)
+    x = torch.rand(1, 1, 28, 28)
+    for twin in (copy.deepcopy(compressed), torch.load(buffer, weights_only=False)):
+        assert type(twin) is type(compressed) and resident_bytes(twin) == resident_bytes(compressed)
+        with torch.no_grad():
+            assert torch.equal(twin(x), compressed(x))
 
 
 def test_layers_it_cannot_run_sparse_are_decoded_and_reported(tmp_path):

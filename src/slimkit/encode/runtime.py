@@ -49,13 +49,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, order: str = "csr") -> nn.Module:
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, order: str = "csr",
+                    fuse: bool = True) -> nn.Module:
     """The model of a ``.slim`` file with its pruned/shared Linear and Conv2d layers computing from the indices.
 
     ``model``: a skeleton for models outside the zoo (as in ``slimkit.encode.load``);
-    ``order``: ``csr`` or ``csc`` for the Linear layers (convolutions always use CSR).
+    ``order``: ``csr`` or ``csc`` for the Linear layers (convolutions always use CSR);
+    ``fuse``: run each straight chain of compressed layers (with the ReLU, pooling and
+    flatten between them) as one compiled call (:func:`slimkit.kernels.fused.fuse_`; the
+    model keeps its class and every layer under its own name).
     Returns the model in eval mode with ``model.compressed_report`` (per layer: kept as
-    indices or decoded, and why). Raises CorruptFileError for a damaged file.
+    indices or decoded, and why; ``fused in fused_i`` for the layers of a fused chain).
+    Raises CorruptFileError for a damaged file.
     """
     from slimkit.encode import container as c
     from slimkit.manifest import load_rebuilt_state, rebuild, skeleton_from
@@ -112,12 +117,26 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None, ord
         _, full = c.read_state(path)
         state.update({k: v for k, v in full.items() if k not in state and k.rpartition(".")[0] not in replaced})
     load_rebuilt_state(model, state, where)
+    model.eval()
+    if fuse:
+        from slimkit.kernels.fused import fuse_
+
+        for i, chain in enumerate(fuse_(model)):
+            for name in chain:
+                if name in report:
+                    report[name] += f", fused in fused_{i}"
     model.compressed_report = report
-    return model.eval()
+    return model
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Bytes of every tensor ``model`` keeps (parameters, buffers, compressed matrices), shared storage counted once."""
+    """Bytes of every tensor and array ``model`` keeps (parameters, buffers, compressed matrices, fused chains).
+
+    Shared storage is counted once: tensors by storage, numpy arrays by the buffer they view
+    (a fused chain's layers keep views of the chain's arrays).
+    """
+    from slimkit.kernels.fused import FusedChain
+
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
@@ -125,8 +144,16 @@ def resident_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
+    arrays: dict[int, np.ndarray] = {}
     for module in model.modules():
         if isinstance(module, COMPRESSED_LAYERS):
-            total += module.matrix.nbytes
-    return total
-
+            kept = (module.matrix.entries, module.matrix.ptr, module.matrix.codebook)
+        elif isinstance(module, FusedChain):
+            kept = (module.ptrs, module.books, module.ent8, module.ent16, module.fvals)
+        else:
+            continue
+        for array in kept:
+            while isinstance(array.base, np.ndarray):
+                array = array.base
+            arrays[id(array)] = array
+    return total + sum(int(a.nbytes) for a in arrays.values())
