@@ -519,16 +519,17 @@ def test_time_callable_applies_and_restores_threads():
 
 def test_one_timer_no_other_clock_around_an_inference():
     """Latency figures come from slimkit.measure.latency only: no other module in src reads the clock around
-    a forward (the files listed time other things: interleaved kernel comparisons, a RAPL window, elapsed run
-    time). The earlier deploy.timing.median_ms (no eval mode, inference mode or thread control) is gone."""
+    a forward (the files listed time other things: a RAPL window, elapsed run time; kernels.timing's
+    round-robin interleaved_ms is measure.latency's). The earlier deploy.timing.median_ms (no eval mode,
+    inference mode or thread control) is gone."""
     from pathlib import Path
 
     import slimkit
 
     root = Path(slimkit.__file__).parent
     clocks = sorted(str(p.relative_to(root)) for p in root.rglob("*.py") if "perf_counter" in p.read_text())
-    assert clocks == ["kernels/timing.py", "measure/energy.py", "measure/latency.py", "measure/realtime.py",
-                      "pipeline.py", "search/run.py"], clocks
+    assert clocks == ["measure/energy.py", "measure/latency.py", "measure/realtime.py", "pipeline.py",
+                      "search/run.py"], clocks
     assert "perf_counter()" not in (root / "measure/realtime.py").read_text()  # named in its docstring only
     assert not [p for p in root.rglob("*.py") if "\ndef median_ms(" in p.read_text()]
     import slimkit.deploy

@@ -125,3 +125,29 @@ def measure_latency(
         times = call_times_ms(lambda: model(*args), warmup=max(warmup - 1, 0), runs=runs,
                               sync=lambda: _sync(args))
     return latency_stats(times, used)
+
+
+def interleaved_ms(candidates: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 2,
+                   min_seconds: float = 0.0, max_repeats: int = 500, threads: int | None = None) -> dict[str, float]:
+    """Median milliseconds per call of each candidate, called round-robin after ``warmup`` rounds.
+
+    Timing ``a`` 50 times and then ``b`` 50 times lets a burst of other load land on one of
+    them; called in turn, once each per round, every candidate sees the same machine. At least
+    ``repeats`` rounds; more (up to ``max_repeats``) until ``min_seconds`` have passed, so that
+    fast candidates get enough samples for a median that a scheduler time slice (several ms on
+    a loaded machine) cannot move. ``threads``: torch intra-op threads (None: as set; restored).
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with num_threads(threads):
+        for _ in range(warmup):
+            for fn in candidates.values():
+                fn()
+        began = time.perf_counter()
+        rounds = 0
+        while rounds < repeats or (rounds < max_repeats and time.perf_counter() - began < min_seconds):
+            rounds += 1
+            for name, fn in candidates.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
