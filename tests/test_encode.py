@@ -248,8 +248,9 @@ def test_files_written_before_the_codec_table_decode_and_reencode_identically(na
 def test_the_built_in_record_kinds_come_from_their_owners_codecs():
     from slimkit.slim_codecs import RECORD_CODECS, codec_of_kind, record_codecs
 
-    assert RECORD_CODECS.names() == ["dct", "packed", "shared"]
-    assert [(c.name, c.kind) for c in record_codecs()] == [("packed", 3), ("dct", 4), ("shared", 2)]  # precedence
+    built_in = [c for c in record_codecs() if c.encode.__module__.startswith("slimkit.")]  # tests may add theirs
+    assert [(c.name, c.kind) for c in built_in] == [("packed", 3), ("dct", 4), ("shared", 2)]  # by precedence
+    assert {"dct", "packed", "shared"} <= set(RECORD_CODECS.names())
     assert codec_of_kind(3).decode.__module__ == "slimkit.quantize.packed_record"
     assert codec_of_kind(2).encode.__module__ == "slimkit.encode.shared_record"
     assert codec_of_kind(4).encode.__module__ == "slimkit.encode.dct_record"
