@@ -9,8 +9,9 @@ For every stage:
   value of the wrong type) is one ``ConfigError`` line, also from the ``slimkit`` command;
 - on each model of :data:`ZOO`, applied with the runner's own context
   (:func:`slimkit.pipeline.stage_context`): the output is a :class:`StageOutput` with a valid
-  ``phase`` and JSON details, and the model saves, loads (:mod:`slimkit.manifest`) and gives the
-  same outputs and accuracy; a stage that cannot apply to a model refuses with one line
+  ``phase`` and JSON details, torch's thread count and quantized engine are as they were,
+  and the model saves, loads (:mod:`slimkit.manifest`) and gives the same outputs and
+  accuracy; a stage that cannot apply to a model refuses with one line
   (:data:`REFUSALS`);
 - in the real runner (:func:`slimkit.pipeline.run_recipe`, one-step fine-tune): the report row
   has every field the baseline row has, is plain JSON, and the stage's saved model reloads to
@@ -68,6 +69,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "share": {"max_iter": 20},
     "dct": {"max_iter": 20},
     "encode": {"runtime": False},
+    "decompose": {"rank": 0.25},
     "int8": {"calibration_batches": 1, "engines": ["onnxruntime"]},
     "qat": {"calibration_batches": 1, "engines": ["onnxruntime"]},
 }
@@ -217,11 +219,12 @@ def apply_stage(spec: StageSpec, case: Case, role: str) -> StageOutput | None:
     where = f"stage {spec.name} on {role}"
     expected = REFUSALS.get((spec.name, role))
     try:
-        output = spec.apply(case.model, case.stage.config, case.ctx)
-        check_output(output, where)
-        if output.finalize is not None:
-            output = output.finalize(output.model)
-            check_output(output, where + " (finalized)")
+        with kept_global_state(where):
+            output = spec.apply(case.model, case.stage.config, case.ctx)
+            check_output(output, where)
+            if output.finalize is not None:
+                output = output.finalize(output.model)
+                check_output(output, where + " (finalized)")
     except ContractError:
         raise
     except SlimkitError as err:
@@ -239,6 +242,26 @@ def apply_stage(spec: StageSpec, case: Case, role: str) -> StageOutput | None:
     if expected is not None:
         _fail(where, "refusal", f"REFUSALS expects a refusal ({expected!r}) but the stage applied; remove the entry")
     return output
+
+
+def _global_state() -> dict[str, Any]:
+    return {"torch threads": torch.get_num_threads(), "quantized engine": torch.backends.quantized.engine}
+
+
+@contextmanager
+def kept_global_state(where: str):
+    """The block must leave torch's thread count and quantized engine as it found them (restored either way)."""
+    before = _global_state()
+    try:
+        yield
+    finally:
+        after = _global_state()
+        torch.set_num_threads(before["torch threads"])
+        torch.backends.quantized.engine = before["quantized engine"]
+    changed = [f"{key} {before[key]!r} -> {after[key]!r}" for key in before if before[key] != after[key]]
+    if changed:
+        _fail(where, "global state", f"left changed: {', '.join(changed)} (set it in a context manager that "
+                                     "restores it)")
 
 
 def check_output(output: Any, where: str) -> None:
@@ -472,6 +495,11 @@ def _hook_that_is_not_saved(model, config, ctx):
     return StageOutput(model=model, phase="simulated")
 
 
+def _leaves_threads_changed(model, config, ctx):
+    torch.set_num_threads(torch.get_num_threads() + 1)
+    return StageOutput(model=model, phase="materialized")
+
+
 def _raw_error(model, config, ctx):
     return model.no_such_attribute
 
@@ -496,6 +524,7 @@ def registered(monkeypatch, name: str, fn, config_cls: type[Config] = _NoSetting
     (_tensor_details, "details: are not plain JSON"),
     (_hook_that_is_not_saved, "reloads: the loaded model's outputs differ"),
     (_raw_error, "applies: raised AttributeError"),
+    (_leaves_threads_changed, "global state: left changed: torch threads 1 -> 2"),
 ])
 def test_the_checks_catch_a_broken_stage(fn, message, monkeypatch, tmp_path, trained):
     with registered(monkeypatch, "broken-for-test", fn) as spec:
