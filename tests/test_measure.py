@@ -548,6 +548,7 @@ _CONVS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("conv", _CONVS, ids=lambda c: repr(c))
 def test_count_macs_by_shape_equals_a_real_forward(conv):
     from slimkit.measure import count_macs_by_shape
