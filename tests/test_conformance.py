@@ -110,6 +110,9 @@ def check_config(spec: StageSpec, settings: dict[str, Any]) -> Config:
     cls = spec.config_cls
     if not (isinstance(cls, type) and issubclass(cls, Config)):
         _fail(where, "config class", f"{cls!r} is not a slimkit.config.Config")
+    if not spec.doc or not (cls.__doc__ or "").strip():
+        _fail(where, "docstring", "the stage function and its config class each need a docstring (its first line "
+                                  "is what `slimkit stages` lists)")
     if not settings:
         try:
             cls.coerce({})
