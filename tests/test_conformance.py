@@ -125,6 +125,12 @@ def check_config(spec: StageSpec, settings: dict[str, Any]) -> Config:
         except ConfigError as err:
             if not _one_line(err):
                 _fail(where, "default config", f"refused with more than one line: {err!r}")
+    from slimkit.catalog import describe_stage
+
+    listed = describe_stage(spec)
+    unlisted = [f for f in cls.model_fields if f"  {f}:" not in listed]
+    if unlisted:
+        _fail(where, "slimkit stages", f"does not list the settings {', '.join(unlisted)}")
     try:
         config = cls.coerce(settings, where=f"stages[0].{spec.name}")
     except ConfigError as err:
