@@ -27,6 +27,7 @@ from torch.utils.data import Subset
 
 from slimkit.exceptions import ConfigError, SlimkitError
 from slimkit.recipe import Recipe, Stage
+from slimkit.train import TrainHooks
 
 Log = Callable[[str], None]
 
@@ -111,8 +112,8 @@ def dry_run(recipe: Recipe, log: Log = print) -> None:
                 f"{prof.macs:,} MACs" + (", fine-tune built" if stage.finetune else ""))
 
 
-def _check_stage(recipe: Recipe, stage: Stage, index: int, model: nn.Module, kept, phase: str, data,
-                 example_inputs: torch.Tensor, paths, baseline: nn.Module, few) -> tuple[nn.Module, object, str]:
+def _check_stage(recipe: Recipe, stage: Stage, index: int, model: nn.Module, kept: TrainHooks, phase: str, data,
+                 example_inputs: torch.Tensor, paths, baseline: nn.Module, few) -> tuple[nn.Module, TrainHooks, str]:
     """Apply one stage as the run would, training nothing; (model, kept hooks, phase) after it."""
     from slimkit.finetune import distill_hooks
     from slimkit.pipeline import stage_context
