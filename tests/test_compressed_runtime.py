@@ -74,6 +74,7 @@ def test_the_whole_lenet_runs_as_one_fused_chain_with_the_layers_unfused_outputs
     with torch.no_grad():
         for batch in (x[:1], x):
             assert torch.allclose(fused(batch), unfused(batch), rtol=1e-5, atol=1e-5)
+        assert all(found is not None for found in chains[0]._programs.values())  # the interpreter ran
         # another resolution: FitSize resamples, which the chain cannot do, so it runs the layers one by one
         big = torch.rand(2, 1, 32, 32)
         assert torch.allclose(fused(big), load(path)(big), rtol=1e-4, atol=1e-5)
@@ -92,7 +93,7 @@ class _Functional(nn.Module):
         self.fc2 = nn.Linear(9, 4)
 
     def forward(self, x):
-        x = self.pool(torch.relu(self.conv1(x)))
+        x = torch.relu(self.pool(self.conv1(x)))  # a padded pool over negative values, then a ReLU fused into it
         x = torch.flatten(nn.functional.relu(self.conv2(x)), 1)
         return self.fc2(self.fc1(x).relu())
 
@@ -112,6 +113,7 @@ def test_fused_chain_matches_the_decoded_model_on_padding_stride_and_functional_
         for batch in (x[:1], x):
             want = decoded(batch)
             assert torch.allclose(compressed(batch), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert list(chains[0]._programs.values())[0] is not None  # the interpreter ran, not the layer-by-layer fallback
 
 
 def test_a_copy_or_a_pickle_keeps_one_copy_of_the_weights_and_the_outputs(slim_file):

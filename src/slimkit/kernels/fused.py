@@ -168,7 +168,9 @@ def _maxpool(p, src, dst):
     for c in range(p[C_CH]):
         for oy in range(oh):
             for ox in range(ow):
-                m = np.float32(-np.inf)
+                # the window's first element starts the max, not -inf: fastmath lets LLVM assume there are no infinities
+                m = np.float32(0.0)
+                found = False
                 for ky in range(kh):
                     iy = oy * sh - ph + ky
                     if iy < 0 or iy >= h:
@@ -176,7 +178,10 @@ def _maxpool(p, src, dst):
                     for kx in range(kw):
                         ix = ox * sw - pw + kx
                         if 0 <= ix < w:
-                            m = max(m, src[(c * h + iy) * w + ix])
+                            v = src[(c * h + iy) * w + ix]
+                            if not found or v > m:
+                                m = v
+                                found = True
                 dst[(c * oh + oy) * ow + ox] = m
         if p[C_RELU]:
             for i in range(c * oh * ow, (c + 1) * oh * ow):
