@@ -168,24 +168,20 @@ def _maxpool(p, src, dst):
     for c in range(p[C_CH]):
         for oy in range(oh):
             for ox in range(ow):
-                # the window's first element starts the max, not -inf: fastmath lets LLVM assume there are no infinities
-                m = np.float32(0.0)
-                found = False
-                for ky in range(kh):
-                    iy = oy * sh - ph + ky
-                    if iy < 0 or iy >= h:
-                        continue
-                    for kx in range(kw):
-                        ix = ox * sw - pw + kx
-                        if 0 <= ix < w:
-                            v = src[(c * h + iy) * w + ix]
-                            if not found or v > m:
-                                m = v
-                                found = True
+                # the window clipped to the input (never empty: torch allows padding up to half the kernel); its
+                # first element starts the max, not -inf, as fastmath lets LLVM assume there are no infinities
+                y0, x0 = max(0, oy * sh - ph), max(0, ox * sw - pw)
+                y1, x1 = min(h, oy * sh - ph + kh), min(w, ox * sw - pw + kw)
+                m = src[(c * h + y0) * w + x0]
+                for iy in range(y0, y1):
+                    row = (c * h + iy) * w
+                    for ix in range(x0, x1):
+                        m = max(m, src[row + ix])
                 dst[(c * oh + oy) * ow + ox] = m
         if p[C_RELU]:
             for i in range(c * oh * ow, (c + 1) * oh * ow):
                 dst[i] = max(dst[i], np.float32(0.0))
+
 
 @_jit
 def _run(prog, ptrs, ent8, ent16, books, fvals, x, scratch):
