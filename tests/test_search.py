@@ -173,3 +173,16 @@ def test_ray_tune_trials_give_the_sequential_result(sequential_search, tmp_path)
             for t in through_ray["trials"]] == strip
     assert through_ray["chosen"]["settings"] == sequential["chosen"]["settings"]
     assert through_ray["chosen"]["size_bytes"] == sequential["chosen"]["size_bytes"]
+
+
+@pytest.mark.slow
+def test_latency_budget_is_resolved_and_predicted_from_one_baseline_measurement(tmp_path):
+    # the predictor is calibrated on the very measurement that resolves the budget: a second timing of the
+    # same model would differ by the machine's noise, and the search would aim below (or above) 0.5x
+    cfg = {**TINY, "budget": "latency_p99_ms=0.5x", "techniques": ["channels"], "strategy": "greedy", "max_steps": 1,
+           "final_epochs": 0, "runner": "sequential"}
+    result = search(cfg, tmp_path, log=None)
+    base = result["baseline"]["latency_p99_ms"]
+    assert result["budget"]["value"] == pytest.approx(0.5 * base)
+    assert result["latency_predictor"]["baseline_predicted_p99_ms"] == pytest.approx(base, rel=1e-9)
+    assert result["chosen"]["latency_p99_ms"] > 0 and result["trials"]
