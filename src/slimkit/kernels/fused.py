@@ -11,8 +11,10 @@ output the only input of the next, with one :class:`FusedChain`. A chain runs as
 
 - sparse linear (CSR over 8/16-bit ``(gap << b) | symbol`` entries and a codebook, as stored
   in ``.slim``; four accumulators), with the ReLU that follows it fused in;
-- sparse direct convolution (per output channel, per stored weight a shifted multiply-add
-  over the output rows; no im2col matrix), ReLU fused;
+- sparse direct convolution, no im2col matrix: per output channel and stored weight, stride 1
+  one contiguous multiply-add over an output grid as wide as the (zero-padded) input, the
+  columns past the output width dropped at the end (LLVM vectorises it); other strides per
+  output row. ReLU fused;
 - max pooling, ReLU, and the layers that do not move data (``Flatten`` from dim 1, eval
   ``Dropout``, ``Identity``, :class:`~slimkit.models.classic.FitSize` at its own size).
 
@@ -21,7 +23,12 @@ on the calling thread. A chain's index entries, row pointers and codebooks are c
 once and each layer's :class:`~slimkit.kernels.sparse.SharedSparseMatrix` keeps views of them,
 so no weight is held twice (biases are copied: they are small). The operation table is built
 per input shape; a shape or dtype it cannot run (e.g. ``FitSize`` resampling) falls back to
-calling the original layers one by one, so results never depend on which path ran.
+calling the original layers one by one, so results never depend on which path ran. The
+layers inside a chain are not called, so forward hooks on them do not fire.
+
+Measured (docs/kernels.md, ``benchmarks/compressed_inference.py``): batch 1, one thread,
+LeNet-5 4.0x and LeNet-300-100 2.2x faster than the dense model in PyTorch eager; run layer
+by layer the same compressed layers were 1.3x and 0.9x.
 """
 
 from __future__ import annotations
