@@ -44,3 +44,14 @@ def test_a_lazy_module_that_fails_to_import_fails_every_read(tmp_path, monkeypat
         with pytest.raises(RuntimeError, match="broken on purpose"):
             things.names()
     sys.modules.pop("broken_entries", None)
+
+
+def test_a_name_registers_once_unless_replaced_on_purpose():
+    from slimkit.exceptions import ConfigError
+
+    things = Registry("thing")
+    things.register("a", 1)
+    with pytest.raises(ConfigError, match="'a' is registered twice"):
+        things.register("a", 2)
+    things.register("A", 3, replace=True)
+    assert things.get("a") == 3 and things.names() == ["a"]

@@ -45,12 +45,18 @@ class Registry(Generic[T]):
         self._loading = False
         self._lock = threading.RLock()
 
-    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
-        """Register ``obj`` under ``name``; used bare as a decorator when ``obj`` is None."""
+    def register(self, name: str, obj: T | None = None, *, replace: bool = False) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; used bare as a decorator when ``obj`` is None.
+
+        A second registration of a name is an error unless ``replace`` (a user's rule overriding
+        a built-in one on purpose).
+        """
         key = name.lower()
+        if replace:
+            self._load()  # the built-ins first, so that they cannot replace this entry later
 
         def add(entry: T) -> T:
-            if key in self._entries and self._entries[key] is not entry:
+            if not replace and key in self._entries and self._entries[key] is not entry:
                 raise ConfigError(f"{self.kind} {key!r} is registered twice")
             self._entries[key] = entry
             return entry

@@ -44,7 +44,7 @@ def register_surgery_handler(cls: type[nn.Module] | str, handler: SurgeryHandler
     registration replaces an earlier one.
     """
     name = cls if isinstance(cls, str) else qualified_name(cls)
-    SURGERY_HANDLERS._entries[f"module:{name}".lower()] = handler
+    SURGERY_HANDLERS.register(f"module:{name}", handler, replace=True)
 
 
 def handler_for(module: nn.Module) -> SurgeryHandler | None:

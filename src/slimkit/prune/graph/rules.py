@@ -271,8 +271,7 @@ def register_channel_rule(target: Any, rule: str | Callable[[ChannelOp], Any], *
     else:
         raise ConfigError(f"register_channel_rule: rule must be a kind name or a callable, got {type(rule).__name__}")
     key = rule_key(target)
-    CHANNEL_RULES._load()  # the built-ins first, so that this registration replaces theirs
-    CHANNEL_RULES._entries[key] = RuleEntry(fn, producer)  # a later registration replaces an earlier one
+    CHANNEL_RULES.register(key, RuleEntry(fn, producer), replace=True)  # a later registration replaces an earlier one
     VERSION[0] += 1
     if out_params or in_params or counts:
         if not isinstance(target, type):
