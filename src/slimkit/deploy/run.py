@@ -30,7 +30,8 @@ KINDS = {
     "model.int8.pte": ("executorch-int8", "ExecuTorch program, XNNPACK int8"),
     "model.pte": ("executorch-fp32", "ExecuTorch program, XNNPACK fp32"),
     "model.slim": ("slimkit-decoded", "compressed .slim container; decode with `slimkit decode` or "
-                                      "slimkit.encode.load"),
+                                      "slimkit.encode.load, or run it compressed (engine slimkit-compressed: "
+                                      "slimkit.encode.load(path, runtime='compressed'))"),
     "model.onnx": ("onnxruntime-fp32", "fp32 ONNX of the final model"),
     "model.pt": ("pytorch-eager", "slimkit model file (manifest + state dict; slimkit.manifest.load_model)"),
 }
