@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.kernels import ALGORITHMS, apply_plan, conv2d, plan
-from slimkit.kernels._args import ConvCase
+from slimkit.kernels.case import ConvCase
 from slimkit.kernels.conv import AUTO_CANDIDATES, multiplications
 from slimkit.kernels.timing import interleaved_ms
 

@@ -155,9 +155,9 @@ def test_unknown_engine_family_in_a_recipe_is_one_line():
 
 
 def test_int8_stage_skips_engines_that_requantize_for_sub_8_bit_grids():
-    from slimkit.deploy.stages import _requantizes
+    from slimkit.deploy.stages import requantizes
 
-    assert _requantizes("torch") and _requantizes("executorch") and not _requantizes("onnxruntime")
+    assert requantizes("torch") and requantizes("executorch") and not requantizes("onnxruntime")
 
 
 def _row(engine, artifacts):

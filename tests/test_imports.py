@@ -30,11 +30,7 @@ PACKAGE = SRC / "slimkit"
 NAMED_PACKAGES = ("encode", "quantize", "export", "deploy", "decompose")
 
 #: ``path: module.name`` of private imports across packages that other work is removing.
-KNOWN_PRIVATE_IMPORTS: set[str] = {
-    "benchmarks/conv_algorithms.py: slimkit.kernels._args",
-    "tests/test_deploy.py: slimkit.deploy.stages._requantizes",
-    "tests/test_kernels_conv.py: slimkit.kernels._args",
-}
+KNOWN_PRIVATE_IMPORTS: set[str] = set()
 #: package-level import cycles (as sorted tuples of the units in one strongly connected component)
 KNOWN_PACKAGE_CYCLES: set[tuple[str, ...]] = set()
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkit.kernels import ALGORITHMS, conv2d, winograd
-from slimkit.kernels._args import ConvCase
+from slimkit.kernels.case import ConvCase
 from slimkit.kernels.conv import multiplications
 
 # relative error = max |out - F.conv2d| / max |F.conv2d|; Winograd bounds are the measured maxima

@@ -75,7 +75,7 @@ def _slim_artifact(model: nn.Module, ctx: StageContext, details: dict) -> dict[s
     return {"model.slim": slim.path}
 
 
-def _requantizes(family: str) -> bool:
+def requantizes(family: str) -> bool:
     """Whether every integer engine of ``family`` quantizes the float model itself (its own grids)."""
     integer = [spec for spec in engines_of((family,)) if spec.integer]
     return bool(integer) and all(spec.runs == "float" for spec in integer)
@@ -97,7 +97,7 @@ def _deploy(qmodel: nn.Module, float_model: nn.Module, config: Int8StageConfig, 
     if own_grids:
         # torch.ao (and the XNNPACK quantizer) quantize the float model with their own 8-bit observers:
         # not this model
-        for family in [f for f in engines if _requantizes(f)]:
+        for family in [f for f in engines if requantizes(f)]:
             engines = tuple(e for e in engines if e != family)
             details[f"{family}_skipped"] = (f"{family} int8 re-quantizes the float model at 8 bits with its own "
                                             "grids; it cannot run QAT-trained or sub-8-bit grids")

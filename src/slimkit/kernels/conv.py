@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from slimkit.exceptions import ConfigError
 from slimkit.kernels import fft as _fft
 from slimkit.kernels import winograd as _wino
-from slimkit.kernels._args import ConvCase, check
+from slimkit.kernels.case import ConvCase, check
 from slimkit.kernels.direct import conv2d_direct
 from slimkit.kernels.im2col import conv2d_im2col, conv2d_im2col_nhwc
 from slimkit.registry import Registry

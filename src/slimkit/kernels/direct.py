@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slimkit.kernels._args import ConvCase
 from slimkit.kernels._threads import parallel_for
+from slimkit.kernels.case import ConvCase
 
 
 @lru_cache(maxsize=1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimkit.kernels._args import ConvCase
+from slimkit.kernels.case import ConvCase
 
 
 def fast_size(n: int) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slimkit.kernels._args import ConvCase
+from slimkit.kernels.case import ConvCase
 
 
 def conv2d_im2col(input: torch.Tensor, weight: torch.Tensor, case: ConvCase) -> torch.Tensor:

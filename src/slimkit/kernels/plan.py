@@ -30,7 +30,7 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError
 from slimkit.global_state import num_threads
-from slimkit.kernels._args import ConvCase, pair
+from slimkit.kernels.case import ConvCase, pair
 from slimkit.kernels.conv import ALGORITHMS, AUTO_CANDIDATES, conv2d, prepared_weight
 from slimkit.kernels.timing import interleaved_ms
 

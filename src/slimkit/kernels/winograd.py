@@ -22,7 +22,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from slimkit.kernels._args import ConvCase
+from slimkit.kernels.case import ConvCase
 
 _MATRICES = {
     2: (

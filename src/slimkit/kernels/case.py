@@ -1,4 +1,4 @@
-"""Argument checks shared by the convolution algorithms: one-line ValueErrors naming the case."""
+"""The geometry of one convolution call (ConvCase) and the argument checks every algorithm shares (one-line errors)."""
 
 from __future__ import annotations
 
