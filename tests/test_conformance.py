@@ -514,16 +514,10 @@ def _raw_error(model, config, ctx):
 
 
 @contextmanager
-def registered(monkeypatch, name: str, fn, config_cls: type[Config] = _NoSettings):
-    """``fn`` registered as stage ``name`` for the ``with`` block only (the registry has no public removal,
-    so the entry goes into its table through monkeypatch, which takes it out again)."""
-    spec = StageSpec(name, config_cls, fn, "a deliberately broken stage")
-    STAGES.names()  # load the built-in stages first, so the temporary entry is not loaded over
-    monkeypatch.setitem(STAGES._entries, name, spec)
-    try:
+def registered(name: str, fn, config_cls: type[Config] = _NoSettings):
+    """``fn`` registered as stage ``name`` for the ``with`` block only."""
+    with STAGES.temporarily(name, StageSpec(name, config_cls, fn, "a deliberately broken stage")) as spec:
         yield spec
-    finally:
-        monkeypatch.delitem(STAGES._entries, name)
     assert name not in STAGES
 
 
@@ -536,14 +530,14 @@ def registered(monkeypatch, name: str, fn, config_cls: type[Config] = _NoSetting
     (_leaves_threads_changed, "global state: left changed: torch threads 1 -> 2"),
 ])
 def test_the_checks_catch_a_broken_stage(fn, message, monkeypatch, tmp_path, trained):
-    with registered(monkeypatch, "broken-for-test", fn) as spec:
+    with registered("broken-for-test", fn) as spec:
         with pytest.raises(ContractError, match=rf"stage broken-for-test on lenet: {message}"):
             check_stage_on_model(STAGES.get("broken-for-test"), {}, "lenet", tmp_path, trained)
         assert STAGES.get("broken-for-test") is spec
 
 
 def test_the_checks_catch_a_config_that_accepts_unknown_keys(monkeypatch):
-    with registered(monkeypatch, "loose-for-test", lambda m, c, x: StageOutput(model=m, phase="simulated"),
+    with registered("loose-for-test", lambda m, c, x: StageOutput(model=m, phase="simulated"),
                     _Loose) as spec:
         with pytest.raises(ContractError, match="stage loose-for-test: unknown key: an unknown key was accepted"):
             check_bad_config(spec, {})
@@ -551,7 +545,7 @@ def test_the_checks_catch_a_config_that_accepts_unknown_keys(monkeypatch):
 
 def test_the_runner_check_catches_a_stage_whose_saved_model_does_not_score_its_row(monkeypatch, tmp_path):
     _no_figures(monkeypatch)
-    with registered(monkeypatch, "broken-for-test", _hook_that_is_not_saved):
+    with registered("broken-for-test", _hook_that_is_not_saved):
         with pytest.raises(ContractError, match=r"stage broken-for-test in the runner \(chain\): evaluates: "
                                                 r"the saved model scores"):
             check_in_runner("broken-for-test", {}, tmp_path)

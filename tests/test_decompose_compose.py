@@ -45,7 +45,7 @@ def _is_chain(module: nn.Module) -> bool:
     ("resnet20-cifar", 8),
     pytest.param("plaincnn-4", 16, marks=pytest.mark.slow),
 ])
-def test_compose_recipe_prunes_decomposes_distills_and_quantizes(tmp_path, monkeypatch, model_name, image_size):
+def test_compose_recipe_prunes_decomposes_distills_and_quantizes(tmp_path, model_name, image_size):
     from slimkit.data import load_data
     from slimkit.distill.methods import build_kd
     from slimkit.pipeline import run_recipe
@@ -59,11 +59,10 @@ def test_compose_recipe_prunes_decomposes_distills_and_quantizes(tmp_path, monke
         seen["teacher_params"] = sum(p.numel() for p in teacher.parameters())
         return build_kd(spec, student, teacher, ctx)
 
-    DISTILL_METHODS.get("kd")  # load the lazy modules before patching
-    monkeypatch.setitem(DISTILL_METHODS._entries, "kd", spy)
     recipe = _shrunk_recipe(model_name, image_size)
     run_dir = tmp_path / "run"
-    report = run_recipe(recipe, run_dir, progress=False, log=lambda _m: None)
+    with DISTILL_METHODS.temporarily("kd", spy):
+        report = run_recipe(recipe, run_dir, progress=False, log=lambda _m: None)
 
     rows = {row["name"]: row for row in report["stages"]}
     assert [row["name"] for row in report["stages"]] == ["baseline", "prune-channels", "tucker", "int8"]

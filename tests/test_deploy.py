@@ -100,7 +100,7 @@ def scratch_engine():
 
     yield register
     for name in names:
-        ENGINES._entries.pop(name, None)
+        ENGINES.remove(name)
 
 
 def test_one_registration_adds_an_engine_to_the_comparison(models, digits, tmp_path, scratch_engine):

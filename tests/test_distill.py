@@ -379,7 +379,7 @@ def _conv_widths(model: nn.Module) -> list[int]:
 
 
 @pytest.mark.slow
-def test_runner_distills_pruned_model_from_pre_pruning_baseline(tmp_path, monkeypatch):
+def test_runner_distills_pruned_model_from_pre_pruning_baseline(tmp_path):
     """``distill:`` in a structured-pruning stage's fine-tune gets the dense model as teacher."""
     from slimkit.distill.methods import build_kd
     from slimkit.pipeline import run_recipe
@@ -391,14 +391,13 @@ def test_runner_distills_pruned_model_from_pre_pruning_baseline(tmp_path, monkey
         seen["student"], seen["teacher"] = _conv_widths(student), _conv_widths(teacher)
         return build_kd(spec, student, teacher, ctx)
 
-    DISTILL_METHODS.get("kd")  # load the lazy modules before patching
-    monkeypatch.setitem(DISTILL_METHODS._entries, "kd", spy)
     recipe = parse_recipe({
         "name": "prune-kd", "model": "plaincnn-2", "data": "digits", "image_size": 8, "latency_runs": 1,
         "train": {"epochs": 1, "batch_size": 256},
         "stages": [{"structured": {"ratio": 0.5}, "finetune": {"epochs": 1, "distill": {"method": "kd"}}}],
     })
-    report = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda _m: None)
+    with DISTILL_METHODS.temporarily("kd", spy):
+        report = run_recipe(recipe, tmp_path / "run", progress=False, log=lambda _m: None)
     assert seen["teacher"] == [16, 16]
     assert seen["student"] == [8, 8]
     assert len(report["stages"]) == 2

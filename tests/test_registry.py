@@ -55,3 +55,16 @@ def test_a_name_registers_once_unless_replaced_on_purpose():
         things.register("a", 2)
     things.register("A", 3, replace=True)
     assert things.get("a") == 3 and things.names() == ["a"]
+
+
+def test_temporarily_registers_for_the_block_and_restores_what_was_there():
+    things = Registry("thing")
+    things.register("a", 1)
+    with things.temporarily("a", 2), things.temporarily("b", 3):
+        assert things.get("a") == 2 and things.get("b") == 3
+    assert things.get("a") == 1 and "b" not in things
+    with pytest.raises(RuntimeError), things.temporarily("c", 4):
+        raise RuntimeError("the block fails")
+    assert "c" not in things
+    things.remove("a")
+    assert things.names() == []

@@ -18,6 +18,7 @@ slimkit.exceptions.UnknownNameError: unknown color 'rde'; did you mean 'red'? (k
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -62,6 +63,29 @@ class Registry(Generic[T]):
             return entry
 
         return add if obj is None else add(obj)
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, obj: T) -> Iterator[T]:
+        """``obj`` registered as ``name`` for the ``with`` block only; what was there before comes back after.
+
+        For tests and experiments: a spy in place of a built-in, a deliberately broken entry.
+        """
+        self._load()  # the built-ins first, so that loading them later cannot overwrite the entry
+        key = name.lower()
+        missing = object()
+        before = self._entries.get(key, missing)
+        self._entries[key] = obj
+        try:
+            yield obj
+        finally:
+            if before is missing:
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = before
+
+    def remove(self, name: str) -> None:
+        """Take ``name`` out of the registry (no error when it is not there)."""
+        self._entries.pop(str(name).lower(), None)
 
     def _load(self) -> None:
         # Marked loaded only once every module imported: a second thread waits for the first
