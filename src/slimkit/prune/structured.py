@@ -37,13 +37,14 @@ from torch import nn
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.measure.macs import count_macs
-from slimkit.measure.size import count_params
-from slimkit.prune.common import Scope, size_of, trace_input
+from slimkit.measure.size import count_nonzeros, count_params
+from slimkit.measure.storage import stored_bytes
+from slimkit.prune.common import Scope, trace_input
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph, gc_paused
 from slimkit.prune.graph.macs import traced_macs
 from slimkit.prune.surgery import prune_units_
-from slimkit.reports import Report
+from slimkit.reports import ModelSize, Report
 from slimkit.selection import classifier_name, matches
 
 
@@ -279,6 +280,12 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
                           params_before=params_before, macs_before=macs_before, shapes=_shapes(model))
 
 
+def _size(model: nn.Module, macs: int) -> ModelSize:
+    """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward)."""
+    return ModelSize(params=count_params(model), nonzeros=count_nonzeros(model), macs=int(macs),
+                     bytes=stored_bytes(model))
+
+
 def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPlan) -> StructuredReport:
     """Remove the channel units of ``plan`` from ``model`` in place; returns a :class:`StructuredReport`.
 
@@ -295,7 +302,7 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
                           "call plan_structured on this model")
     cfg, graph, unit_ids = plan.config, plan.graph, plan.units
     x = trace_input(model, example_inputs)
-    before = size_of(model, x)
+    before = _size(model, plan.macs_before)
     modules = dict(model.named_modules())
     snapshot = snapshot_modules(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
     try:
@@ -315,7 +322,7 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
     ]
     return StructuredReport(
         verb="structured_", changed=list(dict.fromkeys(row["layer"] for row in changes)), skipped=dict(plan.skipped),
-        before=before, after=size_of(model, x),
+        before=before, after=_size(model, macs_after),
         criterion=cfg.criterion, scope=cfg.scope, ratio=plan.ratio, target=cfg.target,
         units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
         params_before=plan.params_before, params_after=count_params(model),
