@@ -12,7 +12,9 @@ identical, accuracy within ``--accuracy-tol`` points (one digits test image is 0
 
 Shortened runs (``--epochs``/``--finetune-epochs``) keep every structural decision data-driven
 (global thresholds, sensitivity-chosen bits) while finishing in minutes; a full run omits them.
-Exit status 1 when ``--compare`` finds a difference.
+Exit status 1 when ``--compare`` finds a difference. Run both sides from the same working
+directory (or with the same ``--data-dir``): a ``.slim`` file records the absolute data directory,
+so two checkouts in different folders differ by those bytes in the encode stage.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def run_one(name: str, out: Path, args: argparse.Namespace) -> dict:
            "--overwrite", "--no-progress", "--threads", str(args.threads), "--seed", str(args.seed)]
     if args.epochs is not None:
         cmd += ["--epochs", str(args.epochs)]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
     sets = _stage_sets(name, args.finetune_epochs)
     if sets:
         cmd += ["--set", *sets]
@@ -92,6 +96,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=None, help="baseline training epochs (default: the recipe's)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
                         help="every stage's fine-tune epochs (default: the recipe's)")
+    parser.add_argument("--data-dir", default=None,
+                        help="dataset directory passed to every run (give both sides the same absolute path)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per recipe run")
     parser.add_argument("--jobs", type=int, default=2, help="recipes run at once")
