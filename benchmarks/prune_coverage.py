@@ -14,8 +14,13 @@ crashes or the output shape changed; *refused* when the library raised before pr
 table between the ``<!-- coverage-timm -->`` markers of docs/structured-pruning.md.
 
     python benchmarks/prune_coverage.py --size 64 [--models resnet18,mobilenet_v2] [--write-docs]
-    python benchmarks/prune_coverage.py --zoo timm --size 64 --json /tmp/timm.jsonl --write-docs
-    python benchmarks/prune_coverage.py --zoo timm --size 64 --table-from /tmp/timm.jsonl --write-docs
+    python benchmarks/prune_coverage.py --zoo timm --cpu-limit 60 --json runs/timm.jsonl
+    python benchmarks/prune_coverage.py --zoo timm --models nest_tiny --libs slimkit --json runs/timm.jsonl
+    python benchmarks/prune_coverage.py --zoo timm --table-from runs/timm.jsonl --write-docs
+
+``--zoo timm`` runs each model at its own input size (``pretrained_cfg["input_size"]``) unless
+``--size`` names one it accepts. In a ``--json`` file the last row of a model wins (a rerun of
+one model, or of one library with ``--libs``, replaces its earlier cells).
 """
 
 from __future__ import annotations
@@ -165,7 +170,23 @@ def run_one(model: torch.nn.Module, x: torch.Tensor, prune, cpu_limit: float = 0
     return row
 
 
-def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0) -> dict:
+LIBS = {"slimkit": _slimkit, "torch_pruning": _torch_pruning}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (the rows record it; uncommitted edits of the working tree are not in it)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=DOC.parent, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0,
+             libs: tuple[str, ...] = tuple(LIBS)) -> dict:
+    """One JSON row: the model, its input shape, and per library in ``libs`` what :func:`run_one` found."""
     import timm
 
     torch.manual_seed(0)
@@ -174,8 +195,8 @@ def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0) -> 
         dense = timm.create_model(name, num_classes=10).eval()
     x = _input(dense, size)
     row = {"module": module, "model": name, "params": sum(p.numel() for p in dense.parameters()),
-           "input": list(x.shape[1:])}
-    for lib, prune in (("slimkit", _slimkit), ("torch_pruning", _torch_pruning)):
+           "input": list(x.shape[1:]), "commit": _commit()}
+    for lib, prune in ((lib, LIBS[lib]) for lib in libs):
         try:
             row[lib] = run_one(copy.deepcopy(dense), x, prune, cpu_limit)
         except Exception as err:  # the dense model itself fails (the row says so)
@@ -189,19 +210,81 @@ def _cell(r: dict) -> str:
     return f"{r['status']}: {r['reason'][:110].replace('|', '/')} | - | -"
 
 
-def timm_table(rows: list[dict], size: int | None) -> str:
-    counts = {lib: sum(r[lib]["status"] == "pruned" for r in rows) for lib in ("slimkit", "torch_pruning")}
-    broken = {lib: sum(r[lib]["status"] == "broken" for r in rows) for lib in ("slimkit", "torch_pruning")}
-    lines = [f"{len(rows)} timm models (one per architecture module, smallest variant <= 60M params, random init, "
-             f"input {size or 'the model own'} px where the model accepts it, else its own size; ratio 0.5, "
-             "l1, local): slimkit pruned "
-             f"**{counts['slimkit']}** ({broken['slimkit']} broken), Torch-Pruning "
-             f"**{counts['torch_pruning']}** ({broken['torch_pruning']} broken).", "",
-             "| module | model | slimkit | MACs left | params left | Torch-Pruning | MACs left | params left |",
-             "|---|---|---|---:|---:|---|---:|---:|"]
+def read_rows(path: str) -> list[dict]:
+    """The rows of a JSON-lines file written by ``--json``."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def merge_rows(sources: list[tuple[str, list[dict]]]) -> list[dict]:
+    """Rows from ``(source name, rows)`` pairs, the last per model winning (sources in order, rows in order).
+
+    A row that ran only some libraries (``--libs``) replaces only their cells when its input
+    shape is the earlier row's; at another input it replaces the whole row. Each cell records
+    the file and commit it came from (``source``, ``commit``). Sorted by module, then model.
+    """
+    merged: dict[str, dict] = {}
+    for path, rows in sources:
+        for row in rows:
+            old = merged.get(row["model"])
+            new = dict(old) if old is not None and old["input"] == row["input"] else {}
+            new.update({k: v for k, v in row.items() if k not in LIBS})
+            for lib in LIBS:
+                if lib in row:
+                    new[lib] = {**row[lib], "source": path, "commit": row.get("commit")}
+            merged[row["model"]] = new
+    return sorted((r for r in merged.values() if all(lib in r for lib in LIBS)),
+                  key=lambda r: (r["module"], r["model"]))
+
+
+def counts(rows: list[dict], lib: str) -> dict[str, int]:
+    """How many rows of ``rows`` have each status for ``lib`` (pruned, refused, broken, ...)."""
+    found: dict[str, int] = {}
     for r in rows:
-        lines.append(f"| {r['module']} | {r['model']} | {_cell(r['slimkit'])} | {_cell(r['torch_pruning'])} |")
+        found[r[lib]["status"]] = found.get(r[lib]["status"], 0) + 1
+    return found
+
+
+def _counted(c: dict[str, int]) -> str:
+    rest = ", ".join(f"{n} {status}" for status, n in sorted(c.items()) if status != "pruned")
+    return f"**{c.get('pruned', 0)}**" + (f" ({rest})" if rest else "")
+
+
+def _px(row: dict) -> str:
+    h, w = row["input"][1:]
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def timm_table(rows: list[dict]) -> str:
+    """The docs table of ``rows`` (see :func:`merge_rows`), with a sentence saying what ran where."""
+    sizes: dict[str, int] = {}
+    for r in rows:
+        sizes[_px(r)] = sizes.get(_px(r), 0) + 1
+    size_text = ", ".join(f"{n} at {px} px" for px, n in sorted(sizes.items(), key=lambda kv: -kv[1]))
+    sources: dict[tuple, int] = {}
+    for r in rows:
+        for lib in LIBS:
+            key = (r[lib]["source"], r[lib].get("commit") or "unrecorded")
+            sources[key] = sources.get(key, 0) + 1
+    source_text = "; ".join(f"{n} cells from `{Path(src).name}` (commit {commit})"
+                            for (src, commit), n in sorted(sources.items()))
+    lines = [f"{len(rows)} timm models (one per architecture module, smallest variant <= 60M params, random init, "
+             f"ratio 0.5, l1, local; input: {size_text}, the column *px*): slimkit pruned "
+             f"{_counted(counts(rows, 'slimkit'))}, Torch-Pruning {_counted(counts(rows, 'torch_pruning'))}. "
+             f"Sources: {source_text}.", "",
+             "| module | model | px | slimkit | MACs left | params left | Torch-Pruning | MACs left | params left |",
+             "|---|---|---:|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['module']} | {r['model']} | {_px(r)} | {_cell(r['slimkit'])} | "
+                     f"{_cell(r['torch_pruning'])} |")
     return "\n".join(lines)
+
+
+def _module_of(name: str) -> str:
+    """timm's architecture module of model ``name`` (``mixnet_s`` -> ``efficientnet``)."""
+    import timm
+    from timm.models import is_model_in_modules
+
+    return next((m for m in timm.list_modules() if is_model_in_modules(name, [m])), name)
 
 
 def _write_docs(marker: str, table: str) -> None:
@@ -225,7 +308,10 @@ def main() -> None:
     parser.add_argument("--cpu-limit", type=float, default=0, help="timm: CPU seconds per library and model (0: none)")
     parser.add_argument("--json", default=None, help="timm: append rows to this JSON-lines file")
     parser.add_argument("--table-from", default=None,
-                        help="timm: only print (and --write-docs) the table of a --json file (the last row per module)")
+                        help="timm: only print (and --write-docs) the table of --json files, comma-separated "
+                             "(the last row per model wins, later files over earlier ones)")
+    parser.add_argument("--libs", default=",".join(LIBS),
+                        help="timm: libraries to run (rerun one library's cells: --libs slimkit)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -242,29 +328,26 @@ def main() -> None:
             _write_docs("coverage", table)
         return
     if args.table_from:
-        rows = {}
-        for line in Path(args.table_from).read_text().splitlines():
-            row = json.loads(line)
-            rows[row["module"]] = row
-        table = timm_table(sorted(rows.values(), key=lambda r: r["module"]), args.size)
+        table = timm_table(merge_rows([(path, read_rows(path)) for path in args.table_from.split(",")]))
         print(table)
         if args.write_docs:
             _write_docs("coverage-timm", table)
         return
     if args.models:
-        todo = [tuple(m.split("=")) if "=" in m else (m, m) for m in args.models.split(",")]
+        todo = [tuple(m.split("=")) if "=" in m else (_module_of(m), m) for m in args.models.split(",")]
     else:
         todo = timm_models(args.max_params)
+    libs = tuple(args.libs.split(","))
     rows = []
     for module, name in todo:
         start = time.perf_counter()
-        row = timm_row(module, name, args.size, args.cpu_limit)
+        row = timm_row(module, name, args.size, args.cpu_limit, libs)
         rows.append(row)
         print(json.dumps(row), f"({time.perf_counter() - start:.1f} s)", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    table = timm_table(rows, args.size)
+    table = timm_table(merge_rows([(args.json, read_rows(args.json))] if args.json else [("this run", rows)]))
     print(table)
     if args.write_docs:
         _write_docs("coverage-timm", table)

@@ -9,7 +9,9 @@ for one figure iff it traces for the others. The order, first that works:
 1. ``"symbolic"``: ``torch.fx`` symbolic tracing. torch's own modules are leaves (fx's
    default), and so is every module for which the caller's ``leaf`` predicate is true
    (structured pruning: classes with a channel rule of their own); every other module is
-   traced through. A parameter read in a traced-through forward is found by identity.
+   traced through. A parameter read in a traced-through forward is found by identity. With
+   ``example_inputs``, the forward's later parameters that have defaults (``mask=None``)
+   are traced at their defaults, as a call with those inputs only passes them.
 2. ``"meta"`` (only with ``example_inputs``): fx's ``MetaTracer`` on a meta-device copy,
    which resolves control flow on shapes (``if x.shape[-1] != 32``) for the example's
    shapes; the graph then holds for inputs of those shapes. Its root is the model itself.
@@ -59,13 +61,15 @@ class Traced:
     - ``graph_module``: the traced ``fx.GraphModule`` (its modules are the model's), or None;
     - ``method``: ``"symbolic"``, ``"meta"``, ``"opaque"`` or ``"none"``;
     - ``opaque``: qualified names of the submodules kept whole because fx could not trace them;
-    - ``error``: the first line of the symbolic trace's error (None when it succeeded).
+    - ``error``: the first line of the symbolic trace's error (None when it succeeded);
+    - ``reasons``: for each name in ``opaque``, the first line of the error its forward raised.
     """
 
     graph_module: fx.GraphModule | None
     method: str
     opaque: tuple[str, ...] = ()
     error: str | None = None
+    reasons: tuple[str, ...] = ()
 
 
 def first_line(err: BaseException) -> str:
@@ -133,11 +137,26 @@ class _Tracer(fx.Tracer):
         return parameter_proxy_cache[name]
 
 
-def _symbolic(model: nn.Module, leaf: LeafRule | None, opaque: frozenset[str]) -> tuple[fx.GraphModule | None,
-                                                                                        _Tracer, Exception | None]:
+def _defaults(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
+    """The forward's parameters after the first ``n_inputs`` that have defaults, at their defaults.
+
+    Traced as constants (fx's ``concrete_args``), so that ``forward(x, mask=None)`` traces the
+    branch a call with ``n_inputs`` inputs takes, not one where ``mask`` is a proxy (timm's Hiera).
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    found = {p.name: p.default for p in params[n_inputs:]
+             if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return found or None
+
+
+def _symbolic(model: nn.Module, leaf: LeafRule | None, opaque: frozenset[str],
+              concrete: dict[str, Any] | None = None) -> tuple[fx.GraphModule | None, _Tracer, Exception | None]:
     tracer = _Tracer(leaf, opaque)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete)
     except Exception as err:  # fx raises many types on data-dependent control flow
         return None, tracer, err
     return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer, None
@@ -167,24 +186,29 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, leaf: LeafRule 
     ``example_inputs``: a Tensor or a tuple of Tensors (enables the meta trace, step 2);
     ``leaf``: extra modules to keep whole in every step.
     """
-    gm, tracer, err = _symbolic(model, leaf, frozenset())
+    concrete = None
+    if example_inputs is not None:
+        from slimkit.measure.inputs import as_args
+
+        concrete = _defaults(model, len(as_args(example_inputs)))
+    gm, tracer, err = _symbolic(model, leaf, frozenset(), concrete)
     if gm is not None:
         return Traced(gm, "symbolic")
     error = first_line(err)
     if example_inputs is not None:
-        from slimkit.measure.inputs import as_args
-
         try:
             return Traced(_meta(model, as_args(example_inputs), leaf), "meta", error=error)
         except Exception:  # an op without a meta kernel, a forward that reads tensor values
             pass
     opaque: frozenset[str] = frozenset()
+    reasons: dict[str, str] = {}
     while tracer.failed is not None and tracer.failed not in opaque:
+        reasons[tracer.failed] = first_line(err)
         opaque |= {tracer.failed}
-        gm, tracer, _ = _symbolic(model, leaf, opaque)
+        gm, tracer, err = _symbolic(model, leaf, opaque, concrete)
         if gm is not None:
             order = [name for name, _ in model.named_modules() if name in opaque]
-            return Traced(gm, "opaque", tuple(order), error)
+            return Traced(gm, "opaque", tuple(order), error, tuple(reasons[n] for n in order))
     return Traced(None, "none", error=error)
 
 

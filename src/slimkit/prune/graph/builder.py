@@ -59,6 +59,8 @@ class Builder:
         self.used: set[str] = set()
         #: (slots ``[C]``, groups g, reason): channel ``i`` is in block ``i // (C // g)``
         self.grouped: list[tuple[np.ndarray, int, str]] = []
+        #: submodules fx could not trace, kept as leaves (name -> why; see :mod:`slimkit.prune.graph.trace`)
+        self.opaque: dict[str, str] = {}
 
     # -- recording ----------------------------------------------------------------
     def member(self, axis: Axis, slots: np.ndarray) -> None:
@@ -107,9 +109,32 @@ class Builder:
 
     # -- the walk -----------------------------------------------------------------
     def run(self, gm: torch.fx.GraphModule) -> None:
+        self.opaque = gm.meta.get("opaque", {})
         env: dict[str, Any] = {}
         for node in gm.graph.nodes:
             env[node.name] = self.visit(node, env)
+        if self.opaque:
+            self._fix_inside_opaque()
+
+    def _opaque_leaf(self, node: torch.fx.Node, env: dict[str, Any]) -> None:
+        """A submodule fx cannot trace: the channels entering it are kept; its output is untracked (kept too)."""
+        name = node.target
+        if name not in self.used:  # the first call of the module warns
+            self.warnings.append(f"module {name} ({type(self.modules[name]).__name__}) cannot be traced by torch.fx "
+                                 f"({self.opaque[name]}); it is kept whole: its parameters and the channels entering "
+                                 "and leaving it are not pruned")
+        self.used.add(name)
+        for ann in self.tensor_anns(node, env):
+            self.uf.fix(ann.slots, f"enters {name}, which torch.fx cannot trace")
+        return None
+
+    def _fix_inside_opaque(self) -> None:
+        """A layer inside an opaque submodule that is also used outside it (shared) is not cut either."""
+        prefixes = tuple(name + "." for name in self.opaque)
+        for (layer, _role), slots in self.axes.items():
+            if layer in self.opaque or layer.startswith(prefixes):
+                self.uf.fix(slots, f"{layer} is inside a module torch.fx cannot trace")
+
 
     def visit(self, node: torch.fx.Node, env: dict[str, Any]) -> Any:
         op, target = node.op, node.target
@@ -132,6 +157,8 @@ class Builder:
                 return self._derived(node, env)
         module = None
         if op == "call_module":
+            if target in self.opaque:
+                return self._opaque_leaf(node, env)
             self.used.add(target)
             module = self.modules[target]
             entry = module_rule(type(module))

@@ -6,11 +6,14 @@ shape-dependent control flow). Modules are leaves of the trace when fx keeps the
 ``torch.nn`` layers) or when their class has a channel rule of its own
 (:func:`slimkit.prune.graph.register_channel_rule`); every other module is traced through, so
 a subclass that calls the functional form (``F.batch_norm(x, self.running_mean, ...)`` in
-timm's ``BatchNormAct2d``) reaches the function rules. A graph that traces only with a
-submodule kept whole (the helper's ``"opaque"`` step) is refused: the channel graph must see
-inside every module. Shapes are propagated on meta tensors (the parameters
-swapped for meta tensors of their shapes: no arithmetic, about half the time of a real
-forward), and again on the real inputs when an op needs data.
+timm's ``BatchNormAct2d``) reaches the function rules. A submodule whose forward fx cannot
+trace (data-dependent control flow, ``len`` of a proxy: the helper's ``"opaque"`` step finds
+them by tracing, innermost first) stays a leaf of the graph, named in
+``gm.meta["opaque"]``: the builder keeps every channel entering and leaving it and every
+parameter inside it, so the rest of the model prunes and the leaf is never cut. Shapes are
+propagated on meta tensors (the parameters swapped for meta tensors of their shapes: no
+arithmetic, about half the time of a real forward), and again on the real inputs when an op
+needs data.
 """
 
 from __future__ import annotations
@@ -99,16 +102,13 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     when ``example_inputs`` do not fit the model.
     """
     traced = trace_model(model, example_inputs, leaf=_has_own_rule)
-    if traced.graph_module is None or traced.opaque:
-        names = ", ".join(map(repr, traced.opaque[:3])) + (
-            f" and {len(traced.opaque) - 3} more" if len(traced.opaque) > 3 else "")
-        kept = (f" (it traces only with {names} kept whole, and the channel graph needs to see inside every "
-                "module)") if traced.opaque else ""
+    if traced.graph_module is None:
         raise UnsupportedModelError(
-            f"{type(model).__name__} cannot be traced by torch.fx ({traced.error}){kept}; "
+            f"{type(model).__name__} cannot be traced by torch.fx ({traced.error}); "
             "make its forward free of data-dependent control flow or prune it layer by layer"
         )
     gm = traced.graph_module
+    gm.meta["opaque"] = dict(zip(traced.opaque, traced.reasons))
     was_training = model.training
     model.eval()
     try:
