@@ -26,8 +26,6 @@ coefficients with ``|w| >= M_l``, ``M_l`` the mean coefficient magnitude of laye
 
 from __future__ import annotations
 
-import functools
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +37,7 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError
 from slimkit.prune.graph import ChannelGraph
+from slimkit.prune.graph.core import UnitTable
 from slimkit.registry import Registry
 
 
@@ -96,24 +95,68 @@ def _rows_value(tables: dict[str, tuple[list[float], torch.dtype]], key: str, t:
     return table[idx[0]], dtype
 
 
-#: per unit: the values to average and the dtype of each
-Values = dict[int, tuple[list[float], list[torch.dtype]]]
+@dataclass
+class Values:
+    """Per unit of a :class:`UnitTable` (in its order), the values to average and their dtypes.
+
+    Unit ``i``'s values are ``values[offsets[i]:offsets[i + 1]]`` (float64 holding the exact
+    values); they are averaged in ``dtypes[codes[i]]``, the promotion of the dtypes of its values.
+    """
+
+    table: UnitTable
+    values: np.ndarray
+    offsets: np.ndarray
+    codes: np.ndarray
+    dtypes: list[torch.dtype]
 
 
-def _means(values: Values) -> dict[int, float]:
+def _promoted(n_units: int, run_units: np.ndarray, run_codes: np.ndarray, dtypes: list[torch.dtype]) -> np.ndarray:
+    """Index into ``dtypes`` of every unit's promoted dtype (runs of unit ``run_units[k]`` have ``run_codes[k]``)."""
+    codes = np.zeros(n_units, dtype=np.int64)
+    if len(np.unique(run_codes)) <= 1:
+        codes[:] = run_codes[0] if len(run_codes) else 0
+        return codes
+    per_unit: dict[int, torch.dtype] = {}
+    for u, c in zip(run_units.tolist(), run_codes.tolist(), strict=True):
+        per_unit[u] = torch.promote_types(per_unit[u], dtypes[c]) if u in per_unit else dtypes[c]
+    for u, dtype in per_unit.items():
+        if dtype not in dtypes:
+            dtypes.append(dtype)
+        codes[u] = dtypes.index(dtype)
+    return codes
+
+
+def _values(table: UnitTable, runs: np.ndarray, values: np.ndarray, counts: np.ndarray, run_codes: np.ndarray,
+            dtypes: list[torch.dtype]) -> Values:
+    """:class:`Values` from the runs that carry values (ascending run indices): run ``runs[k]`` brings
+    ``counts[k]`` consecutive entries of ``values``, of dtype ``dtypes[run_codes[k]]``."""
+    units = table.run_unit[runs]
+    per_unit = np.bincount(units, weights=counts, minlength=len(table)).astype(np.int64)
+    return Values(table, values, np.r_[0, np.cumsum(per_unit)], _promoted(len(table), units, run_codes, dtypes),
+                  dtypes)
+
+
+def _code(dtypes: list[torch.dtype], dtype: torch.dtype) -> int:
+    if dtype not in dtypes:
+        dtypes.append(dtype)
+    return dtypes.index(dtype)
+
+
+def _means(v: Values) -> dict[int, float]:
     """Mean of every unit's values as ``torch.stack(values).mean()`` computes it (NaN when none).
 
     Units with as many values of the same dtype are averaged as the rows of one tensor.
     """
-    result = dict.fromkeys(values, float("nan"))
-    batches: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
-    for uid, (vals, dtypes) in values.items():
-        if vals:
-            batches[len(vals), functools.reduce(torch.promote_types, dtypes)].append(uid)
-    for (n, dtype), uids in batches.items():
-        rows = torch.tensor([values[u][0] for u in uids], dtype=dtype)
+    result = dict.fromkeys(v.table, float("nan"))
+    counts = np.diff(v.offsets)
+    ids = v.table.ids
+    keys = counts * (len(v.dtypes) + 1) + v.codes
+    for key in np.unique(keys[counts > 0]).tolist():
+        sel = np.flatnonzero(keys == key)
+        n, dtype = int(counts[sel[0]]), v.dtypes[int(v.codes[sel[0]])]
+        rows = torch.from_numpy(v.values[v.offsets[sel][:, None] + np.arange(n)]).to(dtype)
         means = rows.mean(1) if n < _SERIAL_NUMEL else torch.stack([row.mean() for row in rows])
-        result.update(zip(uids, means.tolist(), strict=True))
+        result.update(zip(ids[sel].tolist(), means.tolist(), strict=True))
     return result
 
 
@@ -126,39 +169,68 @@ def _producer_weight(m: nn.Module, role: str) -> torch.Tensor | None:
     return w if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
 
 
+def _runs_where(table: UnitTable, ok: Callable[[int, int], bool]) -> np.ndarray:
+    """Indices of the runs whose (producer set, axis) pair passes ``ok(producer code, axis index)``."""
+    codes, _ = table.producer_codes()
+    pairs = codes[table.run_unit] * max(len(table.axes), 1) + table.run_axis
+    uniq, inverse = np.unique(pairs, return_inverse=True)
+    n = max(len(table.axes), 1)
+    passed = np.array([ok(p // n, p % n) for p in uniq.tolist()], dtype=bool)
+    return np.flatnonzero(passed[inverse.reshape(-1)]) if len(uniq) else np.zeros(0, dtype=np.int64)
+
+
 def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
                      stat_for: Callable[[nn.Module], tuple[Stat, Stat]]) -> Values:
-    """Per unit, the statistic ``stat_for(layer)`` of its rows in every conv/linear producer."""
-    tables: dict[str, tuple[list[float], torch.dtype]] = {}
-    values: Values = {}
-    for uid, unit in graph.units.items():
-        vals, dtypes = [], []
-        for (name, role), idx in unit.members.items():
-            w = _producer_weight(modules[name], role) if name in unit.producers else None
-            if w is not None:
-                value, dtype = _rows_value(tables, f"{name}:{role}", w, idx, *stat_for(modules[name]))
-                vals.append(value)
-                dtypes.append(dtype)
-        values[uid] = (vals, dtypes)
-    return values
+    """Per unit, the statistic ``stat_for(layer)`` of its rows in every conv/linear producer.
+
+    A unit's single row in a layer is read from the layer's row table (one batched call for all
+    its rows); several rows of one unit are reduced together.
+    """
+    table = UnitTable.from_units(graph.units)
+    _, producer_sets = table.producer_codes()
+    weights = [_producer_weight(modules[name], role) for name, role in table.axes]
+    runs = _runs_where(table, lambda c, a: weights[a] is not None and table.axes[a][0] in producer_sets[c])
+    starts, lengths, axis_of = table.run_start[runs], table.run_stop[runs] - table.run_start[runs], table.run_axis[runs]
+    dtypes: list[torch.dtype] = []
+    values, codes = np.zeros(len(runs)), np.zeros(len(runs), dtype=np.int64)
+    for a in np.unique(axis_of).tolist():
+        w = weights[a]
+        one, each = stat_for(modules[table.axes[a][0]])
+        here = np.flatnonzero(axis_of == a)
+        single = here[lengths[here] == 1]
+        if len(single):
+            stats, dtype = _row_table(w, one, each)
+            values[single] = np.asarray(stats, dtype=np.float64)[table.positions[starts[single]]]
+            codes[single] = _code(dtypes, dtype)
+        for k in here[lengths[here] != 1].tolist():
+            idx = table.positions[starts[k]:starts[k] + lengths[k]]
+            stat = one(w.detach()[torch.tensor(idx)].reshape(len(idx), -1))
+            values[k], codes[k] = float(stat), _code(dtypes, stat.dtype)
+    return _values(table, runs, values, np.ones(len(runs)), codes, dtypes)
 
 
 def _bn_gammas(modules: dict[str, nn.Module], graph: ChannelGraph) -> Values:
     """Per unit, |gamma| of its channels in every affine BatchNorm it passes through."""
-    tables: dict[str, list[float]] = {}
-    values: Values = {}
-    for uid, unit in graph.units.items():
-        vals, dtypes = [], []
-        for (name, role), idx in unit.members.items():
-            m = modules[name]
-            if role == "out" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-                if name not in tables:
-                    tables[name] = m.weight.detach().abs().tolist()
-                table = tables[name]
-                vals.extend(table[i] for i in idx.tolist())
-                dtypes.append(m.weight.dtype)
-        values[uid] = (vals, dtypes)
-    return values
+    table = UnitTable.from_units(graph.units)
+    gammas: list[np.ndarray | None] = []
+    dtypes: list[torch.dtype] = []
+    axis_codes = []
+    for name, role in table.axes:
+        m = modules[name]
+        ok = role == "out" and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+        gammas.append(np.asarray(m.weight.detach().abs().tolist(), dtype=np.float64) if ok else None)
+        axis_codes.append(_code(dtypes, m.weight.dtype) if ok else -1)
+    runs = _runs_where(table, lambda c, a: gammas[a] is not None)
+    starts, stops, axis_of = table.run_start[runs], table.run_stop[runs], table.run_axis[runs]
+    lengths = stops - starts
+    offsets = np.r_[0, np.cumsum(lengths)]
+    entry = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)  # index into table.positions
+    entry_axis = np.repeat(axis_of, lengths)
+    values = np.zeros(len(entry))
+    for a in np.unique(axis_of).tolist():
+        here = entry_axis == a
+        values[here] = gammas[a][table.positions[entry[here]]]
+    return _values(table, runs, values, lengths, np.array(axis_codes, dtype=np.int64)[axis_of], dtypes)
 
 
 def _norm(p: int) -> Criterion:

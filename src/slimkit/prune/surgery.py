@@ -16,7 +16,6 @@ ONNX can export.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -25,6 +24,7 @@ from torch import nn
 
 from slimkit.exceptions import UnsupportedModelError
 from slimkit.prune.graph import Axis, ChannelGraph
+from slimkit.prune.graph.core import UnitTable
 from slimkit.prune.graph.rules import qualified_name
 from slimkit.registry import Registry
 
@@ -56,12 +56,29 @@ def handler_for(module: nn.Module) -> SurgeryHandler | None:
 
 
 def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.ndarray]:
-    """Positions to delete on every member axis when the units ``unit_ids`` are pruned."""
-    out: dict[Axis, list[np.ndarray]] = defaultdict(list)
-    for uid in unit_ids:
-        for axis, idx in graph.units[uid].members.items():
-            out[axis].append(idx)
-    return {axis: np.unique(np.concatenate(parts)) for axis, parts in out.items()}
+    """Positions to delete on every member axis when the units ``unit_ids`` are pruned.
+
+    Axes come in the order they first appear in the units' members (units in ``unit_ids`` order).
+    """
+    table = UnitTable.from_units(graph.units)
+    rows = table.index_of(list(unit_ids))
+    if not len(rows):
+        return {}
+    rank = np.full(len(table), -1, dtype=np.int64)
+    rank[rows[::-1]] = np.arange(len(rows))[::-1]  # a unit's first place in unit_ids
+    runs = np.flatnonzero(rank[table.run_unit] >= 0)
+    axis_of = table.run_axis[runs]
+    starts, lengths = table.run_start[runs], table.run_stop[runs] - table.run_start[runs]
+    offsets = np.r_[0, np.cumsum(lengths)]
+    entry_axis = np.repeat(axis_of, lengths)
+    entry_pos = table.positions[np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)]
+    order = np.lexsort((entry_pos, entry_axis))
+    entry_axis, entry_pos = entry_axis[order], entry_pos[order]
+    bounds = np.flatnonzero(np.r_[True, np.diff(entry_axis) != 0])
+    found = dict(zip(entry_axis[bounds].tolist(), np.split(entry_pos, bounds[1:]), strict=True))
+    first = np.lexsort((runs, rank[table.run_unit[runs]]))  # runs in unit_ids order, then member order
+    seen = dict.fromkeys(axis_of[first].tolist())
+    return {table.axes[a]: np.unique(found[a]) for a in seen}
 
 
 def _keep(size: int, drop: np.ndarray) -> torch.Tensor:

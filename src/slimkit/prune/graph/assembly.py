@@ -12,37 +12,37 @@ from collections import defaultdict
 import numpy as np
 from torch import nn
 
-from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, Unit
+from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, UnitTable
 
 
-def _members_by_root(axes: dict[Axis, np.ndarray], roots: np.ndarray) -> dict[int, dict[Axis, np.ndarray]]:
-    """Positions every root's slots occupy on every axis.
+def _runs(axes: dict[Axis, np.ndarray], roots: np.ndarray) -> tuple[list[Axis], np.ndarray, np.ndarray, np.ndarray,
+                                                                 np.ndarray, np.ndarray, np.ndarray]:
+    """The positions every root's slots occupy on every axis, as runs (see :class:`UnitTable`).
 
-    Roots come in the order their first slot appears when the axes are walked in insertion
-    order; inside a root, axes keep that order and positions ascend.
+    Returns ``(names, order, run_root, run_axis, run_start, run_stop, positions)``: ``order``,
+    the roots in the order their first slot appears when the axes are walked in insertion
+    order; run ``r`` is root ``order[run_root[r]]`` on axis ``names[run_axis[r]]`` at
+    ``positions[run_start[r]:run_stop[r]]``. Inside a root, axes keep that order and
+    positions ascend.
     """
     names = [a for a, slots in axes.items() if len(slots)]
+    empty = np.zeros(0, dtype=np.int64)
     if not names:
-        return {}
+        return [], empty, empty, empty, empty, empty, empty
     sizes = [len(axes[a]) for a in names]
     slot_roots = roots[np.concatenate([axes[a] for a in names])]
     axis_ids = np.repeat(np.arange(len(names)), sizes)
     positions = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
     uniq, first, inverse = np.unique(slot_roots, return_index=True, return_inverse=True)
     rank = np.empty(len(uniq), dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(len(uniq))
-    order = np.argsort(rank[inverse.reshape(-1)], kind="stable")
-    run_roots, run_axes = slot_roots[order], axis_ids[order]
-    new_root = np.r_[True, np.diff(run_roots) != 0]
-    starts = np.flatnonzero(new_root | np.r_[True, np.diff(run_axes) != 0])
-    positions = positions[order]
-    positions.setflags(write=False)
-    bounds = np.r_[starts, len(positions)].tolist()
-    runs = [positions[a:b] for a, b in zip(bounds, bounds[1:])]
-    run_names = [names[a] for a in run_axes[starts].tolist()]
-    root_bounds = np.r_[np.flatnonzero(new_root[starts]), len(starts)].tolist()
-    return {root: dict(zip(run_names[a:b], runs[a:b], strict=True))
-            for root, a, b in zip(run_roots[starts][root_bounds[:-1]].tolist(), root_bounds, root_bounds[1:])}
+    by_first = np.argsort(first, kind="stable")
+    rank[by_first] = np.arange(len(uniq))
+    entry_rank = rank[inverse.reshape(-1)]
+    order = np.argsort(entry_rank, kind="stable")
+    run_ranks, run_axes = entry_rank[order], axis_ids[order]
+    starts = np.flatnonzero(np.r_[True, (np.diff(run_ranks) != 0) | (np.diff(run_axes) != 0)])
+    stops = np.r_[starts[1:], len(order)]
+    return names, uniq[by_first], run_ranks[starts], run_axes[starts], starts, stops, positions[order]
 
 
 def _fixed_roots(uf: UnionFind, roots: np.ndarray) -> dict[int, str]:
@@ -114,7 +114,7 @@ def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
 
 
 def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.ndarray, fixed: dict[int, str],
-                      producers_of: dict[int, set[str]], by_root: dict) -> dict[tuple[str, ...], list[list[int]]]:
+                      producers_of: dict[int, set[str]], in_order: list[int]) -> dict[tuple[str, ...], list[list[int]]]:
     """Partition of each group that reaches grouped convs; fixes (in ``fixed``) the roots of the others.
 
     A constraint fails when its channels are not exactly one group's free units, or when two
@@ -123,7 +123,7 @@ def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.
     """
     while True:
         members: dict[tuple[str, ...], set[int]] = defaultdict(set)
-        for root in by_root:
+        for root in in_order:
             if root not in fixed:
                 members[tuple(sorted(producers_of.get(root, ())))].add(root)
         partitions: dict[tuple[str, ...], list[list[int]]] = {}
@@ -152,19 +152,29 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
     roots = uf.roots()
     fixed_roots = _fixed_roots(uf, roots)
     producers_of, layer_of = _producers_of(uf, roots)
-    units: dict[int, Unit] = {}
     fixed_reasons: dict[str, str] = {}
     grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    by_root = _members_by_root(builder.axes, roots)
-    partitions = _group_partitions(builder.grouped, roots, fixed_roots, producers_of, by_root)
-    for root, members in by_root.items():
+    names, order, run_root, run_axis, run_start, run_stop, positions = _runs(builder.axes, roots)
+    root_list = order.tolist()
+    partitions = _group_partitions(builder.grouped, roots, fixed_roots, producers_of, root_list)
+    keep = np.zeros(len(root_list), dtype=bool)
+    layers: dict[tuple[str, ...], tuple[str, ...]] = {}
+    unit_producers = []
+    for i, root in enumerate(root_list):
         producers = tuple(sorted(producers_of.get(root, ())))
         if root in fixed_roots or not producers:
             for p in producers:
                 fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
             continue
-        units[root] = Unit(root, members, tuple(sorted({layer_of[p] for p in producers})))
+        keep[i] = True
+        if producers not in layers:
+            layers[producers] = tuple(sorted({layer_of[p] for p in producers}))
+        unit_producers.append(layers[producers])
         grouped[producers].append(root)
+    kept_runs = keep[run_root]
+    new_index = np.cumsum(keep) - 1
+    units = UnitTable(order[keep], unit_producers, names, new_index[run_root[kept_runs]], run_axis[kept_runs],
+                      run_start[kept_runs], run_stop[kept_runs], positions)
     groups = [Group(",".join(p), p, sorted(u), partitions.get(p)) for p, u in grouped.items()]
     used = builder.used
     for name, module in model.named_modules():

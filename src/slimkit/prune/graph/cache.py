@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.prune.graph.core import ChannelGraph, Group, Unit
+from slimkit.prune.graph.core import ChannelGraph, Group, Unit, UnitTable
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 _SKIPPED_ATTRS = {"training", "_parameters", "_buffers", "_modules"}
@@ -93,7 +93,9 @@ class _GraphCache:
 def _share(graph: ChannelGraph) -> ChannelGraph:
     """Copy of ``graph`` with its own dicts, lists, units and groups; the read-only arrays are shared."""
     return ChannelGraph(
-        dict(graph.axes), {uid: Unit(uid, dict(u.members), u.producers) for uid, u in graph.units.items()},
+        dict(graph.axes),
+        graph.units.fresh() if isinstance(graph.units, UnitTable)
+        else {uid: Unit(uid, dict(u.members), u.producers) for uid, u in graph.units.items()},
         [Group(g.name, g.producers, list(g.units), g.partitions and [list(p) for p in g.partitions])
          for g in graph.groups],
         dict(graph.fixed_reasons), list(graph.warnings),

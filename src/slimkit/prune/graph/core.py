@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,94 @@ class Unit:
     producers: tuple[str, ...]
 
 
+class UnitTable(Mapping[int, Unit]):
+    """The units of a graph in columnar form, read as a mapping ``unit id -> Unit``.
+
+    A unit's members are *runs*: run ``r`` belongs to unit ``ids[run_unit[r]]``, lies on axis
+    ``axes[run_axis[r]]`` and holds the positions ``positions[run_start[r]:run_stop[r]]``; the
+    runs of a unit are consecutive and in its members' order. ``producers[i]``: the producer
+    layers of unit ``ids[i]``. Consumers that visit every unit (criteria, surgery) read the
+    arrays; a :class:`Unit` is made on first access (graphs with thousands of channels do not
+    pay for objects nobody reads). The arrays are read-only; :meth:`fresh` shares them.
+    """
+
+    def __init__(self, ids: np.ndarray, producers: list[tuple[str, ...]], axes: list[Axis], run_unit: np.ndarray,
+                 run_axis: np.ndarray, run_start: np.ndarray, run_stop: np.ndarray, positions: np.ndarray) -> None:
+        self.ids, self.producers, self.axes = ids, producers, axes
+        self.run_unit, self.run_axis, self.run_start, self.run_stop = run_unit, run_axis, run_start, run_stop
+        self.positions = positions
+        for a in (ids, run_unit, run_axis, run_start, run_stop, positions):
+            a.setflags(write=False)
+        self._index = dict(zip(ids.tolist(), range(len(ids))))
+        self._made: dict[int, Unit] = {}
+        self._first_run: np.ndarray | None = None
+        self._producer_codes: tuple[np.ndarray, list[frozenset[str]]] | None = None
+
+    @classmethod
+    def from_units(cls, units: Mapping[int, Unit]) -> UnitTable:
+        """The table of any mapping of units (a table itself is returned as it is)."""
+        if isinstance(units, UnitTable):
+            return units
+        axes: dict[Axis, int] = {}
+        run_unit, run_axis, arrays = [], [], []
+        for i, unit in enumerate(units.values()):
+            for axis, idx in unit.members.items():
+                run_unit.append(i)
+                run_axis.append(axes.setdefault(axis, len(axes)))
+                arrays.append(np.asarray(idx, dtype=np.int64).reshape(-1))
+        stop = np.cumsum([len(a) for a in arrays], dtype=np.int64)
+        positions = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        return cls(np.array(list(units), dtype=np.int64), [u.producers for u in units.values()], list(axes),
+                   np.array(run_unit, dtype=np.int64), np.array(run_axis, dtype=np.int64),
+                   stop - np.array([len(a) for a in arrays], dtype=np.int64), stop, positions)
+
+    def fresh(self) -> UnitTable:
+        """A table sharing the arrays, with its own (not yet made) Unit objects."""
+        return UnitTable(self.ids, self.producers, self.axes, self.run_unit, self.run_axis, self.run_start,
+                         self.run_stop, self.positions)
+
+    def index_of(self, unit_ids: Iterator[int] | list[int]) -> np.ndarray:
+        """Row of every unit id in ``ids`` (KeyError for an unknown id)."""
+        return np.array([self._index[u] for u in unit_ids], dtype=np.int64)
+
+    def producer_codes(self) -> tuple[np.ndarray, list[frozenset[str]]]:
+        """``(codes, sets)``: unit ``ids[i]``'s producer layers are ``sets[codes[i]]``."""
+        if self._producer_codes is None:
+            seen: dict[tuple[str, ...], int] = {}
+            codes = np.array([seen.setdefault(p, len(seen)) for p in self.producers], dtype=np.int64)
+            self._producer_codes = codes, [frozenset(p) for p in seen]
+        return self._producer_codes
+
+    def first_runs(self) -> np.ndarray:
+        """``[len(ids) + 1]``: unit ``i``'s runs are ``first_runs()[i]:first_runs()[i + 1]``."""
+        if self._first_run is None:
+            self._first_run = np.searchsorted(self.run_unit, np.arange(len(self.ids) + 1))
+        return self._first_run
+
+    def __getitem__(self, uid: int) -> Unit:
+        unit = self._made.get(uid)
+        if unit is None:
+            i = self._index[uid]
+            first = self.first_runs()
+            runs = range(first[i], first[i + 1])
+            unit = Unit(uid, {self.axes[self.run_axis[r]]: self.positions[self.run_start[r]:self.run_stop[r]]
+                              for r in runs}, self.producers[i])
+            self._made[uid] = unit
+        return unit
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._index
+
+    def __repr__(self) -> str:
+        return f"UnitTable({len(self)} units)"
+
+
 @dataclass
 class Group:
     """Units produced by the same layers (one residual stream, one conv's filters).
@@ -50,7 +138,8 @@ class ChannelGraph:
     """Result of :func:`slimkit.prune.graph.build_graph`. Its index arrays are read-only."""
 
     axes: dict[Axis, np.ndarray]
-    units: dict[int, Unit]
+    #: unit id -> Unit; a :class:`UnitTable` from build_graph (any mapping of units is accepted)
+    units: Mapping[int, Unit]
     groups: list[Group]
     fixed_reasons: dict[str, str]
     warnings: list[str] = field(default_factory=list)
