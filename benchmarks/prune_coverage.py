@@ -49,7 +49,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "structured-pruning.md"
 
 def _line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(err).__name__}: {text[0][:400] if text else ''}"
 
 
 def check(name: str, size: int) -> str:
@@ -204,10 +204,19 @@ def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0,
     return row
 
 
+def short_reason(reason: str) -> str:
+    """The part of a refusal that names what failed (slimkit's advice on what to do next left out)."""
+    broke = re.search(r"would break its forward \((?:ConfigError: example_inputs of shape \[[^]]*\] do not fit \w+ "
+                      r"\()?(.*?)\)?; the model is left", reason)
+    if broke:
+        return f"cut breaks the forward: {broke.group(1)}"
+    return re.sub(r" acts on pruned channels and slimkit cannot prune through it.*", "", reason)
+
+
 def _cell(r: dict) -> str:
     if r["status"] in ("pruned", "too little"):
         return f"{r['status']} | {r['macs_left']:.2f} | {r['params_left']:.2f}"
-    return f"{r['status']}: {r['reason'][:110].replace('|', '/')} | - | -"
+    return f"{r['status']}: {short_reason(r['reason'])[:140].replace('|', '/')} | - | -"
 
 
 def read_rows(path: str) -> list[dict]:
@@ -232,8 +241,10 @@ def merge_rows(sources: list[tuple[str, list[dict]]]) -> list[dict]:
                 if lib in row:
                     new[lib] = {**row[lib], "source": path, "commit": row.get("commit")}
             merged[row["model"]] = new
-    return sorted((r for r in merged.values() if all(lib in r for lib in LIBS)),
-                  key=lambda r: (r["module"], r["model"]))
+    for r in merged.values():
+        for lib in LIBS:
+            r.setdefault(lib, {"status": "not run", "reason": "in none of these files", "source": None})
+    return sorted(merged.values(), key=lambda r: (r["module"], r["model"]))
 
 
 def counts(rows: list[dict], lib: str) -> dict[str, int]:
@@ -263,8 +274,9 @@ def timm_table(rows: list[dict]) -> str:
     sources: dict[tuple, int] = {}
     for r in rows:
         for lib in LIBS:
-            key = (r[lib]["source"], r[lib].get("commit") or "unrecorded")
-            sources[key] = sources.get(key, 0) + 1
+            if r[lib]["source"] is not None:
+                key = (r[lib]["source"], r[lib].get("commit") or "unrecorded")
+                sources[key] = sources.get(key, 0) + 1
     source_text = "; ".join(f"{n} cells from `{Path(src).name}` (commit {commit})"
                             for (src, commit), n in sorted(sources.items()))
     lines = [f"{len(rows)} timm models (one per architecture module, smallest variant <= 60M params, random init, "

@@ -137,3 +137,24 @@ def test_timm_model_with_untraceable_attention_prunes():
     assert report.macs_after == count_macs(model, x) <= 0.8 * macs
     modules = dict(model.named_modules())
     assert all({k: v.shape for k, v in modules[n].state_dict().items()} == shapes for n, shapes in opaque.items())
+
+
+def test_timm_opaque_zero_channels_preserve_outputs():
+    """EfficientViT with its attention kept whole: removing exactly-zero channels elsewhere changes nothing."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model("efficientvit_b0", num_classes=10).eval()
+        x = torch.randn(2, 3, 64, 64)
+        g = build_graph(model, x[:1], cache=False)
+    assert any("context_module.main" in w for w in g.warnings)
+    uids = [u for grp in g.groups for u in half_of_each(grp)]
+    _randomize_bn(model)
+    zero_units(model, g, uids)
+    with torch.no_grad():
+        before = model(x)
+    prune_units_(model, g, uids)
+    with torch.no_grad():
+        after = model(x)
+    assert before.abs().max() > 0 and len(uids) > 100
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
