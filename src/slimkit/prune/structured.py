@@ -121,9 +121,10 @@ class StructuredPlan:
     shapes: dict[str, tuple[int, ...]]
 
 
-def _graph_macs(graph: ChannelGraph, model: nn.Module, x: Any) -> int:
-    """MACs counted on the traced graph (meta tensors) where that equals count_macs, else for real."""
-    macs = traced_macs(graph, model, x)
+def _graph_macs(graph: ChannelGraph, model: nn.Module, x: Any, recorded: bool = False) -> int:
+    """MACs counted on the traced graph (meta tensors; ``recorded``: from the shapes the trace recorded,
+    the model unchanged since) where that equals count_macs, else for real."""
+    macs = traced_macs(graph, model, x, recorded)
     return macs if macs is not None else int(count_macs(model, x))
 
 
@@ -271,7 +272,7 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
             f"ignore={list(cfg.ignore or [classifier_name(model)])}; skipped: {dict(list(skipped.items())[:5])}"
         )
     params_before = count_params(model)
-    macs_before = _graph_macs(graph, model, x)
+    macs_before = _graph_macs(graph, model, x, recorded=True)
     ratio = cfg.ratio
     if cfg.target != "channels" and cfg.ratio > 0:
         ratio = solve_ratio(model, x, graph, groups, scores, cfg, params_before, macs_before)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from slimkit.prune.graph.core import ChannelGraph
-from slimkit.prune.graph.trace import _ShapeProp, on_meta
+from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, on_meta
 
 
 class _Counter(_ShapeProp):
@@ -27,25 +27,51 @@ class _Counter(_ShapeProp):
         self.ruled = ruled
         self.macs = 0
 
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        out = super().call_module(target, args, kwargs)
-        rule = self.ruled.get(target)
-        if rule is not None:
-            self.macs += int(rule(self.module.get_submodule(target), args, out))
-        return out
-
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op == "call_module" and n.target in self.ruled:
+        rule = self.ruled.get(n.target) if n.op == "call_module" else None
+        if rule is None:
+            return super().run_node(n)
+        module = self.module.get_submodule(n.target)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        if type(module) in _SHAPE_ARITHMETIC:  # its output shape is computed, not run
+            out = super().run_node(n)
+        else:
             self.shortcut = False  # a layer with a MAC rule always runs
             try:
-                return super().run_node(n)
+                out = super().run_node(n)
             finally:
                 self.shortcut = True
-        return super().run_node(n)
+        self.macs += int(rule(module, args, out))
+        return out
 
 
-def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Tensor) -> int | None:
-    """``count_macs(model, example_inputs)`` from a meta run of ``graph.traced``, or None where it may differ."""
+def _meta_of(value: Any) -> Any:
+    """An empty meta tensor of a recorded ``TensorShape`` (None for anything else)."""
+    return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, TensorShape) else None
+
+
+def _recorded_macs(gm: torch.fx.GraphModule, ruled: dict[str, Any]) -> int | None:
+    """The MAC rules applied to the shapes the trace recorded (the model as traced), or None."""
+    total = 0
+    for n in gm.graph.nodes:
+        rule = ruled.get(n.target) if n.op == "call_module" else None
+        if rule is None:
+            continue
+        out = _meta_of(n.meta.get("tensor_meta"))
+        args = tuple(_meta_of(a.meta.get("tensor_meta")) if isinstance(a, torch.fx.Node) else a for a in n.args)
+        if out is None or any(a is None for a in args):
+            return None
+        total += int(rule(gm.get_submodule(n.target), args, out))
+    return total
+
+
+def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Tensor,
+                recorded: bool = False) -> int | None:
+    """``count_macs(model, example_inputs)`` from a meta run of ``graph.traced``, or None where it may differ.
+
+    ``recorded``: the model is still as traced (no surgery since): the MAC rules read the
+    shapes the trace recorded, with no run at all.
+    """
     from slimkit.measure.macs import mac_units, rule_for
 
     gm = graph.traced
@@ -57,11 +83,14 @@ def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Ten
     was_training = model.training
     model.eval()
     try:
-        counter = _Counter(gm, ruled)
-        counter.extra_traceback = False
         with torch.no_grad(), on_meta(gm):
-            counter.run(example_inputs.to("meta"))
-        return counter.macs
+            macs = _recorded_macs(gm, ruled) if recorded else None
+            if macs is None:
+                counter = _Counter(gm, ruled)
+                counter.extra_traceback = False
+                counter.run(example_inputs.to("meta"))
+                macs = counter.macs
+        return macs
     except Exception:  # see the module docstring: count for real
         return None
     finally:

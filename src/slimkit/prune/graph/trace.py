@@ -18,6 +18,7 @@ needs data.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import torch
@@ -55,21 +56,81 @@ _SAME_SHAPE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Si
 _SAME_SHAPE_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm}
 
 
+def _conv_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    dims = len(m.kernel_size)
+    if len(shape) != dims + 2 or shape[1] != m.in_channels:
+        return None
+    if m.padding == "same":
+        return (shape[0], m.out_channels, *shape[2:])
+    padding = (0,) * dims if m.padding == "valid" else m.padding
+    spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                    for n, p, d, k, s in zip(shape[2:], padding, m.dilation, m.kernel_size, m.stride, strict=True))
+    return (shape[0], m.out_channels, *spatial) if all(n > 0 for n in spatial) else None
+
+
+def _linear_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    return (*shape[:-1], m.out_features) if shape and shape[-1] == m.in_features else None
+
+
+def _pool_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    size = (m.output_size,) * 2 if isinstance(m.output_size, int) else tuple(m.output_size)
+    if len(shape) != 4 or len(size) != 2 or any(n == 0 for n in shape):
+        return None
+    return (*shape[:2], *(n if k is None else k for n, k in zip(shape[2:], size, strict=True)))
+
+
+#: exact classes whose output shape follows from their attributes and the input's shape (their meta
+#: kernels are Python and cost ~1 ms per call); anything unexpected runs the kernel
+_SHAPE_ARITHMETIC = {nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape,
+                     nn.Linear: _linear_shape, nn.AdaptiveAvgPool2d: _pool_shape}
+_BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
+
+
 class _ShapeProp(torch.fx.Interpreter):
     """Runs the graph once and records every node's shape (fx's ShapeProp, without its traceback print).
 
-    ``shortcut``: layers that keep their input's shape return their input unchanged (on meta tensors).
+    ``shortcut`` (on meta tensors): layers that keep their input's shape return their input
+    unchanged; convs, linears, adaptive pooling and broadcasting arithmetic return an empty meta
+    tensor of the shape they would compute.
     """
 
     shortcut = False
 
+    def _computed(self, n: torch.fx.Node) -> torch.Tensor | None:
+        """The node's meta result from shape arithmetic, or None (run it)."""
+        if n.kwargs:
+            return None
+        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
+        if n.op == "call_module" and len(args) == 1:
+            m = self.module.get_submodule(n.target)
+            rule = _SHAPE_ARITHMETIC.get(type(m))
+            x = args[0]
+            if rule is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
+                    isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dtype != x.dtype):
+                return None
+            shape = rule(m, tuple(x.shape))
+            return None if shape is None else torch.empty(shape, dtype=x.dtype, device="meta")
+        if n.op == "call_function" and n.target in _BROADCAST_FUNCTIONS and len(args) == 2:
+            if not all(isinstance(a, (int, float)) or (isinstance(a, torch.Tensor) and a.is_contiguous()
+                                                        and a.is_floating_point()) for a in args):
+                return None
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if not tensors or any(type(a) is bool for a in args):
+                return None
+            shape = torch.broadcast_shapes(*(a.shape for a in tensors))
+            return torch.empty(shape, dtype=torch.result_type(*args), device="meta")
+        return None
+
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
-            if self.shortcut and n.args and isinstance(n.args[0], torch.fx.Node) and (
-                    (n.op == "call_module" and isinstance(self.module.get_submodule(n.target), _SAME_SHAPE_MODULES))
-                    or (n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS)):
-                result = self.env[n.args[0]]
-            else:
+            result = None
+            if self.shortcut and n.args and isinstance(n.args[0], torch.fx.Node):
+                if (n.op == "call_module" and isinstance(self.module.get_submodule(n.target), _SAME_SHAPE_MODULES)
+                        or (n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS)):
+                    result = self.env[n.args[0]]
+                else:
+                    result = self._computed(n)
+            if result is None:
                 result = super().run_node(n)
         except Exception as err:
             raise _NodeError(n, err) from err
