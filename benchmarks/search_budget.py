@@ -44,81 +44,121 @@ def _save(out: Path, results: dict) -> None:
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, default=str).encode())
 
 
-def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
-    from slimkit.manifest import load_model
-    from slimkit.pipeline import run_recipe
-    from slimkit.prune import structured_
-    from slimkit.recipe import parse_recipe
-    from slimkit.search import search
+def _roundrobin(models: dict, example: torch.Tensor, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Each model timed ``rounds`` times interleaved (one end-to-end measurement each per round), medians."""
     from slimkit.search.latency import end_to_end
 
-    sdir = out / f"latency-{model_name}"
-    started = time.perf_counter()
-    result = search({"model": model_name, "budget": "latency_p99_ms=0.5x", "engine": "onnxruntime",
-                     "epochs": args.epochs, "final_epochs": args.final_epochs, "trial_epochs": 1,
-                     "trial_samples": args.trial_samples, "sensitivity_samples": args.sensitivity_samples,
-                     "population": 12, "generations": 6, "greedy_candidates": 1, "evolution_trials": 1,
-                     "max_steps": 6, "step_share": 0.2, "ratios": _floats(args.ratios), "ranks": _floats(args.ranks),
-                     "runner": args.runner, "seed": 0}, sdir)
-    search_s = time.perf_counter() - started
-    baseline = load_model(sdir / "baseline.pt").eval()
-    chosen_model = load_model(sdir / "final" / "model.pt").eval()
-    example = torch.zeros(json.loads((sdir / "final" / "report.json").read_text())["example_input_shape"])
-    target = result["chosen"]["latency_p99_ms"]
-    # uniform structured pruning: the ratio whose measured latency is closest to the chosen model's, matched
-    # on the median (timed now, beside the grid): under foreign load a p99 moves by a scheduler time slice
-    # from one series to the next, the median does not. 0.25/0.5/0.75 keep channel counts multiples of 4,
-    # which ONNX Runtime's convolutions run faster than the odd counts of 0.3 or 0.7.
-    chosen_median = end_to_end(chosen_model, example, "onnxruntime")["median_ms"]
-    grid = {}
-    for ratio in (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75):
-        pruned = copy.deepcopy(baseline)
-        structured_(pruned, example, {"ratio": ratio, "criterion": "l1"})
-        grid[ratio] = end_to_end(pruned, example, "onnxruntime")
-    ratio = min(grid, key=lambda r: abs(grid[r]["median_ms"] - chosen_median))
-    header = {k: v for k, v in json.loads((sdir / "final" / "report.json").read_text())["recipe"].items()
-              if k in ("model", "data", "data_dir", "train", "threads", "baseline")}
-    recipe = parse_recipe({**header, "name": f"uniform-{model_name}",
-                           "stages": [{"name": f"uniform-{ratio:g}",
-                                       "structured": {"ratio": ratio, "criterion": "l1"},
-                                       "finetune": {"epochs": args.final_epochs}}]}, "benchmark")
+    seen: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            seen[name].append(end_to_end(model, example, "onnxruntime"))
+    return {name: {key: float(torch.tensor([t[key] for t in v]).median()) for key in ("p99_ms", "median_ms")}
+            for name, v in seen.items()}
+
+
+def _uniform_run(model_name: str, ratio: float, header: dict, out: Path, epochs: int) -> dict:
+    from slimkit.pipeline import run_recipe
+    from slimkit.recipe import parse_recipe
+
+    recipe = parse_recipe({**header, "name": f"uniform-{model_name}-{ratio:g}",
+                           "stages": [{"name": f"uniform-{ratio:g}", "structured": {"ratio": ratio, "criterion": "l1"},
+                                       "finetune": {"epochs": epochs}}]}, "benchmark")
     import inspect
 
     fresh = {"overwrite": True} if "overwrite" in inspect.signature(run_recipe).parameters else {}
-    uniform_report = run_recipe(recipe, out / f"uniform-{model_name}", progress=False, log=lambda _m: None, **fresh)
-    uniform_model = load_model(out / f"uniform-{model_name}" / "model.pt").eval()
-    # the same load for all three: round-robin, three rounds, median
-    rounds: dict[str, list[dict[str, float]]] = {"baseline": [], "chosen": [], "uniform": []}
-    for _ in range(3):
-        for name, model in (("baseline", baseline), ("chosen", chosen_model), ("uniform", uniform_model)):
-            rounds[name].append(end_to_end(model, example, "onnxruntime"))
-    p99 = {name: float(torch.tensor([t["p99_ms"] for t in v]).median()) for name, v in rounds.items()}
-    median = {name: float(torch.tensor([t["median_ms"] for t in v]).median()) for name, v in rounds.items()}
+    return run_recipe(recipe, out / f"uniform-{model_name}-{ratio:g}", progress=False, log=lambda _m: None, **fresh)
+
+
+def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
+    """The search at half the baseline's p99, and uniform pruning at the ratios bracketing its measured p99."""
+    from slimkit.manifest import load_model
+    from slimkit.prune import structured_
+    from slimkit.search import search
+
+    sdir = out / f"latency-{model_name}"
+    started = time.perf_counter()
+    trial_epochs = args.final_epochs if args.trial_epochs is None else args.trial_epochs
+    result = search({"model": model_name, "budget": "latency_p99_ms=0.5x", "engine": "onnxruntime",
+                     "epochs": args.epochs, "final_epochs": args.final_epochs, "trial_epochs": trial_epochs,
+                     "trial_samples": args.trial_samples, "sensitivity_samples": args.sensitivity_samples,
+                     "population": 12, "generations": 6, "greedy_candidates": args.greedy_candidates,
+                     "evolution_trials": args.evolution_trials, "max_steps": 6, "step_share": 0.2,
+                     "ratios": _floats(args.ratios), "ranks": _floats(args.ranks), "runner": args.runner,
+                     "seed": 0}, sdir)
+    search_s = time.perf_counter() - started
+    baseline = load_model(sdir / "baseline.pt").eval()
+    chosen_model = load_model(sdir / "final" / "model.pt").eval()
+    final_report = json.loads((sdir / "final" / "report.json").read_text())
+    example = torch.zeros(final_report["example_input_shape"])
+    # uniform structured pruning over a grid of ratios, timed interleaved with the chosen model (same load);
+    # ONNX Runtime is not monotonic in channels (counts that are multiples of 4 or 8 run faster), so the
+    # brackets are the nearest measured p99 on either side of the chosen model's, not neighbouring ratios
+    grid_models = {"chosen": chosen_model}
+    for ratio in _floats(args.uniform_ratios):
+        pruned = copy.deepcopy(baseline)
+        structured_(pruned, example, {"ratio": ratio, "criterion": "l1"})
+        grid_models[f"{ratio:g}"] = pruned.eval()
+    grid = _roundrobin(grid_models, example)
+    mine = grid.pop("chosen")["p99_ms"]
+    below = [r for r in grid if grid[r]["p99_ms"] <= mine]
+    above = [r for r in grid if grid[r]["p99_ms"] > mine]
+    brackets = []
+    if below:
+        brackets.append(max(below, key=lambda r: grid[r]["p99_ms"]))
+    if above:
+        brackets.append(min(above, key=lambda r: grid[r]["p99_ms"]))
+    header = {k: v for k, v in final_report["recipe"].items()
+              if k in ("model", "data", "data_dir", "train", "threads", "baseline")}
+    uniform = {}
+    for r in brackets:
+        report = _uniform_run(model_name, float(r), header, out, args.final_epochs)
+        uniform[r] = {"ratio": float(r), "accuracy": report["stages"][-1]["accuracy"],
+                      "model": load_model(out / f"uniform-{model_name}-{float(r):g}" / "model.pt").eval()}
+    # the same load for all: round-robin, three rounds, median
+    timed = _roundrobin({"baseline": baseline, "chosen": chosen_model,
+                         **{f"uniform {r}": u["model"] for r, u in uniform.items()}}, example)
+    for r, u in uniform.items():
+        u.update(timed[f"uniform {r}"])
+        del u["model"]
+    chosen_p99 = timed["chosen"]["p99_ms"]
+    # uniform pruning's accuracy at the chosen model's measured p99: linear between the two brackets
+    pts = sorted((u["p99_ms"], u["accuracy"]) for u in uniform.values())
+    if len(pts) == 2 and pts[1][0] > pts[0][0]:
+        w = min(max((chosen_p99 - pts[0][0]) / (pts[1][0] - pts[0][0]), 0.0), 1.0)
+        at_same = pts[0][1] + w * (pts[1][1] - pts[0][1])
+    else:
+        at_same = min(pts, key=lambda p: abs(p[0] - chosen_p99))[1]
     shutil.copyfile(sdir / "pareto.png", Path("docs/img") / f"search-{model_name}-pareto.png")
+    budget = result["budget"]["value"]
     row = {
-        "model": model_name, "budget_ms": result["budget"]["value"],
+        "model": model_name, "budget_ms": budget,
         "baseline": {"accuracy": result["baseline"]["accuracy"], "p99_search_ms": result["baseline"]["latency_p99_ms"],
-                     "p99_roundrobin_ms": p99["baseline"], "median_roundrobin_ms": median["baseline"]},
-        "chosen": {"accuracy": result["chosen"]["accuracy"], "p99_search_ms": target,
-                   "p99_roundrobin_ms": p99["chosen"], "median_roundrobin_ms": median["chosen"],
-                   "settings": result["chosen"]["settings"],
+                     "p99_roundrobin_ms": timed["baseline"]["p99_ms"],
+                     "median_roundrobin_ms": timed["baseline"]["median_ms"]},
+        "chosen": {"accuracy": result["chosen"]["accuracy"], "p99_search_ms": result["chosen"]["latency_p99_ms"],
+                   "p99_roundrobin_ms": chosen_p99, "median_roundrobin_ms": timed["chosen"]["median_ms"],
+                   "settings": result["chosen"]["settings"], "winner_settings": result["chosen"]["winner_settings"],
+                   "backoff": result["chosen"]["backoff"],
                    "meets_budget_in_search": result["chosen"]["meets_budget"],
-                   "meets_budget_roundrobin": p99["chosen"] <= result["budget"]["value"],
-                   "p99_over_baseline_roundrobin": p99["chosen"] / p99["baseline"]},
-        "uniform": {"ratio": ratio, "accuracy": uniform_report["stages"][-1]["accuracy"],
-                    "p99_roundrobin_ms": p99["uniform"], "median_roundrobin_ms": median["uniform"],
-                    "chosen_median_ms_at_grid": chosen_median, "grid_ms": grid},
-        "accuracy_gain_points": result["chosen"]["accuracy"] - uniform_report["stages"][-1]["accuracy"],
+                   "meets_budget_roundrobin": chosen_p99 <= budget,
+                   "p99_over_baseline_roundrobin": chosen_p99 / timed["baseline"]["p99_ms"]},
+        "uniform": uniform, "uniform_grid_ms": grid,
+        "uniform_accuracy_at_chosen_p99": at_same,
+        "accuracy_gain_points": result["chosen"]["accuracy"] - at_same,
         "latency_predictor": {k: v for k, v in result.get("latency_predictor", {}).items() if k != "pairs"},
-        "search_s": round(search_s, 1), "trials": len(result["trials"]),
+        "trials": [{k: t[k] for k in ("id", "source", "val_accuracy", "test_accuracy", "measured", "predicted",
+                                      "predicted_additive", "settings")} for t in result["trials"]],
+        "search_s": round(search_s, 1),
     }
-    print(f"{model_name}: budget p99 {row['budget_ms']:.3f} ms | baseline {row['baseline']['accuracy']:.2f}% "
-          f"p99 {p99['baseline']:.3f} ms (median {median['baseline']:.3f}) | chosen {row['chosen']['accuracy']:.2f}% "
-          f"p99 {p99['chosen']:.3f} ms (median {median['chosen']:.3f}; "
-          f"{'meets' if row['chosen']['meets_budget_roundrobin'] else 'MISSES'} the budget, "
-          f"{row['chosen']['p99_over_baseline_roundrobin']:.2f}x the round-robin baseline) | uniform r={ratio:g} "
-          f"{row['uniform']['accuracy']:.2f}% p99 {p99['uniform']:.3f} ms (median {median['uniform']:.3f}) | "
-          f"gain {row['accuracy_gain_points']:+.2f} pt")
+    lp = row["latency_predictor"]
+    print(f"{model_name}: budget p99 {budget:.3f} ms | baseline {row['baseline']['accuracy']:.2f}% "
+          f"p99 {timed['baseline']['p99_ms']:.3f} ms | chosen {row['chosen']['accuracy']:.2f}% p99 {chosen_p99:.3f} ms "
+          f"({'meets' if row['chosen']['meets_budget_roundrobin'] else 'MISSES'} the budget, "
+          f"{row['chosen']['p99_over_baseline_roundrobin']:.2f}x the baseline) | "
+          + " | ".join(f"uniform r={r} {u['accuracy']:.2f}% p99 {u['p99_ms']:.3f} ms" for r, u in uniform.items())
+          + f" | uniform at the chosen's p99 {at_same:.2f}% | gain {row['accuracy_gain_points']:+.2f} pt | "
+          f"predictor error (held out) {lp.get('mean_abs_error_pct')} % calibrated, "
+          f"{lp.get('additive', {}).get('mean_abs_error_pct')} % additive")
     return row
 
 
@@ -126,7 +166,7 @@ def size_part(out: Path, args: argparse.Namespace) -> dict:
     from slimkit.search import search
 
     result = search({"model": "lenet5", "budget": "size_bytes=20000", "engine": "onnxruntime", "epochs": args.epochs,
-                     "final_epochs": args.final_epochs, "trial_epochs": 1, "trial_samples": args.trial_samples,
+                     "final_epochs": args.final_epochs, "trial_epochs": 1, "trial_samples": args.trial_samples or 384,
                      "techniques": ["channels", "rank", "bits"], "sensitivity_samples": 128, "population": 16,
                      "generations": 8, "greedy_candidates": 2, "evolution_trials": 2, "max_steps": 10,
                      "step_share": 0.2, "runner": args.runner, "seed": 0}, out / "size-lenet5")
@@ -192,7 +232,15 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20-cifar,mobilenet_v2")
     parser.add_argument("--epochs", type=int, default=3, help="baseline training epochs")
     parser.add_argument("--final-epochs", type=int, default=2)
-    parser.add_argument("--trial-samples", type=int, default=384, help="training samples of each trial")
+    parser.add_argument("--trial-samples", type=int, default=None,
+                        help="training samples of each trial (default: the whole training part)")
+    parser.add_argument("--trial-epochs", type=int, default=None,
+                        help="fine-tune epochs of each latency trial (default: --final-epochs, so trials rank as "
+                             "the final fine-tune would)")
+    parser.add_argument("--greedy-candidates", type=int, default=2)
+    parser.add_argument("--evolution-trials", type=int, default=2)
+    parser.add_argument("--uniform-ratios", default="0.2,0.25,0.3,0.4,0.5,0.6,0.7,0.75",
+                        help="the uniform-pruning grid timed beside the chosen model")
     parser.add_argument("--sensitivity-samples", type=int, default=64)
     parser.add_argument("--ratios", default="0.25,0.5,0.75", help="channel ratios of the latency search")
     parser.add_argument("--ranks", default="0.25", help="rank fractions of the latency search")

@@ -186,3 +186,93 @@ def test_latency_budget_is_resolved_and_predicted_from_one_baseline_measurement(
     assert result["budget"]["value"] == pytest.approx(0.5 * base)
     assert result["latency_predictor"]["baseline_predicted_p99_ms"] == pytest.approx(base, rel=1e-9)
     assert result["chosen"]["latency_p99_ms"] > 0 and result["trials"]
+
+
+class Widths(nn.Module):
+    """Two convolutions of widths ``a`` and ``b``, each followed by a chain of tanh the latency table does not hold:
+    their cost scales with the width, so the additive prediction (a constant residual) misses pruned models."""
+
+    def __init__(self, a: int = 64, b: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, a, 3, padding=1)
+        self.conv2 = nn.Conv2d(a, b, 3, padding=1)
+        self.fc = nn.Linear(b, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for _ in range(12):
+            x = torch.tanh(x)
+        x = self.conv2(x)
+        for _ in range(12):
+            x = torch.tanh(x)
+        return self.fc(x.mean((2, 3)))
+
+
+X16 = torch.zeros(1, 3, 16, 16)
+
+
+def _e2e(model):
+    """Real ONNX Runtime timing of ``model``, its median standing in for the p99: the fit is the same, and on a
+    shared machine a p99 measures the scheduler (the same 20 ms for every width here), a median the model."""
+    from slimkit.search.latency import end_to_end
+
+    median = end_to_end(model.eval(), X16, "onnxruntime", blocks=1, runs=100)["median_ms"]
+    return {"median_ms": median, "p99_ms": median}
+
+
+def test_latency_predictor_calibrated_on_measured_models_predicts_held_out_ones(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimkit.search.latency import LatencyPredictor
+
+    base, quarter, half = Widths(64, 64), Widths(16, 16), Widths(32, 32)
+    measured = {m: _e2e(m) for m in (base, quarter, half)}
+    predictor = LatencyPredictor(LatencyTable(tmp_path / "lat.json", "onnxruntime", runs=50), base, X16,
+                                 measured[base])
+    assert predictor.p99_ms(base) == pytest.approx(measured[base]["p99_ms"], rel=1e-9)
+    additive = abs(predictor.p99_ms(half) - measured[half]["p99_ms"]) / measured[half]["p99_ms"]
+    predictor.add_point(predictor.sum_ms(quarter), measured[quarter]["p99_ms"])
+    # two points, two parameters: the line passes through both measurements
+    assert predictor.p99_ms(base) == pytest.approx(measured[base]["p99_ms"], rel=1e-6)
+    assert predictor.p99_ms(quarter) == pytest.approx(measured[quarter]["p99_ms"], rel=1e-6)
+    calibrated = abs(predictor.p99_ms(half) - measured[half]["p99_ms"]) / measured[half]["p99_ms"]
+    # the tanh chains at a quarter / half the width cost a quarter / half: the additive residual keeps them whole
+    assert additive > 0.3 and calibrated < 0.5 * additive, (additive, calibrated)
+
+
+def _widths_space():
+    from slimkit.search.algorithms import back_off
+
+    knobs = [Knob("channels", "conv1", (0.0, 0.5, 0.75)), Knob("channels", "conv2", (0.0, 0.5, 0.75))]
+    # conv2's notches cost more accuracy than conv1's: back-off undoes them first
+    table = {"channels:conv1": {"0.5": {"drop": 1.0, "kl": 0.1}, "0.75": {"drop": 3.0, "kl": 0.3}},
+             "channels:conv2": {"0.5": {"drop": 2.0, "kl": 0.4}, "0.75": {"drop": 6.0, "kl": 1.0}}}
+    seen: dict = {}
+
+    def measure(choice):
+        if choice not in seen:
+            width = [int(64 * (1 - k.settings[i])) for k, i in zip(knobs, choice)]
+            seen[choice] = _e2e(Widths(*width))["p99_ms"]
+        return seen[choice]
+
+    return back_off, knobs, table, measure, seen
+
+
+def test_back_off_relaxes_the_costliest_notches_while_the_measured_latency_fits():
+    pytest.importorskip("onnxruntime")
+    back_off, knobs, table, measure, seen = _widths_space()
+    start, identity = (2, 2), (0, 0)
+    # a budget nothing could break: every notch is undone, the costliest (conv2 -75 % -> -50 %) first
+    relaxed, steps = back_off(knobs, table, start, measure, target=1e9)
+    assert relaxed == identity and all(s["accepted"] for s in steps) and len(steps) == 4
+    assert steps[0]["knob"] == "channels:conv2" and steps[0]["choice"] == [2, 1]
+    # a budget the start already breaks: nothing changes, nothing is measured but the start
+    assert back_off(knobs, table, start, measure, target=0.0) == (start, [])
+    # between the start and the baseline (four times the start's work in each chain): the baseline is out of
+    # reach, and every accepted step fits by its own measurement while every rejected one does not
+    target = 0.5 * (measure(start) + measure(identity))
+    relaxed, steps = back_off(knobs, table, start, measure, target)
+    assert relaxed != identity and all(a <= b for a, b in zip(relaxed, start))
+    assert measure(relaxed) <= target
+    assert all((s["measured"] <= target) == s["accepted"] for s in steps) and steps
+    # capped: no more measurements than allowed
+    assert len(back_off(knobs, table, start, measure, 1e9, max_measurements=1)[1]) == 1

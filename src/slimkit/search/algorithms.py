@@ -14,6 +14,9 @@ HAWQ use; ties by the summed accuracy drop) and with the budget metric predicted
 - :func:`evolve` runs a seeded genetic search (uniform crossover, one-notch mutations, an
   elite half kept) over whole choices, infeasible ones penalised by their excess over the
   target, as in the evolutionary searches of once-for-all networks (Cai et al. 2020).
+- :func:`back_off` takes the winner the other way: it undoes its most accuracy-costly notches
+  one at a time while the *measured* metric stays within the target, so the model uses the
+  budget it is given instead of the margin its coarse steps and predicted metric left.
 """
 
 from __future__ import annotations
@@ -117,3 +120,49 @@ def evolve(knobs: Sequence[Knob], table: Table, predict: Callable[[Choice], floa
             seen[c] = fitness(c)
     feasible = sorted((c for c in seen if predict(c) <= target), key=lambda c: seen[c])
     return feasible[:keep]
+
+
+def back_off(knobs: Sequence[Knob], table: Table, choice: Choice, measure: Callable[[Choice], float],
+             target: float, predict: Callable[[Choice], float] | None = None, max_measurements: int = 12,
+             slack: float = 0.15) -> tuple[Choice, list[dict]]:
+    """Relax ``choice`` one notch at a time while its *measured* metric stays within ``target``.
+
+    A searched winner usually lands below its budget (its steps are coarse, its metric
+    predicted): the latency it leaves unused is accuracy given away. Each round ranks the
+    notches that can be undone (a knob one setting back toward the identity) by the summed
+    KL they remove, the most accuracy-costly first, skips those ``predict`` puts above
+    ``target * (1 + slack)``, measures the others in that order (``measure(choice)``, end to
+    end), and keeps the first whose measurement is within ``target``; it stops when no
+    notch fits or after ``max_measurements`` measurements. Returns the relaxed choice
+    (``choice`` itself when ``measure(choice)`` already exceeds ``target`` or nothing fits)
+    and one record per measurement: ``{"choice", "knob", "measured", "accepted"}``.
+    """
+    steps: list[dict] = []
+    if measure(choice) > target:
+        return choice, steps
+    current, spent = choice, 0
+    while spent < max_measurements:
+        kl_now = score(knobs, table, current)[0]
+        undo = []
+        for i, index in enumerate(current):
+            if index:
+                relaxed = tuple(c - 1 if j == i else c for j, c in enumerate(current))
+                undo.append((kl_now - score(knobs, table, relaxed)[0], i, relaxed))
+        undo.sort(key=lambda u: (-u[0], u[1]))
+        accepted = None
+        for _, i, relaxed in undo:
+            if spent >= max_measurements:
+                break
+            if predict is not None and predict(relaxed) > target * (1 + slack):
+                continue
+            value = measure(relaxed)
+            spent += 1
+            steps.append({"choice": list(relaxed), "knob": knobs[i].id, "measured": value,
+                          "accepted": value <= target})
+            if value <= target:
+                accepted = relaxed
+                break
+        if accepted is None:
+            break
+        current = accepted
+    return current, steps

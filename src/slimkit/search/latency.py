@@ -9,13 +9,15 @@ that signature with random weights is run alone on the engine (``eager``, ``onnx
 median is stored in ``latency_table.json`` in the run directory under that signature, so a
 shape is measured once per engine however many candidates contain it.
 
-The prediction of a whole model is ``sum(max(layer - call overhead, 0)) + residual``: the
+The additive prediction of a whole model is ``sum(max(layer - call overhead, 0)) + residual``: the
 call overhead is the median of the engine running a 1 x 1 Linear (what running any
 single-layer model costs beyond its arithmetic), the residual is calibrated once on the
 baseline (its measured end-to-end median minus its sum: the layers the table does not hold,
 batch norm, activations, additions, and the engine's own per-inference cost). The p99 is
-predicted as the median times the baseline's measured p99 / median. The predictor's error
-against end-to-end measurements is reported by the search (``search.json``,
+predicted as the median times the baseline's measured p99 / median. Every candidate the search
+then measures end to end recalibrates it (:meth:`LatencyPredictor.add_point`: a least-squares
+line from the per-layer sum to the measured p99); the error of its predictions on candidates
+not yet measured, calibrated and additive, is reported by the search (``search.json``,
 ``latency_predictor``).
 """
 
@@ -145,7 +147,16 @@ def end_to_end(model: nn.Module, example_inputs: torch.Tensor, engine: str, thre
 
 
 class LatencyPredictor:
-    """Whole-model median / p99 from a :class:`LatencyTable`, calibrated on the measured baseline."""
+    """Whole-model p99 (ms) from a :class:`LatencyTable`'s per-layer sum, calibrated on measured models.
+
+    Before any candidate is measured the prediction is NetAdapt's additive one, calibrated on the
+    measured baseline alone: ``p99 = (sum + residual) * tail`` (``residual``: the baseline's measured
+    median minus its sum; ``tail``: its p99 / median). The sum is not the whole story (an engine
+    reorders layouts between layers, fuses or does not, and its per-layer cost is not additive), so
+    every model measured end to end afterwards (:meth:`add_point`) refits ``p99 = slope * sum +
+    offset`` by least squares over all measured points, the baseline's included: the error of the
+    predictions made *before* a model was measured (held out) is what the search reports.
+    """
 
     def __init__(self, table: LatencyTable, baseline: nn.Module, example_inputs: torch.Tensor,
                  measured: dict[str, float]) -> None:
@@ -153,12 +164,44 @@ class LatencyPredictor:
         self.base_sum = table.model_sum_ms(baseline, example_inputs)
         self.residual = measured["median_ms"] - self.base_sum
         self.tail = measured["p99_ms"] / measured["median_ms"] if measured["median_ms"] > 0 else 1.0
+        self.slope, self.offset = self.tail, self.residual * self.tail  # the additive prediction
+        self.points: list[tuple[float, float]] = [(self.base_sum, float(measured["p99_ms"]))]
+
+    def sum_ms(self, model: nn.Module) -> float:
+        """The table's per-layer sum of ``model`` (ms; what the prediction is a function of)."""
+        return self.table.model_sum_ms(model, self.example)
+
+    def additive_ms(self, layer_sum: float) -> float:
+        """The baseline-only (uncalibrated) p99 for a per-layer sum (ms)."""
+        return max((layer_sum + self.residual) * self.tail, 1e-6)
+
+    def from_sum(self, layer_sum: float) -> float:
+        """The calibrated p99 for a per-layer sum (ms)."""
+        return max(self.slope * layer_sum + self.offset, 1e-6)
+
+    def add_point(self, layer_sum: float, p99_ms: float) -> None:
+        """Record a model measured end to end (its sum, its p99) and refit slope and offset.
+
+        With sums too close to fit a line (spread under 1 % of the largest) or a fit whose slope is
+        not positive, one multiplicative correction of the additive prediction is fitted instead.
+        """
+        self.points.append((float(layer_sum), float(p99_ms)))
+        sums = np.array([s for s, _ in self.points])
+        p99s = np.array([p for _, p in self.points])
+        if np.ptp(sums) > 0.01 * float(np.abs(sums).max()):
+            slope, offset = np.polyfit(sums, p99s, 1)
+            if slope > 0:
+                self.slope, self.offset = float(slope), float(offset)
+                return
+        additive = np.array([self.additive_ms(s) for s in sums])
+        factor = float((additive @ p99s) / (additive @ additive))
+        self.slope, self.offset = self.tail * factor, self.residual * self.tail * factor
 
     def median_ms(self, model: nn.Module) -> float:
         return max(self.table.model_sum_ms(model, self.example) + self.residual, 1e-6)
 
     def p99_ms(self, model: nn.Module) -> float:
-        return self.median_ms(model) * self.tail
+        return self.from_sum(self.sum_ms(model))
 
 
 def predictor_error(points: list[dict[str, float]]) -> dict[str, Any]:

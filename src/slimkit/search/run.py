@@ -37,7 +37,7 @@ from pydantic import Field
 from slimkit.atomic import atomic_write_bytes
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError
-from slimkit.search.space import Choice, Knob, apply_stages, build_space, choice_stages
+from slimkit.search.space import Choice, Knob, apply_stages, build_space, choice_stages, uniform_choice
 
 METRICS = ("latency_p99_ms", "size_bytes", "macs", "energy_mj")
 _BUDGET = re.compile(r"^\s*([a-z0-9_]+)\s*=\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(x?)\s*$")
@@ -86,6 +86,9 @@ class SearchConfig(Config):
     population: int = Field(16, ge=4)
     generations: int = Field(8, ge=1)
     evolution_trials: int = Field(2, ge=0)
+    uniform_seeds: bool = Field(True, description="measure every channel knob at one ratio first (predictor "
+                                                  "calibration); the least pruned that fits becomes a trial")
+    backoff_measurements: int = Field(12, ge=0, description="end-to-end measurements the winner's back-off may spend")
     margin: float = Field(0.05, ge=0, lt=0.5, description="aim this share below a latency budget (noise)")
     val_fraction: float = Field(0.2, gt=0, lt=0.5)
     trial_samples: int | None = Field(None, ge=16, description="train each trial on only this many samples")
@@ -125,10 +128,14 @@ class _Metric:
 
         return float(end_to_end(model, self.example, self.cfg.engine, self.cfg.threads)["p99_ms"])
 
-    def predict(self, model: torch.nn.Module) -> float:
+    def raw(self, model: torch.nn.Module) -> float:
+        """What the prediction is a function of: the latency table's per-layer sum, else the exact metric."""
         if self.name == "latency_p99_ms":
-            return float(self.predictor.p99_ms(model))
+            return float(self.predictor.sum_ms(model))
         return self.measure(model)
+
+    def from_raw(self, raw: float) -> float:
+        return float(self.predictor.from_sum(raw)) if self.name == "latency_p99_ms" else raw
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -157,7 +164,7 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
     from slimkit.models import create_model
     from slimkit.pipeline import run_recipe
     from slimkit.recipe import parse_recipe
-    from slimkit.search.algorithms import evolve, greedy_moves, score
+    from slimkit.search.algorithms import back_off, evolve, greedy_moves, score
     from slimkit.search.sensitivity import measure_sensitivity, plot_sensitivity, sensitivity_rows
     from slimkit.search.trials import load_split, ray_available, run_trials
     from slimkit.train import TrainConfig, evaluate, fit, seed_everything
@@ -243,16 +250,43 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
                           "tail_ratio": meter.predictor.tail,
                           "baseline_predicted_p99_ms": meter.predictor.p99_ms(baseline)}
 
-    cache: dict[Choice, float] = {}
+    identity: Choice = tuple(0 for _ in knobs)
+    latency = metric == "latency_p99_ms"
+    raw: dict[Choice, float] = {}
 
     def predict(choice: Choice) -> float:
-        if choice not in cache:
-            model = _structural(baseline, knobs, choice, header, example, data, out, quantize_all and
-                                metric != "latency_p99_ms")
-            cache[choice] = meter.predict(model)
-        return cache[choice]
+        """The budget metric of ``choice`` as predicted now (calibrated on every model measured so far)."""
+        if choice not in raw:
+            model = _structural(baseline, knobs, choice, header, example, data, out, quantize_all and not latency)
+            raw[choice] = meter.raw(model)
+        return meter.from_raw(raw[choice])
 
-    target = budget * (1 - cfg.margin) if metric == "latency_p99_ms" else budget
+    measured: dict[Choice, dict[str, float]] = {}
+    if not quantize_all:  # the baseline is the identity choice, measured above
+        measured[identity] = {"measured": base_metric, "predicted": base_metric, "predicted_additive": base_metric}
+
+    def measure(choice: Choice) -> float:
+        """The budget metric of ``choice``'s model measured end to end (cached); a latency measurement also
+        recalibrates the predictor, after the prediction made without it was recorded (held out)."""
+        if choice not in measured:
+            before = predict(choice)
+            additive = meter.predictor.additive_ms(raw[choice]) if latency else before
+            value = meter.measure(_structural(baseline, knobs, choice, header, example, data, out, quantize_all))
+            measured[choice] = {"measured": value, "predicted": before, "predicted_additive": additive}
+            if latency:
+                meter.predictor.add_point(raw[choice], value)
+        return measured[choice]["measured"]
+
+    target = budget * (1 - cfg.margin) if latency else budget
+    bn_batches = [torch.stack([train_part[i][0] for i in range(j, min(j + 64, len(train_part), 256))])
+                  for j in range(0, min(len(train_part), 256), 64)]
+
+    def proxy_accuracy(choice: Choice) -> float:
+        """Validation accuracy of ``choice``'s model, not fine-tuned, with its batch norms re-estimated."""
+        from slimkit.search.sensitivity import adapt_batchnorm
+
+        model = _structural(baseline, knobs, choice, header, example, data, out, quantize_all)
+        return evaluate(adapt_batchnorm(model, bn_batches), val_part)
     payload = {"baseline": baseline, "example": example, "header": header, "seed": cfg.seed,
                "val_fraction": cfg.val_fraction, "trial_samples": cfg.trial_samples,
                "train": {"lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "epochs": cfg.trial_epochs},
@@ -268,21 +302,33 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         results = run_trials(jobs, payload, runner, out / "ray", f"{source}-{len(trials):03d}", cfg.ray_address)
         rows = []
         for c, res in zip(choices, results, strict=True):
-            model = _structural(baseline, knobs, c, header, example, data, out, quantize_all)
+            value = measure(c)
             row = {**res, "source": source, "choice": list(c), "settings": _describe(knobs, c),
-                   "predicted": predict(c), "measured": meter.measure(model), "score_kl": score(knobs, table, c)[0]}
+                   "predicted": measured[c]["predicted"], "predicted_additive": measured[c]["predicted_additive"],
+                   "measured": value, "score_kl": score(knobs, table, c)[0]}
             rows.append(row)
             _say(log, f"  trial {row['id']} ({source}): val {row['val_accuracy']:.2f}%, {metric} measured "
                       f"{_fmt(metric, row['measured'])} (predicted {_fmt(metric, row['predicted'])})")
         trials.extend(rows)
         return rows
 
-    # 3. greedy (NetAdapt) and evolution -------------------------------------------------------
-    choice: Choice = tuple(0 for _ in knobs)
+    # 3. uniform seeds, greedy (NetAdapt) and evolution ---------------------------------------------
+    uniform: list[Choice] = []
+    if cfg.uniform_seeds:
+        for ratio in sorted(cfg.ratios):
+            u = uniform_choice(knobs, ratio)
+            if any(u) and u not in uniform:
+                uniform.append(u)
+                _say(log, f"uniform {ratio:g}: {metric} measured {_fmt(metric, measure(u))} (predicted "
+                          f"{_fmt(metric, measured[u]['predicted'])})")
+        fitting = [u for u in uniform if measure(u) <= target]
+        if fitting:
+            run_batch([max(fitting, key=measure)], "uniform")
+    choice: Choice = identity
     if cfg.strategy in ("both", "greedy"):
         step = cfg.step_share * base_metric
         for step_index in range(cfg.max_steps):
-            now = predict(choice)
+            now = measure(choice)
             if now <= target:
                 break
             goal = max(now - step, target)
@@ -292,29 +338,44 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
                 break
             _say(log, f"greedy step {step_index + 1}: {_fmt(metric, now)} -> goal {_fmt(metric, goal)}, "
                       f"{len(moves)} proposal(s)")
+            # the best proposal by accuracy, whatever its measurement: one burst of foreign load must not end the
+            # loop (the next step starts from its measured value, the back-off undoes what it took too much)
             rows = run_batch(moves, "greedy")
-            best = max(rows, key=lambda r: (r["val_accuracy"], -r["predicted"]))
-            choice = tuple(best["choice"])
+            choice = tuple(max(rows, key=lambda r: (r["val_accuracy"], -r["measured"]))["choice"])
     if cfg.strategy in ("both", "evolution") and cfg.evolution_trials:
-        seeds = [choice] if any(choice) else []
+        seeds = [c for c in (choice, *uniform) if any(c)]
         found = evolve(knobs, table, predict, target, cfg.seed, cfg.population, cfg.generations, seeds,
-                       keep=cfg.evolution_trials + len(trials))
+                       keep=3 * cfg.evolution_trials + len(trials))
         done = {tuple(t["choice"]) for t in trials}
-        fresh = [c for c in found if c not in done][: cfg.evolution_trials]
-        _say(log, f"evolution: {len(cache)} choices predicted, {len(fresh)} new candidate(s) to fine-tune")
+        # three candidates per trial, measured (the budget is on measurement); those that fit ranked by their
+        # accuracy with re-estimated batch norms (EagleEye), the best fine-tuned
+        candidates = [c for c in found if c not in done][: 3 * cfg.evolution_trials]
+        fitting = [c for c in candidates if measure(c) <= target]
+        proxy = {c: proxy_accuracy(c) for c in fitting}
+        fresh = sorted(fitting, key=lambda c: -proxy[c])[: cfg.evolution_trials]
+        for c in fitting:
+            _say(log, f"  candidate: {metric} measured {_fmt(metric, measure(c))}, adaptive-BN val "
+                      f"{proxy[c]:.2f}%{' -> trial' if c in fresh else ''}")
+        _say(log, f"evolution: {len(raw)} choices predicted, {len(fresh)} new candidate(s) to fine-tune")
         run_batch(fresh, "evolution")
     if not trials:
         raise ConfigError(f"search: no candidate could be built for budget {cfg.budget}; widen the techniques "
                           "or the settings (--techniques channels,rank,bits)")
 
-    def feasible(t: dict[str, Any]) -> bool:
-        return (t["predicted"] <= target) if metric == "latency_p99_ms" else (t["measured"] <= budget)
-
-    ok = [t for t in trials if feasible(t)]
+    ok = [t for t in trials if t["measured"] <= target]
     winner = max(ok, key=lambda t: (t["val_accuracy"], -t["measured"])) if ok else min(trials,
                                                                                          key=lambda t: t["measured"])
     best_choice = tuple(winner["choice"])
     _say(log, f"winner {winner['id']}: {winner['settings']}")
+    backoff: list[dict[str, Any]] = []
+    if ok and cfg.backoff_measurements:
+        best_choice, backoff = back_off(knobs, table, best_choice, measure, target, predict,
+                                        cfg.backoff_measurements)
+        for b in backoff:
+            _say(log, f"  back-off {b['knob']}: {metric} measured {_fmt(metric, b['measured'])} "
+                      f"({'kept' if b['accepted'] else 'over the target'})")
+        if best_choice != tuple(winner["choice"]):
+            _say(log, f"backed off to: {_describe(knobs, best_choice)}")
 
     # 4. the recipe, run by the pipeline ----------------------------------------------------------
     recipe_data = {**header, "name": f"search-{cfg.model}",
@@ -338,7 +399,9 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
     if chosen_metric is None:
         chosen_metric = meter.measure(final_model)
     chosen = {"accuracy": float(last["accuracy"]), metric: chosen_metric, "engine_accuracy_from": last["engine"],
-              "settings": _describe(knobs, best_choice), "trial": winner["id"], "meets_budget": chosen_metric <= budget}
+              "settings": _describe(knobs, best_choice), "trial": winner["id"], "meets_budget": chosen_metric <= budget,
+              "winner_settings": winner["settings"], "backoff": backoff,
+              "measured_before_final": measure(best_choice)}
     _say(log, f"chosen: {chosen['accuracy']:.2f}% test, {metric} {_fmt(metric, chosen_metric)} "
               f"({'meets' if chosen['meets_budget'] else 'MISSES'} {_fmt(metric, budget)})")
 
@@ -361,13 +424,19 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         "config": cfg.to_dict(),
         "recipe": str(out / "recipe.yaml"),
         "final_report": str(out / "final" / "report.json"),
-        "predictions": len(cache),
+        "predictions": len(raw), "measurements": len(measured),
     }
     if metric == "latency_p99_ms":
         from slimkit.search.latency import predictor_error
 
-        pairs = [{"predicted": t["predicted"], "measured": t["measured"], "id": t["id"]} for t in trials]
-        result["latency_predictor"] = {**predictor_info, **predictor_error(pairs),
+        # every candidate measured end to end, with what was predicted for it before its measurement
+        held_out = [{"predicted": m["predicted"], "measured": m["measured"], "settings": _describe(knobs, c)}
+                    for c, m in measured.items() if c != identity]
+        additive = [{**p, "predicted": m["predicted_additive"]} for p, (c, m) in
+                    zip(held_out, ((c, m) for c, m in measured.items() if c != identity), strict=True)]
+        result["latency_predictor"] = {**predictor_info, **predictor_error(held_out),
+                                       "additive": {k: v for k, v in predictor_error(additive).items() if k != "pairs"},
+                                       "slope": meter.predictor.slope, "offset_ms": meter.predictor.offset,
                                        "table_entries": len(meter.predictor.table.entries)}
         result["latency_table"] = meter.predictor.table.rows()
     result["realtime"] = _realtime(baseline, final_model, example, cfg, budget if metric == "latency_p99_ms" else None)

@@ -146,6 +146,11 @@ def _input_shapes(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, t
     return shapes
 
 
+def uniform_choice(knobs: Sequence[Knob], ratio: float) -> Choice:
+    """Every channel knob that offers ``ratio`` set to it, every other knob left alone: uniform pruning as a choice."""
+    return tuple(k.settings.index(ratio) if k.technique == "channels" and ratio in k.settings else 0 for k in knobs)
+
+
 def choice_stages(knobs: Sequence[Knob], choice: Choice, *, finetune_epochs: int = 0, quantize_all: bool = False,
                   engines: Sequence[str] = ("onnxruntime", "torch")) -> list[dict[str, Any]]:
     """Recipe stage entries realising ``choice`` (see the module docstring).
