@@ -53,9 +53,9 @@ def count_nonzeros(model: nn.Module) -> int:
                 if id(param) in seen:
                     continue
                 seen.add(id(param))
-                nonzero = param != 0
                 mask = _mask_for(module, name)
                 if mask is not None and mask.shape == param.shape:
-                    nonzero = nonzero & (mask != 0)
-                total += int(nonzero.sum())
+                    total += int(torch.count_nonzero((param != 0) & (mask != 0)))
+                else:
+                    total += int(torch.count_nonzero(param))  # one pass, no boolean copy
     return total
