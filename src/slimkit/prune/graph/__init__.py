@@ -58,7 +58,7 @@ from slimkit.prune.graph import rules
 from slimkit.prune.graph.assembly import assemble
 from slimkit.prune.graph.builder import Builder
 from slimkit.prune.graph.cache import _CACHE, clear_graph_cache, structure_key
-from slimkit.prune.graph.core import Ann, Axis, ChannelGraph, Group, ParamRef, Unit, gc_paused
+from slimkit.prune.graph.core import Ann, Axis, ChannelGraph, Group, ParamRef, Unit, evaluating, gc_paused
 from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
 from slimkit.prune.graph.trace import trace
 
@@ -99,18 +99,13 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
 
 
 def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, norm_channels: str) -> ChannelGraph:
-    was_training = model.training
-    model.eval()
-    try:
-        with gc_paused():
-            gm = trace(model, example_inputs)
-            builder = Builder(model, on_unsupported, norm_channels)
-            builder.run(gm)
-            graph = assemble(builder, model)
-            graph.traced = gm
-            return graph
-    finally:
-        model.train(was_training)
+    with evaluating(model), gc_paused():
+        gm = trace(model, example_inputs)
+        builder = Builder(model, on_unsupported, norm_channels)
+        builder.run(gm)
+        graph = assemble(builder, model)
+        graph.traced = gm
+        return graph
 
 
 __all__ = ["Ann", "Axis", "ChannelGraph", "ChannelOp", "Group", "ParamRef", "Unit", "build_graph",

@@ -237,6 +237,24 @@ class UnionFind:
 
 
 @contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block, ``model.train(was_training)`` after.
+
+    Both are skipped when no module is training (they would change nothing, and each walks every
+    module through ``nn.Module.__setattr__``: ~10 ms on a 300-module model).
+    """
+    if not any(m.training for m in model.modules()):
+        yield
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector inside the block.
 

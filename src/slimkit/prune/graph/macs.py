@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.prune.graph.core import ChannelGraph
+from slimkit.prune.graph.core import ChannelGraph, evaluating
 from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, on_meta
 
 
@@ -80,10 +80,8 @@ def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Ten
     ruled = {name: rule_for(m) for name, m in mac_units(model) if rule_for(m) is not None}
     if not set(ruled) <= {n.target for n in gm.graph.nodes if n.op == "call_module"}:
         return None
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), on_meta(gm):
+        with evaluating(model), torch.no_grad(), on_meta(gm):
             macs = _recorded_macs(gm, ruled) if recorded else None
             if macs is None:
                 counter = _Counter(gm, ruled)
@@ -93,5 +91,3 @@ def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Ten
         return macs
     except Exception:  # see the module docstring: count for real
         return None
-    finally:
-        model.train(was_training)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError, UnsupportedModelError
+from slimkit.prune.graph.core import evaluating
 from slimkit.prune.graph.rules import module_rule
 from slimkit.tracing import first_line, on_meta, trace_model
 
@@ -170,10 +171,8 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
         )
     gm = traced.graph_module
     gm.meta["opaque"] = dict(zip(traced.opaque, traced.reasons))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             if not propagate_on_meta(gm, example_inputs):
                 prop = _ShapeProp(gm)
                 prop.extra_traceback = False
@@ -184,6 +183,4 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
             f"{first_line(err)}; "
             "pass one batch the model accepts (e.g. [1, C, H, W] at its input size)"
         ) from None
-    finally:
-        model.train(was_training)
     return gm
