@@ -182,15 +182,17 @@ class LatencyPredictor:
     def add_point(self, layer_sum: float, p99_ms: float) -> None:
         """Record a model measured end to end (its sum, its p99) and refit slope and offset.
 
-        With sums too close to fit a line (spread under 1 % of the largest) or a fit whose slope is
-        not positive, one multiplicative correction of the additive prediction is fitted instead.
+        With sums too close to fit a line (spread under 1 % of the largest), or a fit that is not
+        physical (a slope or a fixed per-inference cost below 0: two noisy points can tilt a line
+        until small models run in negative time), one multiplicative correction of the additive
+        prediction is fitted instead.
         """
         self.points.append((float(layer_sum), float(p99_ms)))
         sums = np.array([s for s, _ in self.points])
         p99s = np.array([p for _, p in self.points])
         if np.ptp(sums) > 0.01 * float(np.abs(sums).max()):
             slope, offset = np.polyfit(sums, p99s, 1)
-            if slope > 0:
+            if slope > 0 and offset >= 0:
                 self.slope, self.offset = float(slope), float(offset)
                 return
         additive = np.array([self.additive_ms(s) for s in sums])
