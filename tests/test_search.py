@@ -276,3 +276,18 @@ def test_back_off_relaxes_the_costliest_notches_while_the_measured_latency_fits(
     assert all((s["measured"] <= target) == s["accepted"] for s in steps) and steps
     # capped: no more measurements than allowed
     assert len(back_off(knobs, table, start, measure, 1e9, max_measurements=1)[1]) == 1
+
+
+def test_adaptive_batchnorm_re_estimates_statistics_on_the_batches():
+    from slimkit.search.sensitivity import adapt_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(8, 1, 6, 6) * 3 + 1
+    before = model[1].running_mean.clone()
+    assert adapt_batchnorm(model, [x[:4], x[4:]]) is model and not model.training
+    with torch.no_grad():
+        means = model[0](x).mean((0, 2, 3))
+    # two equal batches averaged cumulatively: the mean over all of them, not the baseline's zeros
+    assert torch.allclose(model[1].running_mean, means, atol=1e-5) and not torch.allclose(before, means)
+    assert model[1].momentum == 0.1 and model[1].num_batches_tracked == 2
