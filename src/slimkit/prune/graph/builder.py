@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import UnsupportedModelError
+from slimkit.prune.graph import sizes
 from slimkit.prune.graph.core import Ann, Axis, ParamRef, UnionFind
 from slimkit.prune.graph.rules import ChannelOp, function_rule, method_rule, module_rule, unknown_op_message
 
@@ -113,6 +114,8 @@ class Builder:
         env: dict[str, Any] = {}
         for node in gm.graph.nodes:
             env[node.name] = self.visit(node, env)
+            if node.all_input_nodes:  # sizes of channel dims read at run time (see .sizes)
+                env[node.name] = sizes.track(self, node, env)
         if self.opaque:
             self._fix_inside_opaque()
 
@@ -134,7 +137,6 @@ class Builder:
         for (layer, _role), slots in self.axes.items():
             if layer in self.opaque or layer.startswith(prefixes):
                 self.uf.fix(slots, f"{layer} is inside a module torch.fx cannot trace")
-
 
     def visit(self, node: torch.fx.Node, env: dict[str, Any]) -> Any:
         op, target = node.op, node.target

@@ -26,6 +26,7 @@ from torch import nn
 
 from slimkit.prune.graph.core import Ann, ParamRef
 from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
+from slimkit.prune.graph.sizes import SizeOf, run_time_shape
 
 
 def rule(*targets: Any, producer: bool = False):
@@ -216,6 +217,16 @@ def _fix_dims(op: ChannelOp, x: Ann | None, dims, reason: str) -> None:
 
 # -- conv / linear ---------------------------------------------------------------------
 
+def _keep_known(op: ChannelOp, x: Ann, reason: str) -> None:
+    """A known op that cannot prune the channels reaching it: they are kept, with a warning."""
+    op.fix(x, reason)
+    op.builder.warnings.append(f"{reason} (fx node {op.node.name!r}): those channels are kept")
+
+
+def _mixes_other_dim(op: ChannelOp, layer: str, in_role: str, features: int) -> None:
+    """A conv/linear whose features are a dim without channels: its inputs and outputs are not pruned."""
+    op.member(layer, in_role, op.new_fixed(features, f"{layer} mixes a dim without channels"))
+
 def _layer_roles(op: ChannelOp, ref: ParamRef | None, base: type) -> tuple[str, str, str, nn.Module | None]:
     """(layer, out role, in role, module) of a weight: the layer's axes when its owner is a ``base``."""
     if op.module is not None:
@@ -249,7 +260,12 @@ def conv(op: ChannelOp, weight_shape: tuple[int, ...], groups: int, ref: ParamRe
     if x is not None and x.dims != (1,):
         if weight_shape[0] == weight_shape[1] == 1 and op.in_shape[1] == 1 and tuple(op.in_shape) == tuple(shape):
             return x  # ECA: the conv slides along the channel axis
-        op.unsupported(f"{op.what} on channels outside dim 1")
+        if 1 not in x.dims and 0 not in x.dims and all(
+                weight_shape[d] == 1 and shape[d] == op.in_shape[d] for d in x.dims):
+            # a 1x1 conv mixing a dim without channels (CoaT's aggregate of class tokens): each position on its own
+            _mixes_other_dim(op, layer, in_role, in_channels)
+            return x
+        _keep_known(op, x, f"{op.what}: channels on dims {x.dims} it convolves")
         x = None
     in_slots = x.slots if x is not None else op.new_fixed(in_channels, "model input")
     if module is None and groups > 1:
@@ -302,7 +318,11 @@ def linear(op: ChannelOp, in_features: int, ref: ParamRef | None = None, bias: P
     last = len(shape) - 1
     layer, out_role, in_role, module = _layer_roles(op, ref, nn.Linear)
     if x is not None and x.dims != (last,):
-        op.unsupported(f"{op.what} on channels outside its last dim")
+        if last not in x.dims:
+            # it mixes a dim without channels (tokens: gMLP's spatial gating, a DCT): channels go through
+            _mixes_other_dim(op, layer, in_role, in_features)
+            return x
+        _keep_known(op, x, f"{op.what}: channels in dims {x.dims}, its features among them")
         x = None
     op.member(layer, in_role, x.slots if x is not None else op.new_fixed(in_features, "model input"))
     out = op.produce(layer, last, out_role)
@@ -547,6 +567,58 @@ def pad(op: ChannelOp) -> Any:
     return x
 
 
+@rule(nn.Unfold)
+def unfold_module(op: ChannelOp) -> Any:
+    """im2col, ``[B, C, H, W] -> [B, C*k*k, L]``: channel ``c`` becomes positions ``c*k*k .. (c+1)*k*k - 1``.
+
+    (The functional spelling ``F.unfold`` stays unknown: a layer built around it, as in the
+    docs' custom-layer example, describes itself with a rule of its own.)
+    """
+    x = op.x
+    if x.dims != (1,):
+        return _keep_known(op, x, f"{op.what}: channels on dims {x.dims}")
+    return Ann((1,), np.repeat(x.slots, op.shape[1] // op.in_shape[1]))
+
+
+@rule(nn.Fold, F.fold)
+def fold(op: ChannelOp) -> Any:
+    """col2im, ``[B, C*k*k, L] -> [B, C, H, W]``: the ``k*k`` positions of a channel are pruned together."""
+    x = op.x
+    if x.dims != (1,):
+        return _keep_known(op, x, f"{op.what}: channels on dims {x.dims}")
+    rows = x.slots.reshape(op.shape[1], -1)
+    op.builder.uf.union_arrays(np.broadcast_to(rows[:, :1], rows.shape), rows)
+    return Ann((1,), np.ascontiguousarray(rows[:, 0]))
+
+
+@rule("unfold")
+def tensor_unfold(op: ChannelOp) -> Any:
+    """``x.unfold(dim, size, step)``: windows along ``dim`` (a new last dim); channels on other dims go through."""
+    x, nd = op.x, len(op.in_shape)
+    dim = op.arg(1, "dimension")
+    if not isinstance(dim, int) or dim % nd in x.dims:
+        return _keep_known(op, x, f"{op.name}: unfold along a channel dim")
+    return x
+
+
+@rule(nn.LSTM, nn.GRU, nn.RNN)
+def rnn(op: ChannelOp) -> Any:
+    """A recurrent layer reads features on its last dim (its ``in`` axis: the input weights' columns).
+
+    Its hidden state is not pruned (the output and the final states leave untracked).
+    """
+    x = op.x
+    if x is not None:
+        if x.dims == (len(op.in_shape) - 1,):
+            op.member(op.name, "in", x.slots)
+        else:
+            _keep_known(op, x, f"{op.what}: channels on dims {x.dims}, its features among them")
+    for other in op.anns:
+        if other is not x:  # initial states
+            op.fix(other, f"{op.what}: initial state")
+    return [None, None]
+
+
 @rule(F.grid_sample)
 def grid_sample(op: ChannelOp) -> Any:
     x = op.x
@@ -604,7 +676,41 @@ def sdpa(op: ChannelOp) -> Any:
       "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_",
       "unsqueeze_", torch.ravel, "ravel")
 def reshape_rule(op: ChannelOp) -> Any:
-    return reshape(op, op.x, op.in_shape, op.shape)
+    out = reshape(op, op.x, op.in_shape, op.shape)
+    _constant_target(op, out)
+    return out
+
+
+def _target_sizes(op: ChannelOp) -> tuple[int, list[Any]]:
+    """(first output dim, the sizes written) of a view/reshape/expand/unflatten target; ``[]`` for other ops."""
+    node, target = op.node, op.node.target
+    if op.module is not None:
+        if isinstance(op.module, nn.Unflatten):
+            return op.module.dim % len(op.shape), list(op.module.unflattened_size)
+        return 0, []
+    if target in ("unflatten", torch.unflatten):
+        sizes = op.arg(2, "sizes")
+        return op.arg(1, "dim") % len(op.shape), list(sizes) if isinstance(sizes, (list, tuple)) else []
+    if target not in ("view", "reshape", torch.reshape, "expand", "broadcast_to", torch.broadcast_to):
+        return 0, []
+    args = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size", ()))]
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return 0, args
+
+
+def _constant_target(op: ChannelOp, out: Any) -> None:
+    """A channel dim whose size the target writes as a constant (``view(B, self.dim, -1)``) cannot shrink.
+
+    (``-1`` is computed; sizes read at run time are followed by :mod:`.sizes`.)
+    """
+    if not isinstance(out, Ann):
+        return
+    start, sizes = _target_sizes(op)
+    for j, size in enumerate(sizes, start):
+        if isinstance(size, int) and size > 1 and j in out.dims:
+            op.fix(out, f"{op.name}: the size of a channel dim is a constant ({size})")
+            return
 
 
 @rule("permute", torch.permute)
@@ -643,7 +749,9 @@ def movedim_rule(op: ChannelOp) -> Any:
 @rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
 def expand(op: ChannelOp) -> Any:
     x, nd_in, nd_out = op.x, len(op.in_shape), len(op.shape)
-    return Ann(tuple(d + nd_out - nd_in for d in x.dims), x.slots)
+    out = Ann(tuple(d + nd_out - nd_in for d in x.dims), x.slots)
+    _constant_target(op, out)
+    return out
 
 
 @rule("repeat", "tile", torch.tile, "flip", torch.flip, "roll", torch.roll, "repeat_interleave",
@@ -667,9 +775,26 @@ def _shape_query(op: ChannelOp) -> Any:
     return None
 
 
-for _t in ("size", "dim", "numel", "nelement", "stride", "data_ptr", "is_contiguous", "get_device", getattr, len,
-           torch._assert, torch.numel, isinstance, "__len__"):
+for _t in ("dim", "stride", "data_ptr", "is_contiguous", "get_device", len, torch._assert, isinstance, "__len__"):
     register_channel_rule(_t, _shape_query)
+
+
+@rule("size", getattr)
+def size_rule(op: ChannelOp) -> Any:
+    """``x.shape``, ``x.size()``, ``x.size(d)``: the sizes of channel dims are followed (see :mod:`.sizes`)."""
+    x, shape = op.x, op.in_shape
+    if x is None or shape is None:
+        return None
+    if op.node.target is getattr:
+        return run_time_shape(x, len(shape)) if op.node.args[1] == "shape" else None
+    full = run_time_shape(x, len(shape))
+    d = op.arg(1, "dim")
+    return full if d is None else full.parts[d] if isinstance(d, int) else None
+
+
+@rule("numel", "nelement", torch.numel)
+def numel_rule(op: ChannelOp) -> Any:
+    return None if op.x is None else SizeOf(np.unique(op.x.slots), False)
 
 
 @rule(torch.cat, torch.concat, torch.concatenate)
@@ -755,15 +880,40 @@ def getitem(op: ChannelOp) -> Any:
     src = op.x
     idx = op.node.args[1]
     in_shape = op.in_shape
+    if src is None:  # tracked channels are the indices
+        return op.keep(f"{op.name}: used as indices")
     idx = idx if isinstance(idx, tuple) else (idx,)
     if any(i is Ellipsis for i in idx):
         k = idx.index(Ellipsis)
         fill = len(in_shape) - (len(idx) - 1 - sum(i is None for i in idx))
         idx = idx[:k] + (slice(None),) * fill + idx[k + 1:]
+    if sum(isinstance(i, torch.fx.Node) for i in idx) > 1 or any(isinstance(i, torch.fx.Node) for i in idx) and any(
+            isinstance(i, int) or i is None for i in idx):
+        return op.keep(f"{op.name}: advanced indexing with several index tensors")
     dims_out: dict[int, int] = {}
     d_in = d_out = 0
     for i in idx:
+        if isinstance(i, torch.fx.Node):  # an index tensor: its dims replace the dims it indexes
+            index = i.meta.get("tensor_meta")
+            if index is None or not hasattr(index, "shape"):
+                return op.unsupported(f"indexing with {i.name}")
+            if isinstance(op.value(i), Ann):
+                op.fix(op.value(i), f"{op.name}: used as indices")
+            boolean = index.dtype == torch.bool
+            consumed = len(index.shape) if boolean else 1
+            if any(d in src.dims for d in range(d_in, d_in + consumed)):
+                return op.fix(src, f"{op.name}: channels indexed by a tensor")
+            d_in += consumed
+            d_out += 1 if boolean else len(index.shape)
+            continue
         if i is None:
+            d_out += 1
+            continue
+        if isinstance(i, list) and all(isinstance(v, int) for v in i):  # a gather of fixed positions
+            if d_in in src.dims:
+                return op.fix(src, f"{op.name}: channels gathered by a constant index list")
+            dims_out[d_in] = d_out
+            d_in += 1
             d_out += 1
             continue
         if isinstance(i, slice):
