@@ -230,7 +230,24 @@ def test_coverage_torchvision(name, ratio):
         y = model(torch.randn(2, 3, 64, 64))
     assert y.shape == (2, 10)
     assert report.macs_after < macs and report.params_after < params
-    assert count_macs(model, x) == report.macs_after
+    assert count_macs(model, x) == report.macs_after and report.macs_before == macs
+
+
+class FunctionalLinear(nn.Linear):
+    """An nn.Linear subclass fx traces through (as timm's ``Linear``): counted by its MAC rule, seen as F.linear."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_report_macs_count_a_traced_through_layer_like_count_macs():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          FunctionalLinear(16, 32), nn.ReLU(), FunctionalLinear(32, 10)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    before = count_macs(model, x)
+    report = structured_(model, x, {"ratio": 0.5})
+    assert model[5].in_features == 8 and model[7].in_features == 16
+    assert report.macs_before == before and report.macs_after == count_macs(model, x) < before
 
 
 # -- pruning results pinned, and batched criteria equal to the per-unit formulas ----------
