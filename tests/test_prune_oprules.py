@@ -8,6 +8,7 @@ channels zeroed equal the pruned model's.
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -121,3 +122,125 @@ class ConstantExpand(nn.Module):
 def test_constant_size_of_a_channel_dim_keeps_it():
     g = build_graph(ConstantExpand(), torch.randn(1, 3, 4, 4), cache=False)
     assert "a constant (8)" in g.fixed_reasons["gate"] and "a constant (8)" in g.fixed_reasons["conv"]
+
+
+# -- conv / linear over a dim without channels -------------------------------------------
+
+class TokenMixing(nn.Module):
+    """gMLP's spatial gating (a Linear over tokens) and CoaT's aggregate (a 1x1 Conv1d over tokens)."""
+
+    def __init__(self, tokens=5):
+        super().__init__()
+        self.fc, self.mix = nn.Linear(4, 8), nn.Linear(tokens, tokens, bias=False)
+        self.agg, self.head = nn.Conv1d(tokens, 1, 1, bias=False), nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, N, 4]
+        h = self.fc(x)
+        h = h * self.mix(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(self.agg(h).squeeze(1))
+
+
+def test_linear_and_conv_over_tokens_pass_the_channels_through():
+    g, before, after = prune_half(TokenMixing(), torch.randn(2, 5, 4))
+    assert [grp.name for grp in g.groups] == ["fc"]
+    assert g.axes[("mix", "in")].shape == (5,) and ("mix", "out") not in g.axes
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+class LinearOverChannelsAndTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.l, self.fc = nn.Conv1d(3, 4, 1), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # [B, 3, 6]: channels of c on dim 1 times channels of l on dim 2, fc reads dim 2
+        return self.fc(self.c(x).mean(2, keepdim=True) * self.l(x.mean(1)).unsqueeze(1))
+
+
+def test_linear_whose_features_mix_channels_and_tokens_keeps_them_with_a_warning():
+    g = build_graph(LinearOverChannelsAndTokens(), torch.randn(1, 3, 6), cache=False)
+    assert not g.groups and any("fx node 'fc'" in w and "kept" in w for w in g.warnings)
+
+
+# -- unfold / fold ------------------------------------------------------------------------
+
+class UnfoldFold(nn.Module):
+    """VOLO/TNT: im2col as ``nn.Unfold``, a per-position map, col2im as ``nn.Fold``; HaloNet's ``Tensor.unfold``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.unfold, self.fold = nn.Conv2d(3, 8, 1), nn.Unfold(3, padding=1), nn.Fold(6, 3, padding=1)
+        self.conv2, self.head = nn.Conv1d(72, 72, 1), nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, 3, 6, 6]
+        cols = self.unfold(self.conv(x))  # [B, 72, 36]: channel c at 9c .. 9c+8
+        y = self.fold(torch.relu(self.conv2(cols)))  # [B, 8, 6, 6]
+        windows = y.unfold(2, 2, 2).unfold(3, 2, 2)  # [B, 8, 3, 3, 2, 2]
+        return self.head(windows.mean((2, 3, 4, 5)))
+
+
+def test_unfold_repeats_channels_and_fold_prunes_them_in_blocks():
+    model = UnfoldFold()
+    g, before, after = prune_half(model, torch.randn(2, 3, 6, 6))
+    assert sorted(grp.name for grp in g.groups) == ["conv", "conv2"]
+    conv2 = next(grp for grp in g.groups if grp.name == "conv2")
+    assert len(conv2.units) == 8 and all(len(g.units[u].members[("conv2", "out")]) == 9 for u in conv2.units)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert model.conv.out_channels == 4 and model.conv2.weight.shape == (36, 36, 1)
+
+
+def test_tensor_unfold_along_the_channel_dim_keeps_them():
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            return self.conv(x).unfold(1, 2, 2).sum()
+
+    g = build_graph(Windows(), torch.randn(1, 3, 4, 4), cache=False)
+    assert "unfold along a channel dim" in g.fixed_reasons["conv"]
+
+
+# -- recurrent layers ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_rnn_input_features_are_pruned(cls):
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.rnn, self.head = nn.Linear(4, 8), cls(8, 6, batch_first=True, bidirectional=True), \
+                nn.Linear(12, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(self.fc(x))
+            return self.head(out)
+
+    model = Seq()
+    g, before, after = prune_half(model, torch.randn(2, 5, 4))
+    assert [grp.name for grp in g.groups] == ["fc"]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert model.rnn.input_size == 4 and model.rnn.weight_ih_l0_reverse.shape[1] == 4
+
+
+# -- indexing with tensors and lists -----------------------------------------------------
+
+class RelPosBias(nn.Module):
+    """Swin-V2 / relpos ViTs: an MLP's per-head table gathered by a tensor of indices along the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp, self.out = nn.Linear(2, 8), nn.Linear(8, 3)
+        self.register_buffer("index", torch.tensor([0, 2, 1, 3, 3, 0]))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, coords):  # [4, 2]
+        table = self.out(torch.relu(self.mlp(coords)))  # [4, heads]
+        bias = table[self.index]  # [6, heads]
+        return self.head(bias[:, [0, 2, 1]])
+
+
+def test_index_tensor_along_another_dim_passes_channels_a_constant_list_on_channels_keeps_them():
+    g, before, after = prune_half(RelPosBias(), torch.randn(4, 2))
+    assert [grp.name for grp in g.groups] == ["mlp"]
+    assert "gathered by a constant index list" in g.fixed_reasons["out"]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)

@@ -195,7 +195,16 @@ def _mixed_conv(m: nn.Module, role: str, keep: torch.Tensor) -> None:
     m.out_channels = sum(c.out_channels for c in m.values())
 
 
+def _rnn(m: nn.RNNBase, role: str, keep: torch.Tensor) -> None:
+    """LSTM/GRU/RNN: input features (``in``) are the columns of the first layer's input weights."""
+    for name in m._flat_weights_names:
+        if name.startswith("weight_ih_l0"):  # ``weight_ih_l0`` and ``weight_ih_l0_reverse``
+            cut_tensor(m, name, keep, 1)
+    m.input_size = len(keep)
+
+
 _PER_CHANNEL = {"weight": 0, "bias": 0, "running_mean": 0, "running_var": 0}
+register_surgery_handler(nn.RNNBase, _rnn)
 register_surgery_handler("timm.layers.mixed_conv2d.MixedConv2d", _mixed_conv)
 register_surgery_handler(nn.modules.conv._ConvNd, _conv)
 register_surgery_handler(nn.Linear, sliced({"weight": 0, "bias": 0}, {"weight": 1},
