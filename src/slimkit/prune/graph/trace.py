@@ -163,7 +163,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     Raises UnsupportedModelError when fx cannot trace the forward, ConfigError (one line)
     when ``example_inputs`` do not fit the model.
     """
-    traced = trace_model(model, example_inputs, leaf=_has_own_rule)
+    traced = trace_model(model, example_inputs, leaf=_has_own_rule, lazy=True)
     if traced.graph_module is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx ({traced.error}); "
