@@ -87,6 +87,25 @@ _SHAPE_ARITHMETIC = {nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: 
 _BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
 
 
+def _mean(args: list[Any], keepdim: Any) -> torch.Tensor | None:
+    """``x.mean(dims[, keepdim])`` on a floating meta tensor, from shapes (None for any other spelling)."""
+    if len(args) == 3:
+        args, keepdim = args[:2], args[2]
+    if len(args) != 2 or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point() or \
+            not isinstance(keepdim, bool):
+        return None
+    x, dims = args
+    dims = [dims] if isinstance(dims, int) else dims
+    if not isinstance(dims, (list, tuple)) or not dims or not all(type(d) is int and -x.dim() <= d < x.dim()
+                                                                  for d in dims):
+        return None
+    axes = {d % x.dim() for d in dims}
+    if len(axes) != len(dims):
+        return None
+    shape = [1 if i in axes else n for i, n in enumerate(x.shape) if keepdim or i not in axes]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
 class _ShapeProp(torch.fx.Interpreter):
     """Runs the graph once and records every node's shape (fx's ShapeProp, without its traceback print).
 
@@ -97,13 +116,21 @@ class _ShapeProp(torch.fx.Interpreter):
 
     shortcut = False
 
+    def submodule(self, target: str) -> nn.Module:
+        table = self.__dict__.get("_submodules")
+        if table is None:
+            table = self._submodules = dict(self.module.named_modules())
+        return table[target] if target in table else self.module.get_submodule(target)
+
     def _computed(self, n: torch.fx.Node) -> torch.Tensor | None:
         """The node's meta result from shape arithmetic, or None (run it)."""
+        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
+        if n.op == "call_method" and n.target == "mean" and set(n.kwargs) <= {"keepdim"}:
+            return _mean(args, n.kwargs.get("keepdim", False))
         if n.kwargs:
             return None
-        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
         if n.op == "call_module" and len(args) == 1:
-            m = self.module.get_submodule(n.target)
+            m = self.submodule(n.target)
             rule = _SHAPE_ARITHMETIC.get(type(m))
             x = args[0]
             if rule is None or not isinstance(x, torch.Tensor) or not x.is_floating_point() or (
@@ -126,7 +153,7 @@ class _ShapeProp(torch.fx.Interpreter):
         try:
             result = None
             if self.shortcut and n.args and isinstance(n.args[0], torch.fx.Node):
-                if (n.op == "call_module" and isinstance(self.module.get_submodule(n.target), _SAME_SHAPE_MODULES)
+                if (n.op == "call_module" and isinstance(self.submodule(n.target), _SAME_SHAPE_MODULES)
                         or (n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS)):
                     result = self.env[n.args[0]]
                 else:
