@@ -244,3 +244,40 @@ def test_index_tensor_along_another_dim_passes_channels_a_constant_list_on_chann
     assert [grp.name for grp in g.groups] == ["mlp"]
     assert "gathered by a constant index list" in g.fixed_reasons["out"]
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+# -- a channel dim split into (constant, computed) ---------------------------------------
+
+class SelectiveKernel(nn.Module):
+    """SKNet: two paths stacked, attention ``view(B, paths, C // paths, H, W)``, softmax and sum over paths."""
+
+    def __init__(self):
+        super().__init__()
+        self.paths = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=2, dilation=2)])
+        self.reduce, self.select, self.head = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 16, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.stack([p(x) for p in self.paths], 1)  # [B, 2, 8, H, W]
+        a = self.select(torch.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        B, C, H, W = a.shape
+        a = a.view(B, 2, C // 2, H, W).softmax(1)
+        return self.head((x * a).sum(1).mean((2, 3)))
+
+
+def test_split_into_constant_blocks_prunes_every_block_alike():
+    model = SelectiveKernel()
+    g, before, after = prune_half(model, torch.randn(2, 3, 6, 6))
+    assert sorted(grp.name for grp in g.groups) == ["paths.0,paths.1,select", "reduce"]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert model.select.out_channels == 8 and model.paths[0].out_channels == 4
+
+    class Uneven(SelectiveKernel):  # the block count computed, the block size constant: kept
+        def forward(self, x):
+            x = torch.stack([p(x) for p in self.paths], 1)
+            a = self.select(torch.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+            B, C, H, W = a.shape
+            a = a.view(B, C // 8, 8, H, W).softmax(1)
+            return self.head((x * a).sum(1).mean((2, 3)))
+
+    g = build_graph(Uneven(), torch.randn(1, 3, 6, 6), cache=False)
+    assert [grp.name for grp in g.groups] == ["reduce"]

@@ -100,14 +100,20 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
     groups = reshape_groups(in_shape, out_shape)
     if groups is None:
         return op.unsupported(f"reshape {in_shape}->{out_shape}")
-    d_in, d_out = [], []
+    d_in, d_out, splits = [], [], []
     for gi, gj in groups:
         if any(d in x.dims for d in gi):
             annotated = [d for d in gi if d in x.dims and in_shape[d] > 1]
-            if len(annotated) > 1 or len([j for j in gj if out_shape[j] > 1]) > 1:
+            big = [j for j in gj if out_shape[j] > 1]
+            if len(annotated) > 1 or len(big) > 1:
                 # a channel dim split into several (channel shuffle, attention heads) or two
-                # channel dims merged: the mapping changes with the channel count
-                op.fix(x, f"reshape {in_shape}->{out_shape} splits channels")
+                # channel dims merged: the mapping changes with the channel count, unless every
+                # unit spans one constant dim whole (see _split_by_constant)
+                const = _split_by_constant(op, x, annotated, big)
+                if const is None:
+                    op.fix(x, f"reshape {in_shape}->{out_shape} splits channels")
+                elif const >= 0:
+                    splits.append(const)
             d_in += gi
             d_out += gj
     arr = x.slots
@@ -115,7 +121,46 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
     arr = np.transpose(arr, order) if order else arr
     arr = arr.reshape([in_shape[d] if d in x.dims else 1 for d in d_in])
     arr = np.broadcast_to(arr, [in_shape[d] for d in d_in]).reshape([out_shape[d] for d in d_out])
+    for j in splits:  # every unit spans the constant dim: unite along it
+        axis = d_out.index(j)
+        op.builder.uf.union_arrays(np.broadcast_to(arr.take([0], axis), arr.shape), arr)
     return simplify(Ann(tuple(d_out), np.ascontiguousarray(arr)))
+
+
+def united_along(op: ChannelOp, x: Ann, dim: int) -> bool:
+    """Whether the slots of ``x`` are one unit along channel dim ``dim`` (for every other position)."""
+    if len(x.dims) < 2 or dim not in x.dims:
+        return False
+    find = op.builder.uf.find
+    roots = np.array([find(s) for s in x.slots.reshape(-1).tolist()]).reshape(x.slots.shape)
+    axis = x.dims.index(dim)
+    return bool((roots == roots.take([0], axis)).all())
+
+
+def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[int]) -> int | None:
+    """A channel dim split into (constant K, computed Q) or merged back, where units span K whole.
+
+    SelectiveKernel's ``view(B, paths, C // paths, H, W)``, ResNeSt's radix view: pruning q
+    removes it from all K blocks, so the layout stays aligned. Split: returns the output dim
+    of K (whose slots the caller unites); merge of two channel dims, the one of K already
+    united: -1; otherwise None.
+    """
+    if len(x.dims) == 1 and len(annotated) == 1 and len(big) == 2:
+        start, sizes = _target_sizes(op)
+        spec = {j: sizes[j - start] for j in big if 0 <= j - start < len(sizes)}
+        if len(spec) != 2:
+            return None
+        const = [j for j in big if isinstance(spec[j], int) and spec[j] > 1]
+        computed = [j for j in big if spec[j] == -1 or isinstance(spec[j], torch.fx.Node) and isinstance(
+            op.value(spec[j]), SizeOf) and np.array_equal(np.unique(op.value(spec[j]).slots), np.unique(x.slots))]
+        if len(const) != 1 or len(computed) != 1:
+            return None
+        op.node.meta["slimkit_split"] = set(big)  # sizes and constant-target checks accept these
+        return const[0]
+    if len(annotated) == 2 and len(big) == 1 and set(annotated) == set(x.dims) and any(
+            united_along(op, x, d) for d in annotated):
+        return -1
+    return None
 
 
 def permute(x: Ann | None, perm: list[int]) -> Any:
@@ -201,6 +246,12 @@ def reduce(op: ChannelOp, dims: Any, keep: bool, what: str = "reduction") -> Any
     x = op.x
     nd = len(op.in_shape)
     dims = list(range(nd)) if dims is None else _dims_arg(dims, nd)
+    united = [d for d in dims if d in x.dims]
+    if united and len(united) < len(x.dims) and 0 not in dims and all(united_along(op, x, d) for d in united):
+        # over a dim each unit spans whole (SelectiveKernel's sum over paths): exact
+        rest = [i for i, d in enumerate(x.dims) if d not in united]
+        x = Ann(tuple(x.dims[i] for i in rest), x.slots[tuple(slice(None) if i in rest else 0
+                                                              for i in range(len(x.dims)))])
     if any(d in x.dims for d in dims):
         if op.builder.norm_channels == "keep" or 0 in dims:
             op.fix(x, f"{op.name}: {what} over channels")
@@ -707,8 +758,9 @@ def _constant_target(op: ChannelOp, out: Any) -> None:
     if not isinstance(out, Ann):
         return
     start, sizes = _target_sizes(op)
+    accepted = op.node.meta.get("slimkit_split", ())
     for j, size in enumerate(sizes, start):
-        if isinstance(size, int) and size > 1 and j in out.dims:
+        if isinstance(size, int) and size > 1 and j in out.dims and j not in accepted:
             op.fix(out, f"{op.name}: the size of a channel dim is a constant ({size})")
             return
 
@@ -1008,7 +1060,8 @@ def softmax(op: ChannelOp) -> Any:
     else:
         dim = op.arg(1, "dim")
     dims = range(nd) if dim is None else [dim % nd]
-    _fix_dims(op, x, dims, f"{op.name}: softmax over channels")
+    if not (dim is not None and united_along(op, x, dim % nd)):  # over a dim each unit spans whole: exact
+        _fix_dims(op, x, dims, f"{op.name}: softmax over channels")
     return x
 
 

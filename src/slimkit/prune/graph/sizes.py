@@ -123,6 +123,8 @@ def track(builder: Builder, node: torch.fx.Node, env: dict[str, Any]) -> Any:
     value = env.get(node.name)
     if node.op not in ("call_function", "call_method", "call_module") or _is_size(value):
         return value
+    if not any(isinstance(env.get(a.name), (SizeOf, ShapeOf)) for a in node.all_input_nodes):
+        return value
     sizes = size_args(node, env)
     if not sizes:
         return value
@@ -142,8 +144,9 @@ def track(builder: Builder, node: torch.fx.Node, env: dict[str, Any]) -> Any:
     dims = _target_dims(node, env)
     if dims is not None:
         out = value if isinstance(value, Ann) else None
+        accepted = node.meta.get("slimkit_split", ())  # a split the reshape rule checked
         for j, d in enumerate(dims):
-            if not _is_size(d):
+            if not _is_size(d) or j in accepted:
                 continue
             if (isinstance(d, SizeOf) and d.exact and out is not None and out.dims == (j,)
                     and len(out.slots) == len(d.slots)):
