@@ -64,20 +64,33 @@ def producer_label(axis: Axis) -> str:
     return name
 
 
-def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, set[str]], dict[str, str]]:
-    """Labels of the producers whose fresh slots joined each root, and the layer of every label."""
-    out: dict[int, set[str]] = defaultdict(set)
-    layer: dict[str, str] = {}
-    for start, count, axis in uf.produced:
-        label = producer_label(axis)
-        layer[label] = axis[0]
-        for root in np.unique(roots[start:start + count]).tolist():
-            out[root].add(label)
+def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, tuple[str, ...]], dict[str, str]]:
+    """Labels of the producers whose fresh slots joined each root (sorted), and the layer of every label."""
+    if not uf.produced:
+        return {}, {}
+    labels = [producer_label(axis) for _, _, axis in uf.produced]
+    layer = {label: axis[0] for label, (_, _, axis) in zip(labels, uf.produced, strict=True)}
+    names = sorted(layer)
+    lid = {label: i for i, label in enumerate(names)}
+    starts = np.array([start for start, _, _ in uf.produced], dtype=np.int64)
+    counts = np.array([count for _, count, _ in uf.produced], dtype=np.int64)
+    offsets = np.r_[0, np.cumsum(counts)]
+    slots = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, counts)
+    keys = np.unique(roots[slots] * len(names) + np.repeat([lid[label] for label in labels], counts))
+    key_roots, key_labels = keys // len(names), keys % len(names)  # by root, labels in sorted order
+    first = np.r_[True, key_roots[1:] != key_roots[:-1]]
+    last = np.r_[key_roots[1:] != key_roots[:-1], True]
+    single = [(n,) for n in names]
+    out = dict(zip(key_roots[first & last].tolist(), map(single.__getitem__, key_labels[first & last].tolist())))
+    bounds = np.flatnonzero(first).tolist() + [len(keys)]
+    for a, b in zip(bounds, bounds[1:]):
+        if b - a > 1:
+            out[int(key_roots[a])] = tuple(names[i] for i in key_labels[a:b].tolist())
     return out, layer
 
 
 def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str],
-                  producers_of: dict[int, set[str]], members: dict[tuple[str, ...], set[int]]):
+                  producers_of: dict[int, tuple[str, ...]], members: dict[tuple[str, ...], set[int]]):
     """(producers, partition) of one grouped-conv constraint, or None when it cannot hold.
 
     ``slots``: ``[C]`` channel slots of a grouped conv's input or output; ``g``: its groups.
@@ -86,7 +99,7 @@ def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int,
     r = roots[slots]
     if len(np.unique(r)) != len(r) or any(x in fixed for x in r.tolist()):
         return None
-    producers = {tuple(sorted(producers_of.get(x, ()))) for x in r.tolist()}
+    producers = {producers_of.get(x, ()) for x in r.tolist()}
     if len(producers) != 1:
         return None
     (p,) = producers
@@ -114,7 +127,8 @@ def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
 
 
 def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.ndarray, fixed: dict[int, str],
-                      producers_of: dict[int, set[str]], in_order: list[int]) -> dict[tuple[str, ...], list[list[int]]]:
+                      producers_of: dict[int, tuple[str, ...]],
+                      in_order: list[int]) -> dict[tuple[str, ...], list[list[int]]]:
     """Partition of each group that reaches grouped convs; fixes (in ``fixed``) the roots of the others.
 
     A constraint fails when its channels are not exactly one group's free units, or when two
@@ -125,7 +139,7 @@ def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.
         members: dict[tuple[str, ...], set[int]] = defaultdict(set)
         for root in in_order:
             if root not in fixed:
-                members[tuple(sorted(producers_of.get(root, ())))].add(root)
+                members[producers_of.get(root, ())].add(root)
         partitions: dict[tuple[str, ...], list[list[int]]] = {}
         failed = None
         for slots, g, reason in constraints:
@@ -161,7 +175,7 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
     layers: dict[tuple[str, ...], tuple[str, ...]] = {}
     unit_producers = []
     for i, root in enumerate(root_list):
-        producers = tuple(sorted(producers_of.get(root, ())))
+        producers = producers_of.get(root, ())
         if root in fixed_roots or not producers:
             for p in producers:
                 fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
