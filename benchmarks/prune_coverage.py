@@ -174,7 +174,7 @@ LIBS = {"slimkit": _slimkit, "torch_pruning": _torch_pruning}
 
 
 def _commit() -> str | None:
-    """The checkout's commit (the rows record it; uncommitted edits of the working tree are not in it)."""
+    """The checkout's commit when this process started (its code is what was on disk then; the rows record it)."""
     import subprocess
 
     try:
@@ -182,6 +182,9 @@ def _commit() -> str | None:
                               text=True, check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+COMMIT = _commit()
 
 
 def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0,
@@ -195,7 +198,7 @@ def timm_row(module: str, name: str, size: int | None, cpu_limit: float = 0,
         dense = timm.create_model(name, num_classes=10).eval()
     x = _input(dense, size)
     row = {"module": module, "model": name, "params": sum(p.numel() for p in dense.parameters()),
-           "input": list(x.shape[1:]), "commit": _commit()}
+           "input": list(x.shape[1:]), "commit": COMMIT}
     for lib, prune in ((lib, LIBS[lib]) for lib in libs):
         try:
             row[lib] = run_one(copy.deepcopy(dense), x, prune, cpu_limit)
