@@ -343,7 +343,9 @@ def structured_(model: nn.Module, example_inputs: Any, config: StructuredConfig 
     :func:`slimkit.prune.register_channel_rule` teaches it a new one), ConfigError for bad
     settings or ``example_inputs`` the model does not accept.
     """
-    return apply_structured_(model, example_inputs, plan_structured(model, example_inputs, config, batches=batches))
+    with gc_paused():  # a full collection triggered by the graph's temporaries costs more than the whole prune
+        return apply_structured_(model, example_inputs,
+                                 plan_structured(model, example_inputs, config, batches=batches))
 
 
 #: attributes every nn.Module has (its parameter/buffer/child tables, hooks, ``training``)

@@ -86,13 +86,14 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
         raise ConfigError(f"norm_channels must be 'keep' or 'prune', got {norm_channels!r}")
     if not isinstance(example_inputs, torch.Tensor):
         raise ConfigError(f"example_inputs must be one tensor batch, got {type(example_inputs).__name__}")
-    key = structure_key(model, example_inputs, on_unsupported, norm_channels, rules.VERSION[0]) if cache else None
-    graph = _CACHE.get(key) if cache else None
-    if graph is None:
-        graph = _build(model, example_inputs, on_unsupported, norm_channels)
-        if cache:
-            _CACHE.put(key, graph)
-    graph.modules = dict(model.named_modules())
+    with gc_paused():
+        key = structure_key(model, example_inputs, on_unsupported, norm_channels, rules.VERSION[0]) if cache else None
+        graph = _CACHE.get(key) if cache else None
+        if graph is None:
+            graph = _build(model, example_inputs, on_unsupported, norm_channels)
+            if cache:
+                _CACHE.put(key, graph)
+        graph.modules = dict(model.named_modules())
     for w in graph.warnings:
         warnings.warn(w, stacklevel=2)
     return graph
