@@ -217,10 +217,15 @@ class UnionFind:
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every position (arrays of the same shape)."""
-        pairs = np.unique(np.stack([a.reshape(-1), b.reshape(-1)], 1), axis=0)
-        for s, t in pairs.tolist():
-            if s != t:
-                self.union(s, t)
+        a, b = a.reshape(-1), b.reshape(-1)
+        differ = a != b
+        if not differ.any():
+            return
+        a, b = a[differ], b[differ]
+        span = int(b.max()) + 1
+        pairs = np.unique(a * span + b)  # the distinct (a, b) pairs in lexicographic order
+        for s, t in zip((pairs // span).tolist(), (pairs % span).tolist(), strict=True):
+            self.union(s, t)
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
         for s in np.unique(slots).tolist():
