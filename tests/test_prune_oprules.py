@@ -157,7 +157,8 @@ class LinearOverChannelsAndTokens(nn.Module):
 
 
 def test_linear_whose_features_mix_channels_and_tokens_keeps_them_with_a_warning():
-    g = build_graph(LinearOverChannelsAndTokens(), torch.randn(1, 3, 6), cache=False)
+    with pytest.warns(UserWarning, match="channels in dims"):
+        g = build_graph(LinearOverChannelsAndTokens(), torch.randn(1, 3, 6), cache=False)
     assert not g.groups and any("fx node 'fc'" in w and "kept" in w for w in g.warnings)
 
 
@@ -197,7 +198,8 @@ def test_tensor_unfold_along_the_channel_dim_keeps_them():
         def forward(self, x):
             return self.conv(x).unfold(1, 2, 2).sum()
 
-    g = build_graph(Windows(), torch.randn(1, 3, 4, 4), cache=False)
+    with pytest.warns(UserWarning, match="unfold along a channel dim"):
+        g = build_graph(Windows(), torch.randn(1, 3, 4, 4), cache=False)
     assert "unfold along a channel dim" in g.fixed_reasons["conv"]
 
 
@@ -281,3 +283,20 @@ def test_split_into_constant_blocks_prunes_every_block_alike():
 
     g = build_graph(Uneven(), torch.randn(1, 3, 6, 6), cache=False)
     assert [grp.name for grp in g.groups] == ["reduce"]
+
+
+def test_channel_shuffle_after_the_split_keeps_its_channels():
+    """``view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, -1, H, W)``: the merge back interleaves the blocks."""
+
+    class Shuffle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            B, C, H, W = y.shape
+            return self.head(y.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, -1, H, W))
+
+    g = build_graph(Shuffle(), torch.randn(1, 3, 4, 4), cache=False)
+    assert not g.groups and "splits channels" in g.fixed_reasons["conv"]

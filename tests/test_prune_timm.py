@@ -97,7 +97,8 @@ def test_timm_pruning_zero_channels_preserves_outputs(name):
 
 
 COVERAGE = ["efficientnet_b0", "ghostnet_050", "cspresnet50", "convnext_atto", "mixnet_s", "ecaresnet26t",
-            "nf_regnet_b0", "vit_tiny_patch16_224", "mobilevit_xxs", "efficientformerv2_s0"]
+            "nf_regnet_b0", "vit_tiny_patch16_224", "mobilevit_xxs", "efficientformerv2_s0", "skresnet18",
+            "edgenext_xx_small"]
 COVERAGE_SLOW = {"cspresnet50", "nf_regnet_b0", "vit_tiny_patch16_224", "mobilevit_xxs", "efficientformerv2_s0",
                  "efficientnet_b0"}
 OWN_SIZE = {"vit_tiny_patch16_224": 224, "efficientformerv2_s0": 224}

@@ -138,12 +138,11 @@ def united_along(op: ChannelOp, x: Ann, dim: int) -> bool:
 
 
 def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[int]) -> int | None:
-    """A channel dim split into (constant K, computed Q) or merged back, where units span K whole.
+    """A channel dim split into (constant K, computed Q), where units span K whole.
 
-    SelectiveKernel's ``view(B, paths, C // paths, H, W)``, ResNeSt's radix view: pruning q
-    removes it from all K blocks, so the layout stays aligned. Split: returns the output dim
-    of K (whose slots the caller unites); merge of two channel dims, the one of K already
-    united: -1; otherwise None.
+    SelectiveKernel's ``view(B, paths, C // paths, H, W)``: pruning q removes it from all K
+    blocks, so the layout stays aligned. Returns the output dim of K (whose slots the caller
+    unites), or None.
     """
     if len(x.dims) == 1 and len(annotated) == 1 and len(big) == 2:
         start, sizes = _target_sizes(op)
@@ -157,10 +156,7 @@ def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[in
             return None
         op.node.meta["slimkit_split"] = set(big)  # sizes and constant-target checks accept these
         return const[0]
-    if len(annotated) == 2 and len(big) == 1 and set(annotated) == set(x.dims) and any(
-            united_along(op, x, d) for d in annotated):
-        return -1
-    return None
+    return None  # (a merge back is not accepted: channel shuffle's transpose + flatten would unite a whole stream)
 
 
 def permute(x: Ann | None, perm: list[int]) -> Any:
