@@ -82,10 +82,16 @@ def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, tuple[str
     last = np.r_[key_roots[1:] != key_roots[:-1], True]
     single = [(n,) for n in names]
     out = dict(zip(key_roots[first & last].tolist(), map(single.__getitem__, key_labels[first & last].tolist())))
-    bounds = np.flatnonzero(first).tolist() + [len(keys)]
-    for a, b in zip(bounds, bounds[1:]):
-        if b - a > 1:
-            out[int(key_roots[a])] = tuple(names[i] for i in key_labels[a:b].tolist())
+    bounds = np.r_[np.flatnonzero(first), len(keys)]
+    several = np.flatnonzero(np.diff(bounds) > 1)
+    made: dict[tuple[int, ...], tuple[str, ...]] = {}
+    for root, a, b in zip(key_roots[bounds[several]].tolist(), bounds[several].tolist(), bounds[several + 1].tolist(),
+                          strict=True):
+        ids = tuple(key_labels[a:b].tolist())
+        found = made.get(ids)
+        if found is None:
+            found = made[ids] = tuple(names[i] for i in ids)
+        out[root] = found
     return out, layer
 
 
@@ -174,16 +180,18 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
     keep = np.zeros(len(root_list), dtype=bool)
     layers: dict[tuple[str, ...], tuple[str, ...]] = {}
     unit_producers = []
+    get = producers_of.get
     for i, root in enumerate(root_list):
-        producers = producers_of.get(root, ())
-        if root in fixed_roots or not producers:
+        producers = get(root, ())
+        if not producers or root in fixed_roots:
             for p in producers:
                 fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
             continue
         keep[i] = True
-        if producers not in layers:
-            layers[producers] = tuple(sorted({layer_of[p] for p in producers}))
-        unit_producers.append(layers[producers])
+        found = layers.get(producers)
+        if found is None:
+            found = layers[producers] = tuple(sorted({layer_of[p] for p in producers}))
+        unit_producers.append(found)
         grouped[producers].append(root)
     kept_runs = keep[run_root]
     new_index = np.cumsum(keep) - 1
