@@ -20,6 +20,9 @@ untimed forward, then the first call, which includes every lazy import and first
     python benchmarks/prune_graph_timing.py --models resnet50,mobilenet_v3_large --size 224
     python benchmarks/prune_graph_timing.py --cold --repeats 3 --models \
         resnet50,mobilenet_v3_large,efficientnet_b0,timm:resnet50,timm:mobilenetv3_large_100,timm:efficientnet_b0
+
+``--split`` prints instead where one slimkit prune spends its time (fx trace, shape
+propagation, op rules, assembly, cache key, criterion, MAC counts, report sizes, surgery).
 """
 
 from __future__ import annotations
@@ -118,6 +121,64 @@ def cold_one(lib: str, name: str, size: int) -> float:
     return _seconds(lambda: _tp_prune(model, x))
 
 
+#: (module, function, stage) timed by ``--split``: where one ``structured_`` call spends its time
+SPLIT = [
+    ("slimkit.prune.graph.trace", "trace_model", "fx trace"),
+    ("slimkit.prune.graph.trace", "propagate_on_meta", "shapes"),
+    ("slimkit.prune.graph.builder", "Builder.run", "op rules"),
+    ("slimkit.prune.graph", "assemble", "assembly"),
+    ("slimkit.prune.graph", "structure_key", "cache key"),
+    ("slimkit.prune.structured", "traced_macs", "MACs"),
+    ("slimkit.prune.structured", "count_nonzeros", "sizes"),
+    ("slimkit.prune.structured", "count_params", "sizes"),
+    ("slimkit.prune.structured", "stored_bytes", "sizes"),
+    ("slimkit.prune.structured", "prune_units_", "surgery"),
+]
+
+
+def split(make, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Seconds per stage of ``structured_`` from scratch and the total (the run with the median total)."""
+    import importlib
+
+    from slimkit.prune.criteria import CRITERIA
+
+    spent: dict[str, float] = {}
+
+    def timed(fn, stage):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[stage] = spent.get(stage, 0.0) + time.perf_counter() - start
+        return run
+
+    saved = []
+    for module, attr, stage in SPLIT:
+        owner = importlib.import_module(module)
+        if "." in attr:
+            cls, attr = attr.split(".")
+            owner = getattr(owner, cls)
+        saved.append((owner, attr, owner.__dict__[attr]))
+        setattr(owner, attr, timed(getattr(owner, attr), stage))
+    get = CRITERIA.get
+    CRITERIA.get = lambda name: timed(get(name), "criterion")  # an instance attribute, deleted below
+    runs = []
+    try:
+        for _ in range(repeats):
+            model = make()
+            clear_graph_cache()
+            spent.clear()
+            total = _seconds(lambda m=model: structured_(m, x, CONFIG))
+            runs.append({**spent, "rest": total - sum(spent.values()), "total": total})
+    finally:
+        del CRITERIA.get
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+    runs.sort(key=lambda r: r["total"])
+    return runs[len(runs) // 2]
+
+
 def cold(lib: str, name: str, size: int) -> float:
     out = subprocess.run([sys.executable, __file__, "--cold-one", f"{lib}:{name}", "--size", str(size)],
                          capture_output=True, text=True, check=True)
@@ -132,6 +193,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="fresh models per measurement (median)")
     parser.add_argument("--cold", action="store_true", help="add first-call times in fresh processes")
     parser.add_argument("--cold-one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--split", action="store_true",
+                        help="instead: seconds per stage of slimkit's prune (trace, shapes, op rules, ...)")
     args = parser.parse_args()
     if args.cold_one:
         lib, name = args.cold_one.split(":", 1)
@@ -140,6 +203,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     x = torch.zeros(1, 3, args.size, args.size)
+    if args.split:
+        stages = list(dict.fromkeys(stage for _, _, stage in SPLIT)) + ["criterion", "rest", "total"]
+        print("| model | " + " | ".join(f"{s} s" for s in stages) + " |")
+        print("|---|" + "---:|" * len(stages))
+        for name in args.models.split(","):
+            with torch.no_grad():
+                build(name)(x)
+            found = split(lambda name=name: build(name), x, args.repeats)
+            print(f"| {name} | " + " | ".join(f"{found.get(s, 0.0):.3f}" for s in stages) + " |", flush=True)
+        return
     cold_cols = " slimkit cold s | Torch-Pruning cold s | cold ratio |" if args.cold else ""
     print("| model | slimkit graph s | slimkit prune 50% s | slimkit prune, graph cached s | "
           f"Torch-Pruning graph s | Torch-Pruning prune s | slimkit / Torch-Pruning |{cold_cols}")
