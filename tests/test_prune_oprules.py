@@ -300,3 +300,35 @@ def test_channel_shuffle_after_the_split_keeps_its_channels():
 
     g = build_graph(Shuffle(), torch.randn(1, 3, 4, 4), cache=False)
     assert not g.groups and "splits channels" in g.fixed_reasons["conv"]
+
+
+class ShapeSlice(nn.Module):
+    """``H, W = x.shape[1:3]`` of a channels-last tensor: a slice of the shape without the channel dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x):  # [B, H, W, 3]
+        y = self.fc(x)
+        H, W = y.shape[1:3]
+        return self.head(y.reshape(y.shape[0], H * W, -1).mean(1))
+
+
+class ShapeControlFlow(SameTensorView):
+    """Control flow on a shape: fx's MetaTracer traces it, every size in the graph is a constant."""
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[-1] > 2:
+            x = x * 2
+        B, C, H, W = x.shape
+        return self.head(x.view(B, C, H * W).mean(2))
+
+
+@pytest.mark.parametrize("cls", [ShapeSlice, ShapeControlFlow])
+def test_sizes_without_channels_and_baked_constants_leave_channels_prunable(cls):
+    x = torch.randn(1, 4, 4, 3) if cls is ShapeSlice else torch.randn(1, 3, 8, 8)
+    g, before, after = prune_half(cls(), x)
+    assert [grp.name for grp in g.groups] == ["fc" if cls is ShapeSlice else "conv"]
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)

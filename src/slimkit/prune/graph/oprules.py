@@ -746,12 +746,24 @@ def _target_sizes(op: ChannelOp) -> tuple[int, list[Any]]:
     return 0, args
 
 
+def baked_sizes(op: ChannelOp) -> bool:
+    """The graph came from fx's MetaTracer (a forward with control flow on shapes): every size is a constant there.
+
+    Constants then stand for sizes the eager forward computes at run time, so they say nothing
+    about which channel counts are fixed.
+    """
+    from torch.fx.experimental.meta_tracer import MetaTracer
+
+    tracer = getattr(op.node.graph, "_tracer_cls", None)
+    return isinstance(tracer, type) and issubclass(tracer, MetaTracer)
+
+
 def _constant_target(op: ChannelOp, out: Any) -> None:
     """A channel dim whose size the target writes as a constant (``view(B, self.dim, -1)``) cannot shrink.
 
     (``-1`` is computed; sizes read at run time are followed by :mod:`.sizes`.)
     """
-    if not isinstance(out, Ann):
+    if not isinstance(out, Ann) or baked_sizes(op):
         return
     start, sizes = _target_sizes(op)
     accepted = op.node.meta.get("slimkit_split", ())

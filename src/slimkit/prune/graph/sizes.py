@@ -128,7 +128,9 @@ def track(builder: Builder, node: torch.fx.Node, env: dict[str, Any]) -> Any:
     sizes = size_args(node, env)
     if not sizes:
         return value
-    if node.op != "call_module" and builder.shape_of(node) is None and node.target is not torch._assert:
+    out_shape = builder.shape_of(node)  # a torch.Size value is recorded as a list of Nones
+    tensor = isinstance(out_shape, tuple) or isinstance(out_shape, list) and any(s is not None for s in out_shape)
+    if node.op != "call_module" and not tensor and node.target is not torch._assert:
         # integer arithmetic on sizes, or an index into a shape
         if node.target is operator.getitem and isinstance(sizes[0], ShapeOf) and node.args[0] is not None:
             idx = node.args[1]
