@@ -89,7 +89,7 @@ def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
                      "population": 12, "generations": 6, "greedy_candidates": args.greedy_candidates,
                      "evolution_trials": args.evolution_trials, "max_steps": 6, "step_share": 0.2,
                      "ratios": _floats(args.ratios), "ranks": _floats(args.ranks), "runner": args.runner,
-                     "seed": 0}, sdir)
+                     "paired_timing": args.paired_timing, "seed": 0}, sdir)
     search_s = time.perf_counter() - started
     baseline = load_model(sdir / "baseline.pt").eval()
     chosen_model = load_model(sdir / "final" / "model.pt").eval()
@@ -245,6 +245,8 @@ def main() -> None:
     parser.add_argument("--trial-epochs", type=int, default=None,
                         help="fine-tune epochs of each latency trial (default: --final-epochs, so trials rank as "
                              "the final fine-tune would)")
+    parser.add_argument("--paired-timing", action="store_true",
+                        help="the search times every candidate alternating with the baseline (a loaded machine)")
     parser.add_argument("--greedy-candidates", type=int, default=2)
     parser.add_argument("--evolution-trials", type=int, default=2)
     parser.add_argument("--uniform-ratios", default="0.2,0.25,0.3,0.4,0.5,0.6,0.7,0.75",

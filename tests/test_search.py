@@ -291,3 +291,23 @@ def test_adaptive_batchnorm_re_estimates_statistics_on_the_batches():
     # two equal batches averaged cumulatively: the mean over all of them, not the baseline's zeros
     assert torch.allclose(model[1].running_mean, means, atol=1e-5) and not torch.allclose(before, means)
     assert model[1].momentum == 0.1 and model[1].num_batches_tracked == 2
+
+
+def test_paired_timing_compares_models_under_the_same_load():
+    pytest.importorskip("onnxruntime")
+    from slimkit.search.latency import paired_p99_ratio
+
+    big, small = Widths(64, 64), Widths(16, 16)
+    same = paired_p99_ratio(big, big, X16, "onnxruntime", blocks=3, runs=50)
+    assert 0.5 < same < 2.0  # a model against itself, block against block
+    assert paired_p99_ratio(small, big, X16, "onnxruntime", blocks=3, runs=50) < same
+
+
+@pytest.mark.slow
+def test_latency_search_with_paired_timing_reports_p99_relative_to_the_baseline(tmp_path):
+    cfg = {**TINY, "budget": "latency_p99_ms=0.5x", "techniques": ["channels"], "strategy": "greedy", "max_steps": 1,
+           "final_epochs": 0, "runner": "sequential", "paired_timing": True,
+           "backoff_measurements": 1, "uniform_seeds": False, "sensitivity_samples": 16}
+    result = search(cfg, tmp_path, log=None)
+    assert result["config"]["paired_timing"] and result["trials"]
+    assert result["chosen"]["latency_p99_ms"] > 0 and len(result["chosen"]["backoff"]) <= 1

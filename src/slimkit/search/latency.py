@@ -146,6 +146,28 @@ def end_to_end(model: nn.Module, example_inputs: torch.Tensor, engine: str, thre
         return {"median_ms": median, "p99_ms": robust_p99_ms(fn, blocks=blocks, runs=runs, warmup=0)}
 
 
+def paired_p99_ratio(model: nn.Module, reference: nn.Module, example_inputs: torch.Tensor, engine: str,
+                     threads: int = 1, blocks: int = 5, runs: int = 200) -> float:
+    """``model``'s batch-1 p99 over ``reference``'s, timed in alternating blocks: the median over ``blocks`` of
+    (model's block p99 / the reference's block p99 right before it).
+
+    On a shared machine the load moves between minutes by more than a model's whole latency (a
+    ResNet-20 read 0.7 ms in a quiet minute and 4.8 ms in a busy one); two models timed minutes
+    apart are then not comparable, two blocks timed back to back mostly are.
+    """
+    with num_threads(None), tempfile.TemporaryDirectory() as tmp:
+        for name in ("model", "reference"):
+            (Path(tmp) / name).mkdir()
+        fn = engine_callable(model.eval(), example_inputs[:1], engine, Path(tmp) / "model", threads)
+        ref = engine_callable(reference.eval(), example_inputs[:1], engine, Path(tmp) / "reference", threads)
+        ratios = []
+        for block in range(blocks):
+            warmup = 10 if block == 0 else 0
+            base = realtime_stats(ref, runs=runs, warmup=warmup).p99_ms
+            ratios.append(realtime_stats(fn, runs=runs, warmup=warmup).p99_ms / base)
+        return float(np.median(ratios))
+
+
 class LatencyPredictor:
     """Whole-model p99 (ms) from a :class:`LatencyTable`'s per-layer sum, calibrated on measured models.
 

@@ -97,6 +97,9 @@ class SearchConfig(Config):
     ranks: tuple[float, ...] = (0.5, 0.25, 0.125, 0.0625)
     bits: tuple[int, ...] = (8, 4, 2)
     threads: int = Field(1, ge=1, description="threads of the engine when timing")
+    paired_timing: bool = Field(False, description="time every candidate in blocks alternating with the baseline "
+                                                   "and report its p99 as the ratio times the baseline's first p99 "
+                                                   "(a shared machine's load then hits both)")
     runner: Literal["auto", "ray", "sequential"] = "auto"
     ray_address: str | None = None
     sram_bytes: int | None = Field(None, ge=0)
@@ -113,6 +116,7 @@ class _Metric:
     def __init__(self, name: str, cfg: SearchConfig, example: torch.Tensor, calibration: torch.Tensor) -> None:
         self.name, self.cfg, self.example, self.calibration = name, cfg, example, calibration
         self.predictor = None
+        self.reference: tuple[torch.nn.Module, float] | None = None  # (baseline, its p99) for paired timing
 
     def measure(self, model: torch.nn.Module) -> float:
         from slimkit.measure import count_macs, profile
@@ -124,8 +128,11 @@ class _Metric:
             return float(count_macs(model, self.example))
         if self.name == "energy_mj":
             return float(profile(model, self.example, latency=False, sram_bytes=self.cfg.sram_bytes).energy.total_mj)
-        from slimkit.search.latency import end_to_end
+        from slimkit.search.latency import end_to_end, paired_p99_ratio
 
+        if self.cfg.paired_timing and self.reference is not None:
+            reference, reference_p99 = self.reference
+            return reference_p99 * paired_p99_ratio(model, reference, self.example, self.cfg.engine, self.cfg.threads)
         return float(end_to_end(model, self.example, self.cfg.engine, self.cfg.threads)["p99_ms"])
 
     def raw(self, model: torch.nn.Module) -> float:
@@ -208,6 +215,7 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         # disagree by the machine's noise, and the search would aim at a target the baseline never had
         base_timing = end_to_end(baseline, example, cfg.engine, cfg.threads)
         base_metric = float(base_timing["p99_ms"])
+        meter.reference = (baseline, base_metric)
     else:
         base_metric = meter.measure(baseline)
     budget = value * base_metric if relative else value
@@ -245,6 +253,7 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         if quantize_all:  # the identity choice is the int8 baseline, not the float one that was measured
             structural = _structural(baseline, knobs, tuple(0 for _ in knobs), header, example, data, out, True)
             measured = end_to_end(structural, example, cfg.engine, cfg.threads)
+            meter.reference = (structural, float(measured["p99_ms"]))
         meter.predictor = LatencyPredictor(lat_table, baseline, example, measured)
         predictor_info = {"engine": cfg.engine, "threads": cfg.threads, "residual_ms": meter.predictor.residual,
                           "tail_ratio": meter.predictor.tail,
