@@ -332,3 +332,24 @@ def test_sizes_without_channels_and_baked_constants_leave_channels_prunable(cls)
     g, before, after = prune_half(cls(), x)
     assert [grp.name for grp in g.groups] == ["fc" if cls is ShapeSlice else "conv"]
     torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+
+
+class BakedHeads(nn.Module):
+    """CrossViT: control flow on a shape (a MetaTracer graph), ``C // heads`` read from the input of ``q``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.q, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.inp(x)
+        if x.shape[1] > 1:
+            x = x * 2
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, 2, C // 2).softmax(-1)
+        return self.head(torch.cat([q.reshape(B, N, C), x], -1))
+
+
+def test_baked_head_split_keeps_the_input_of_the_split_layer():
+    g, before, after = prune_half(BakedHeads(), torch.randn(1, 5, 4), expect_groups=False)
+    assert "sizes baked into the graph" in g.fixed_reasons["inp"]

@@ -112,6 +112,8 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
                 const = _split_by_constant(op, x, annotated, big)
                 if const is None:
                     op.fix(x, f"reshape {in_shape}->{out_shape} splits channels")
+                    if len(annotated) == 1 and baked_sizes(op):
+                        _fix_layer_input(op, in_shape[annotated[0]])
                 elif const >= 0:
                     splits.append(const)
             d_in += gi
@@ -125,6 +127,21 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
         axis = d_out.index(j)
         op.builder.uf.union_arrays(np.broadcast_to(arr.take([0], axis), arr.shape), arr)
     return simplify(Ann(tuple(d_out), np.ascontiguousarray(arr)))
+
+
+def _fix_layer_input(op: ChannelOp, total: int) -> None:
+    """In a graph with baked sizes, a split of a linear's output into heads: keep the linear's input channels.
+
+    ``self.qkv(x).reshape(B, N, 3, heads, C // heads)`` reads ``C`` from ``x`` at run time
+    (CrossViT), which the constants of a MetaTracer graph hide; an input with as many
+    channels as the split dim is taken to be that source.
+    """
+    src = op.node.args[0] if op.node.args else None
+    layer = op.builder.modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+    if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and src.args:
+        value = op.value(src.args[0])
+        if isinstance(value, Ann) and value.slots.size == total:
+            op.fix(value, f"{op.name}: splits the output of {src.target} into heads with sizes baked into the graph")
 
 
 def united_along(op: ChannelOp, x: Ann, dim: int) -> bool:
