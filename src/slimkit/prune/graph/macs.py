@@ -26,6 +26,7 @@ Calls = dict[torch.fx.Node, tuple[str, tuple[Any, ...]]]
 
 class _Counter(_ShapeProp):
     shortcut = True
+    record = False
 
     def __init__(self, gm: torch.fx.GraphModule, model: nn.Module, ruled: dict[str, Any], calls: Calls) -> None:
         super().__init__(gm)

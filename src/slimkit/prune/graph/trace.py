@@ -115,6 +115,9 @@ class _ShapeProp(torch.fx.Interpreter):
     """
 
     shortcut = False
+    #: write every node's shape into ``node.meta["tensor_meta"]`` (a MAC count after surgery does
+    #: not: the graph keeps the shapes of the model as traced)
+    record = True
 
     def submodule(self, target: str) -> nn.Module:
         table = self.__dict__.get("_submodules")
@@ -162,7 +165,8 @@ class _ShapeProp(torch.fx.Interpreter):
                 result = super().run_node(n)
         except Exception as err:
             raise _NodeError(n, err) from err
-        n.meta["tensor_meta"] = _shapes(result)
+        if self.record:
+            n.meta["tensor_meta"] = _shapes(result)
         return result
 
 
