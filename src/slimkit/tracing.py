@@ -50,6 +50,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+#: ``graph_module.meta`` key set on graphs from the ``"meta"`` step (see :func:`baked_sizes`).
+BAKED_SIZES = "slimkit_baked_sizes"
+
 #: ``leaf(module, qualified_name) -> True`` keeps a module whole in the trace (besides fx's default leaves).
 LeafRule = Callable[[nn.Module, str], bool]
 
@@ -192,7 +195,14 @@ def _meta(model: nn.Module, args: tuple[torch.Tensor, ...], leaf: LeafRule | Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = tracer.trace(meta_model, meta_args={n: t.to("meta") for n, t in zip(names, args)})
-    return fx.GraphModule(model, graph)
+    gm = fx.GraphModule(model, graph)
+    gm.meta[BAKED_SIZES] = True
+    return gm
+
+
+def baked_sizes(graph_module: fx.GraphModule) -> bool:
+    """The graph came from the ``"meta"`` step: its sizes are constants the eager forward computes at run time."""
+    return bool(graph_module.meta.get(BAKED_SIZES))
 
 
 def trace_model(model: nn.Module, example_inputs: Any = None, *, leaf: LeafRule | None = None,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit import tracing
 from slimkit.prune.graph.core import Ann, ParamRef
 from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
 from slimkit.prune.graph.sizes import SizeOf, run_time_shape
@@ -133,7 +134,7 @@ def _fix_layer_input(op: ChannelOp, total: int) -> None:
     """In a graph with baked sizes, a split of a linear's output into heads: keep the linear's input channels.
 
     ``self.qkv(x).reshape(B, N, 3, heads, C // heads)`` reads ``C`` from ``x`` at run time
-    (CrossViT), which the constants of a MetaTracer graph hide; an input with as many
+    (CrossViT), which the constants of a graph traced on meta tensors hide; an input with as many
     channels as the split dim is taken to be that source.
     """
     src = op.node.args[0] if op.node.args else None
@@ -764,15 +765,13 @@ def _target_sizes(op: ChannelOp) -> tuple[int, list[Any]]:
 
 
 def baked_sizes(op: ChannelOp) -> bool:
-    """The graph came from fx's MetaTracer (a forward with control flow on shapes): every size is a constant there.
+    """The graph came from slimkit.tracing's meta step (control flow on shapes): every size is a constant there.
 
     Constants then stand for sizes the eager forward computes at run time, so they say nothing
     about which channel counts are fixed.
     """
-    from torch.fx.experimental.meta_tracer import MetaTracer
-
-    tracer = getattr(op.node.graph, "_tracer_cls", None)
-    return isinstance(tracer, type) and issubclass(tracer, MetaTracer)
+    owner = op.node.graph.owning_module
+    return owner is not None and tracing.baked_sizes(owner)
 
 
 def _constant_target(op: ChannelOp, out: Any) -> None:
