@@ -171,6 +171,7 @@ def run_one(model: torch.nn.Module, x: torch.Tensor, prune, cpu_limit: float = 0
 
 
 LIBS = {"slimkit": _slimkit, "torch_pruning": _torch_pruning}
+NAMES = {"slimkit": "slimkit", "torch_pruning": "Torch-Pruning"}
 
 
 def _commit() -> str | None:
@@ -278,10 +279,10 @@ def timm_table(rows: list[dict]) -> str:
     for r in rows:
         for lib in LIBS:
             if r[lib]["source"] is not None:
-                key = (r[lib]["source"], r[lib].get("commit") or "unrecorded")
+                key = (NAMES[lib], Path(r[lib]["source"]).name, r[lib].get("commit") or "unrecorded")
                 sources[key] = sources.get(key, 0) + 1
-    source_text = "; ".join(f"{n} cells from `{Path(src).name}` (commit {commit})"
-                            for (src, commit), n in sorted(sources.items()))
+    source_text = "; ".join(f"{lib} {n} rows from `{src}` at commit {commit}"
+                            for (lib, src, commit), n in sorted(sources.items(), key=lambda kv: (kv[0][0], -kv[1])))
     lines = [f"{len(rows)} timm models (one per architecture module, smallest variant <= 60M params, random init, "
              f"ratio 0.5, l1, local; input: {size_text}, the column *px*): slimkit pruned "
              f"{_counted(counts(rows, 'slimkit'))}, Torch-Pruning {_counted(counts(rows, 'torch_pruning'))}. "
