@@ -472,6 +472,7 @@ def test_constant_shapes_keep_their_channels_or_leave_the_model_unchanged():
     register_channel_rule(BakedView, "pass")  # a rule that does not foresee the baked count
     net = nn.Sequential(nn.Conv2d(3, 8, 1), BakedView(), nn.Conv2d(8, 2, 1))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match="would break its forward .*left as it was"):
+    with pytest.raises(UnsupportedModelError, match=r"would break its forward at fx node '_1', module 1 \(BakedView\) "
+                       r"\(RuntimeError: .*left as it was"):
         structured_(net, X, {"ratio": 0.5})
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net(X).shape[1] == 2

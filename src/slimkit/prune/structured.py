@@ -34,6 +34,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from slimkit import tracing
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.measure.macs import count_macs
@@ -43,6 +44,7 @@ from slimkit.prune.common import Scope, trace_input
 from slimkit.prune.criteria import CRITERIA, ScoreContext
 from slimkit.prune.graph import ChannelGraph, Group, build_graph, gc_paused
 from slimkit.prune.graph.macs import traced_macs
+from slimkit.prune.graph.rules import node_what
 from slimkit.prune.surgery import prune_units_
 from slimkit.reports import ModelSize, Report
 from slimkit.selection import classifier_name, matches
@@ -126,6 +128,51 @@ def _graph_macs(graph: ChannelGraph, model: nn.Module, x: Any, recorded: bool = 
     the model unchanged since) where that equals count_macs, else for real."""
     macs = traced_macs(graph, model, x, recorded)
     return macs if macs is not None else int(count_macs(model, x))
+
+
+class _Stepper(torch.fx.Interpreter):
+    """Runs a graph and remembers the node it is at (the one that raised, when it raises)."""
+
+    node: torch.fx.Node | None = None
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node = n
+        return super().run_node(n)
+
+
+def _failing_op(graph: ChannelGraph, model: nn.Module, x: torch.Tensor) -> str:
+    """`` at fx node 'n' (what)``: where the pruned model's traced graph fails on meta tensors, or ``""``.
+
+    Not for graphs whose sizes the trace baked in (they fail at the first baked size, wherever the
+    eager forward would).
+    """
+    gm = graph.traced
+    if gm is None or tracing.baked_sizes(gm):
+        return ""
+    stepper = _Stepper(gm)
+    stepper.extra_traceback = False
+    try:
+        with torch.no_grad(), tracing.on_meta(gm):
+            stepper.run(x.to("meta"))
+    except Exception:  # the op that raised is the answer
+        n = stepper.node
+        if n is not None and n.op != "placeholder":
+            module = model.get_submodule(n.target) if n.op == "call_module" else None
+            return f" at fx node {n.name!r}, {node_what(n, module)}"
+    return ""
+
+
+def _failing_line(err: BaseException) -> str:
+    """`` at dir/file.py:line in fn``: the innermost frame of ``err`` outside torch and slimkit, or ``""``."""
+    import traceback
+    from pathlib import Path
+
+    skip = (str(Path(torch.__file__).parent), str(Path(tracing.__file__).parent))
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(skip)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -310,10 +357,13 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
         changes = prune_units_(model, graph, unit_ids)
         macs_after = _graph_macs(graph, model, x)
     except Exception as err:  # a forward the graph did not foresee: leave the model as it was
+        while err.__cause__ is not None:  # the op's own error, not the "do not fit" of the MAC count's forward
+            err = err.__cause__
+        where = _failing_op(graph, model, x) or _failing_line(err)
         restore_modules(snapshot)
         text = str(err).strip().splitlines()
         raise UnsupportedModelError(
-            f"pruning {type(model).__name__} would break its forward ({type(err).__name__}: "
+            f"pruning {type(model).__name__} would break its forward{where} ({type(err).__name__}: "
             f"{text[0] if text else ''}); the model is left as it was: keep the layers involved with ignore, "
             "or describe the op with slimkit.prune.register_channel_rule") from None
     chosen = set(unit_ids)

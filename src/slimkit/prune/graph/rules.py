@@ -136,12 +136,7 @@ class ChannelOp:
     @property
     def what(self) -> str:
         """How an error message names this op."""
-        node = self.node
-        if node.op == "call_module":
-            return f"module {node.target} ({type(self.module).__name__})"
-        if node.op == "call_method":
-            return f"tensor method .{node.target}()"
-        return f"function {getattr(node.target, '__name__', node.target)}"
+        return node_what(self.node, self.module)
 
     # -- recording ------------------------------------------------------------------
     def produce(self, layer: str, dim: int, role: str = "out", size: int | None = None) -> Ann:
@@ -279,6 +274,15 @@ def register_channel_rule(target: Any, rule: str | Callable[[ChannelOp], Any], *
         from slimkit.prune.surgery import register_surgery_handler, sliced
 
         register_surgery_handler(target, sliced(out_params or {}, in_params or {}, counts or {}))
+
+
+def node_what(node: torch.fx.Node, module: torch.nn.Module | None = None) -> str:
+    """How an error message names the op of ``node`` (``module``: the one a ``call_module`` node calls)."""
+    if node.op == "call_module":
+        return f"module {node.target} ({type(module).__name__})"
+    if node.op == "call_method":
+        return f"tensor method .{node.target}()"
+    return f"function {getattr(node.target, '__name__', node.target)}"
 
 
 def unknown_op_message(what: str, node_name: str) -> str:
