@@ -204,17 +204,18 @@ def _conv_out(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     if m.padding == "same":
         return (shape[0], m.out_channels, *shape[2:])
     padding = (0,) * dims if m.padding == "valid" else m.padding
-    spatial = ((n + 2 * p - d * (k - 1) - 1) // s + 1
-               for n, p, d, k, s in zip(shape[2:], padding, m.dilation, m.kernel_size, m.stride, strict=True))
-    return (shape[0], m.out_channels, *spatial)
+    spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                    for n, p, d, k, s in zip(shape[2:], padding, m.dilation, m.kernel_size, m.stride, strict=True))
+    return (shape[0], m.out_channels, *spatial) if all(n > 0 for n in spatial) else None
 
 
 def _linear_out(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     return (*shape[:-1], m.out_features) if shape and shape[-1] == m.in_features else None
 
 
-#: exact classes whose output shape :func:`count_macs_by_shape` computes without running them
-_SHAPE_RULES = {**{cls: _conv_out for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}, nn.Linear: _linear_out}
+#: exact classes whose output shape follows from their attributes and the input's shape alone:
+#: ``SHAPE_RULES[type(m)](m, in_shape) -> out_shape``, or None where the input does not fit (then run it)
+SHAPE_RULES = {**{cls: _conv_out for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}, nn.Linear: _linear_out}
 
 
 def count_macs_by_shape(model: nn.Module, in_shape: tuple[int, ...]) -> int:
@@ -231,7 +232,7 @@ def count_macs_by_shape(model: nn.Module, in_shape: tuple[int, ...]) -> int:
     shape = _Shape(in_shape)
     total = 0
     for layer in layers:
-        out_shape = _SHAPE_RULES[type(layer)](layer, shape) if type(layer) in _SHAPE_RULES else None
+        out_shape = SHAPE_RULES[type(layer)](layer, shape) if type(layer) in SHAPE_RULES else None
         if out_shape is None:
             return count_macs(model, torch.empty(in_shape, device="meta"), meta=True)
         out = _Shape(out_shape)

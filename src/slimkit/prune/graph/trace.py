@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slimkit.exceptions import ConfigError, UnsupportedModelError
+from slimkit.measure.macs import SHAPE_RULES
 from slimkit.prune.graph.core import evaluating
 from slimkit.prune.graph.rules import module_rule
 from slimkit.tracing import first_line, on_meta, trace_model
@@ -57,22 +58,6 @@ _SAME_SHAPE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Si
 _SAME_SHAPE_FUNCTIONS = {torch.nn.functional.batch_norm, torch.batch_norm}
 
 
-def _conv_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    dims = len(m.kernel_size)
-    if len(shape) != dims + 2 or shape[1] != m.in_channels:
-        return None
-    if m.padding == "same":
-        return (shape[0], m.out_channels, *shape[2:])
-    padding = (0,) * dims if m.padding == "valid" else m.padding
-    spatial = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                    for n, p, d, k, s in zip(shape[2:], padding, m.dilation, m.kernel_size, m.stride, strict=True))
-    return (shape[0], m.out_channels, *spatial) if all(n > 0 for n in spatial) else None
-
-
-def _linear_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    return (*shape[:-1], m.out_features) if shape and shape[-1] == m.in_features else None
-
-
 def _pool_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     size = (m.output_size,) * 2 if isinstance(m.output_size, int) else tuple(m.output_size)
     if len(shape) != 4 or len(size) != 2 or any(n == 0 for n in shape):
@@ -82,8 +67,7 @@ def _pool_shape(m: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 #: exact classes whose output shape follows from their attributes and the input's shape (their meta
 #: kernels are Python and cost ~1 ms per call); anything unexpected runs the kernel
-_SHAPE_ARITHMETIC = {nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape,
-                     nn.Linear: _linear_shape, nn.AdaptiveAvgPool2d: _pool_shape}
+_SHAPE_ARITHMETIC = {**SHAPE_RULES, nn.AdaptiveAvgPool2d: _pool_shape}
 _BROADCAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
 
 
