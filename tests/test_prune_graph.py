@@ -256,6 +256,17 @@ EQUIV = {
 }
 
 
+def outputs_zeroed_then_pruned(model, graph, uids, x):
+    """(output with the units' parameters zeroed, output after pruning them): equal when the cut is exact."""
+    zero_units(model, graph, uids)
+    with torch.no_grad():
+        before = model(x)
+    prune_units_(model, graph, uids)
+    with torch.no_grad():
+        after = model(x)
+    return before, after
+
+
 def half_of_each(group):
     """The first half of a group's units, taken per partition when it reaches a grouped conv."""
     if group.partitions:
@@ -276,13 +287,8 @@ def test_pruning_zero_channels_preserves_outputs(name):
     uids = [u for grp in g.groups for u in half_of_each(grp)]
     assert uids, "nothing prunable"
     _randomize_bn(model)
-    zero_units(model, g, uids)
     params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        before = model(x)
-    prune_units_(model, g, uids)
-    with torch.no_grad():
-        after = model(x)
+    before, after = outputs_zeroed_then_pruned(model, g, uids, x)
     assert before.abs().max() > 0
     assert after.shape == before.shape
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -14,8 +14,7 @@ from torch import nn
 from slimkit.measure import count_macs
 from slimkit.prune import structured_
 from slimkit.prune.graph import build_graph
-from slimkit.prune.surgery import prune_units_
-from test_prune_graph import _randomize_bn, half_of_each, zero_units
+from test_prune_graph import _randomize_bn, half_of_each, outputs_zeroed_then_pruned
 
 
 class Gate(nn.Module):
@@ -72,13 +71,8 @@ def test_opaque_zero_channels_preserve_outputs():
     g = _graph(model, X)
     uids = [u for grp in g.groups for u in half_of_each(grp)]
     _randomize_bn(model)
-    zero_units(model, g, uids)
     gate_state = {k: v.clone() for k, v in model.gate.state_dict().items()}
-    with torch.no_grad():
-        before = model(X)
-    prune_units_(model, g, uids)
-    with torch.no_grad():
-        after = model(X)
+    before, after = outputs_zeroed_then_pruned(model, g, uids, X)
     assert before.abs().max() > 0
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert model.post[0].out_channels == 8 and model.stem[0].out_channels == 4
@@ -150,11 +144,6 @@ def test_timm_opaque_zero_channels_preserve_outputs():
     assert any("context_module.main" in w for w in g.warnings)
     uids = [u for grp in g.groups for u in half_of_each(grp)]
     _randomize_bn(model)
-    zero_units(model, g, uids)
-    with torch.no_grad():
-        before = model(x)
-    prune_units_(model, g, uids)
-    with torch.no_grad():
-        after = model(x)
+    before, after = outputs_zeroed_then_pruned(model, g, uids, x)
     assert before.abs().max() > 0 and len(uids) > 100
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from slimkit.prune.graph import build_graph
-from slimkit.prune.surgery import prune_units_
-from test_prune_graph import half_of_each, zero_units
+from test_prune_graph import half_of_each, outputs_zeroed_then_pruned
 
 
 def prune_half(model, x, expect_groups=True):
@@ -25,12 +24,7 @@ def prune_half(model, x, expect_groups=True):
         g = build_graph(model, x, cache=False)
     uids = [u for grp in g.groups for u in half_of_each(grp)]
     assert bool(uids) == expect_groups, [grp.name for grp in g.groups]
-    zero_units(model, g, uids)
-    with torch.no_grad():
-        before = model(x)
-    prune_units_(model, g, uids)
-    with torch.no_grad():
-        after = model(x)
+    before, after = outputs_zeroed_then_pruned(model, g, uids, x)
     return g, before, after
 
 

@@ -15,8 +15,7 @@ import torch
 from slimkit.measure import count_macs
 from slimkit.prune import structured_
 from slimkit.prune.graph import build_graph
-from slimkit.prune.surgery import prune_units_
-from test_prune_graph import _randomize_bn, half_of_each, zero_units
+from test_prune_graph import _randomize_bn, half_of_each, outputs_zeroed_then_pruned
 
 timm = pytest.importorskip("timm")
 
@@ -84,13 +83,8 @@ def test_timm_pruning_zero_channels_preserves_outputs(name):
     uids = [u for grp in g.groups for u in half_of_each(grp)]
     assert uids, "nothing prunable"
     _randomize_bn(model)
-    zero_units(model, g, uids)
     params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        before = model(x)
-    prune_units_(model, g, uids)
-    with torch.no_grad():
-        after = model(x)
+    before, after = outputs_zeroed_then_pruned(model, g, uids, x)
     assert before.abs().max() > 0
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in model.parameters()) < params
