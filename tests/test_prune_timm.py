@@ -137,3 +137,24 @@ def test_deep_copy_after_pruning_runs_like_the_original():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["twins_svt_small", "nest_tiny"])
+def test_meta_traced_constants_read_from_another_tensor_fall_back_to_fixed(name):
+    """Twins / NesT trace on meta tensors only (shape control flow), and their attention reshapes the qkv
+    output with ``C // heads`` of the *input*: read as run-time sizes, the constants let the input's channels
+    go and the forward breaks (apply refuses); structured_ then reads them as fixed and prunes."""
+    from slimkit.exceptions import UnsupportedModelError
+    from slimkit.prune.structured import apply_structured_, plan_structured, structured_
+
+    model = timm.create_model(name, pretrained=False, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(UnsupportedModelError, match="would break its forward"):
+        apply_structured_(model, x, plan_structured(model, x, {"ratio": 0.5}))
+    with torch.no_grad():
+        ref = model(x)
+    report = structured_(model, x, {"ratio": 0.5})
+    with torch.no_grad():
+        assert model(x).shape == ref.shape
+    assert report.macs_after <= 0.8 * report.macs_before

@@ -295,7 +295,8 @@ def _global_limit(g: Group, cfg: StructuredConfig) -> int:
 
 
 def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredConfig | dict | None = None, *,
-                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StructuredPlan:
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    baked: str = "runtime") -> StructuredPlan:
     """Choose the channel units :func:`structured_` would remove from ``model``; the model is left as it was.
 
     ``example_inputs``: one batch (a tensor or a tuple of tensors) to trace the model.
@@ -303,12 +304,14 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
     ``target: macs`` or ``params`` the channel ratio is found by bisection (each candidate is
     pruned, measured and undone). Raises UnsupportedModelError naming an operation the graph
     cannot prune through (unless ``on_unsupported: skip``), ConfigError for bad settings or
-    ``example_inputs`` the model does not accept, or when no group is prunable.
+    ``example_inputs`` the model does not accept, or when no group is prunable. ``baked``: how
+    the graph reads the constant sizes of a meta-traced forward (see
+    :func:`slimkit.prune.graph.build_graph`).
     """
     cfg = StructuredConfig.coerce(config, where="structured")
     criterion = CRITERIA.get(cfg.criterion)
     x = trace_input(model, example_inputs)
-    graph = build_graph(model, x, on_unsupported=cfg.on_unsupported, norm_channels=cfg.norm_channels)
+    graph = build_graph(model, x, on_unsupported=cfg.on_unsupported, norm_channels=cfg.norm_channels, baked=baked)
     with gc_paused():
         scores = criterion(model, graph, ScoreContext(x, batches, cfg.seed))
     skipped: dict[str, str] = {}
@@ -394,8 +397,17 @@ def structured_(model: nn.Module, example_inputs: Any, config: StructuredConfig 
     settings or ``example_inputs`` the model does not accept.
     """
     with gc_paused():  # a full collection triggered by the graph's temporaries costs more than the whole prune
+        plan = plan_structured(model, example_inputs, config, batches=batches)
+        try:
+            return apply_structured_(model, example_inputs, plan)
+        except UnsupportedModelError:
+            gm = plan.graph.traced  # None in a graph from the cache: whether it was meta-traced is not known
+            if gm is not None and not tracing.baked_sizes(gm):
+                raise
+        # a meta-traced graph's constants were read as run-time sizes of the tensors they shape, and one was
+        # read from another tensor (Twins, NesT: ``C // heads`` of the input on the qkv output): read them as fixed
         return apply_structured_(model, example_inputs,
-                                 plan_structured(model, example_inputs, config, batches=batches))
+                                 plan_structured(model, example_inputs, config, batches=batches, baked="fixed"))
 
 
 #: attributes every nn.Module has (its parameter/buffer/child tables, hooks, ``training``)

@@ -66,7 +66,7 @@ NORM_CHANNELS = ("keep", "prune")
 
 
 def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str = "error",
-                cache: bool = True, norm_channels: str = "keep") -> ChannelGraph:
+                cache: bool = True, norm_channels: str = "keep", baked: str = "runtime") -> ChannelGraph:
     """Trace ``model`` on ``example_inputs`` and return its coupled channel units and groups.
 
     ``on_unsupported``: ``error`` raises UnsupportedModelError naming an op the graph does
@@ -78,19 +78,27 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
     The model is not modified. ``cache``: reuse the graph of an earlier call whose
     :func:`structure_key` is equal (the same model again, or a deep copy of it, as in a
     ratio search); the last 4 are kept. The index arrays of the graph are read-only
-    (graphs from the cache share them).
+    (graphs from the cache share them). ``baked``: how to read the constant sizes of a graph
+    traced on meta tensors (:func:`slimkit.tracing.baked_sizes`, a forward with control flow on
+    shapes): ``runtime`` takes them for sizes the forward reads from the tensor they shape (so
+    they do not fix a channel count), ``fixed`` as fixed sizes, like a symbolic graph's
+    constants (safe when a size is read from another tensor: ``C // heads`` of the input used
+    on a projection's output).
     """
     if on_unsupported not in ("error", "skip"):
         raise ConfigError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
     if norm_channels not in NORM_CHANNELS:
         raise ConfigError(f"norm_channels must be 'keep' or 'prune', got {norm_channels!r}")
+    if baked not in ("runtime", "fixed"):
+        raise ConfigError(f"baked must be 'runtime' or 'fixed', got {baked!r}")
     if not isinstance(example_inputs, torch.Tensor):
         raise ConfigError(f"example_inputs must be one tensor batch, got {type(example_inputs).__name__}")
     with gc_paused():
-        key = structure_key(model, example_inputs, on_unsupported, norm_channels, rules.VERSION[0]) if cache else None
+        key = (structure_key(model, example_inputs, on_unsupported, norm_channels, baked, rules.VERSION[0])
+               if cache else None)
         graph = _CACHE.get(key) if cache else None
         if graph is None:
-            graph = _build(model, example_inputs, on_unsupported, norm_channels)
+            graph = _build(model, example_inputs, on_unsupported, norm_channels, baked)
             if cache:
                 _CACHE.put(key, graph)
         graph.modules = dict(model.named_modules())
@@ -99,10 +107,11 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
     return graph
 
 
-def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, norm_channels: str) -> ChannelGraph:
+def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, norm_channels: str,
+           baked: str = "runtime") -> ChannelGraph:
     with evaluating(model), gc_paused():
         gm = trace(model, example_inputs)
-        builder = Builder(model, on_unsupported, norm_channels)
+        builder = Builder(model, on_unsupported, norm_channels, baked)
         builder.run(gm)
         graph = assemble(builder, model)
         graph.traced = gm

@@ -44,7 +44,8 @@ def _constant_shape(args: tuple) -> bool:
 class Builder:
     """State of one graph build; ``norm_channels`` is ``keep`` or ``prune`` (see build_graph)."""
 
-    def __init__(self, model: nn.Module, on_unsupported: str, norm_channels: str = "keep") -> None:
+    def __init__(self, model: nn.Module, on_unsupported: str, norm_channels: str = "keep",
+                 baked: str = "runtime") -> None:
         self.model = model
         self.modules = dict(model.named_modules())
         self.params: dict[str, tuple[int, ...]] = {}
@@ -54,6 +55,8 @@ class Builder:
             self.params[name] = tuple(b.shape)
         self.on_unsupported = on_unsupported
         self.norm_channels = norm_channels
+        #: a meta-traced graph's constant sizes stand for run-time sizes (``runtime``) or are fixed (see build_graph)
+        self.baked = baked
         self.uf = UnionFind()
         self.axes: dict[Axis, np.ndarray] = {}
         self.warnings: list[str] = []

@@ -771,7 +771,7 @@ def baked_sizes(op: ChannelOp) -> bool:
     about which channel counts are fixed.
     """
     owner = op.node.graph.owning_module
-    return owner is not None and tracing.baked_sizes(owner)
+    return op.builder.baked == "runtime" and owner is not None and tracing.baked_sizes(owner)
 
 
 def _constant_target(op: ChannelOp, out: Any) -> None:
