@@ -72,27 +72,48 @@ def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.
     offsets = np.r_[0, np.cumsum(lengths)]
     entry_axis = np.repeat(axis_of, lengths)
     entry_pos = table.positions[np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)]
+    if not len(entry_pos):
+        return {}
     order = np.lexsort((entry_pos, entry_axis))
     entry_axis, entry_pos = entry_axis[order], entry_pos[order]
+    distinct = np.r_[True, (np.diff(entry_axis) != 0) | (np.diff(entry_pos) != 0)]  # each (axis, position) once
+    entry_axis, entry_pos = entry_axis[distinct], entry_pos[distinct]
     bounds = np.flatnonzero(np.r_[True, np.diff(entry_axis) != 0])
     found = dict(zip(entry_axis[bounds].tolist(), np.split(entry_pos, bounds[1:]), strict=True))
     first = np.lexsort((runs, rank[table.run_unit[runs]]))  # runs in unit_ids order, then member order
     seen = dict.fromkeys(axis_of[first].tolist())
-    return {table.axes[a]: np.unique(found[a]) for a in seen}
+    return {table.axes[a]: found[a] for a in seen}  # positions ascending
 
 
 def _keep(size: int, drop: np.ndarray) -> torch.Tensor:
     mask = np.ones(size, dtype=bool)
     mask[drop] = False
-    return torch.as_tensor(np.flatnonzero(mask), dtype=torch.long)
+    return torch.from_numpy(np.flatnonzero(mask).astype(np.int64, copy=False))
 
 
 def _param(t: torch.Tensor, keep: torch.Tensor, dim: int) -> nn.Parameter:
     return nn.Parameter(t.data.index_select(dim, keep), requires_grad=t.requires_grad)
 
 
+def _plain_registration() -> bool:
+    """No global parameter/buffer registration hooks: assigning into ``_parameters``/``_buffers`` is what
+    ``nn.Module.__setattr__`` would do for a name already registered (at a fraction of the cost)."""
+    from torch.nn.modules import module as _module
+
+    return not (getattr(_module, "_global_parameter_registration_hooks", None)
+                or getattr(_module, "_global_buffer_registration_hooks", None))
+
+
 def cut_tensor(module: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
     """Keep positions ``keep`` of ``module.<name>`` along ``dim`` (a parameter stays a parameter)."""
+    params, buffers = module._parameters, module._buffers
+    plain = type(module).__setattr__ is nn.Module.__setattr__ and _plain_registration()
+    if plain and type(params.get(name)) is nn.Parameter:
+        params[name] = _param(params[name], keep, dim)
+        return
+    if plain and buffers.get(name) is not None:
+        buffers[name] = buffers[name].index_select(dim, keep)
+        return
     tensor = getattr(module, name, None)
     if tensor is None:
         return

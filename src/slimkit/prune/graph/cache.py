@@ -20,8 +20,20 @@ _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.
 _SKIPPED_ATTRS = {"training", "_parameters", "_buffers", "_modules"}
 
 
+_ATOM_TYPES = frozenset(_ATOMS)
+_EMPTY = {dict: ("dict", ()), OrderedDict: ("dict", ()), set: ("set", frozenset()), list: ("list", ()),
+          tuple: ("tuple", ())}
+
+
 def _freeze(value: Any, depth: int = 0) -> Any:
     """Hashable stand-in for a module attribute: values for data, identities for objects."""
+    kind = type(value)
+    if kind in _ATOM_TYPES:  # the common cases first, by exact type (subclasses take the general path)
+        return value
+    if kind in _EMPTY and not value:  # an unused hook table, an empty list
+        return _EMPTY[kind]
+    if kind is tuple and all(type(v) in _ATOM_TYPES for v in value):
+        return ("tuple", value)
     if isinstance(value, _ATOMS):
         return value
     if isinstance(value, torch.Tensor):
@@ -99,6 +111,7 @@ def _share(graph: ChannelGraph) -> ChannelGraph:
         [Group(g.name, g.producers, list(g.units), g.partitions and [list(p) for p in g.partitions])
          for g in graph.groups],
         dict(graph.fixed_reasons), list(graph.warnings),
+        recorded=graph.traced if graph.traced is not None else graph.recorded,
     )
 
 

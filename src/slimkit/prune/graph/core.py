@@ -146,6 +146,9 @@ class ChannelGraph:
     modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     #: the fx GraphModule of a fresh build (it shares the model's modules), None from the cache
     traced: Any = field(default=None, repr=False, compare=False)
+    #: the same GraphModule, also on graphs from the cache: its nodes and the shapes they recorded, read by
+    #: the MAC count (:mod:`slimkit.prune.graph.macs`); never run it (from the cache its modules are another model's)
+    recorded: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

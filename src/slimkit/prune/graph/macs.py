@@ -1,24 +1,37 @@
-"""MACs from the traced graph: :func:`slimkit.measure.count_macs`'s figure from one run on meta tensors.
+"""MACs from the traced graph: :func:`slimkit.measure.count_macs`'s figure without a real forward.
 
 ``count_macs`` runs the model and calls each layer's MAC rule from a forward hook; when every
 call of a layer with a rule is found in the fx trace (a leaf, or a traced-through forward with
-one input and one output), the same rules applied to the nodes of a meta run (shapes only,
-shape-preserving layers skipped) give the same count for a fraction of a real forward; on the
-model as traced, the shapes the trace recorded give it with no run at all. The traced graph
-shares the model's modules, so it also counts the model after surgery. Anything else (a call
-that cannot be found, an op without a meta kernel, a shape the graph baked in that no longer
-fits) returns None: count for real.
+one input and one output), the same rules applied to the right shapes give the same count:
+
+- on the model as traced, the shapes the trace recorded (no run at all);
+- after surgery, on a graph whose every op keeps channels on dim 1 and leaves the other dims
+  alone (convs, linears on ``[N, F]``, BatchNorm, element-wise activations and arithmetic,
+  spatial pooling and means, ``cat`` on dim 1, ``flatten(1)``: :func:`fixed_layout`), the
+  recorded shapes with each conv's and linear's channel counts read from the cut layer (no run);
+- otherwise from one run of the graph on meta tensors (shapes only, shape-preserving layers
+  skipped), which is also the check that the cut model's forward still runs (a graph with a
+  size the cut may break is never on the first two paths).
+
+The traced graph shares the model's modules, so it also counts the model after surgery; a
+graph from the cache (a deep copy of a traced model) has only its recorded shapes
+(``graph.recorded``): the first two paths. Anything else (a call that cannot be found, an op
+without a meta kernel, a shape the graph baked in that no longer fits) returns None: count for real.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from slimkit.prune.graph import rules
 from slimkit.prune.graph.core import ChannelGraph, evaluating
-from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, on_meta
+from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, norm_act_leaf, on_meta
+from slimkit.tracing import baked_sizes
 
 #: node -> (layer, its inputs): the node's value is the output of one call of a layer with a MAC rule
 Calls = dict[torch.fx.Node, tuple[str, tuple[Any, ...]]]
@@ -106,26 +119,174 @@ def _recorded_macs(model: nn.Module, ruled: dict[str, Any], calls: Calls) -> int
     return total
 
 
+# -- graphs whose layout a cut cannot change ---------------------------------------------------
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: exact classes that act on dim 1 as channels and leave the other dims as they are (Flatten: see below)
+_LAYOUT_MODULES = frozenset({*_CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+                             nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d,
+                             nn.MaxPool2d, nn.MaxPool3d})
+_BINARY = frozenset({operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub})
+_POOL_FUNCTIONS = frozenset({F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
+                             F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d})
+
+
+def _flattens_from_1(args: tuple, kwargs: dict) -> bool:
+    """``flatten(x, 1)`` (to ``[N, rest]``), in any spelling."""
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+    return start == 1 and end == -1 and set(kwargs) <= {"start_dim", "end_dim"}
+
+
+def _spatial_mean(n: torch.fx.Node) -> bool:
+    """``x.mean(dims[, keepdim])`` over dims that are neither the batch nor the channels."""
+    shape = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], torch.fx.Node) else None
+    if not isinstance(shape, TensorShape) or len(n.args) not in (2, 3) or not set(n.kwargs) <= {"keepdim"}:
+        return False
+    dims = n.args[1]
+    dims = [dims] if isinstance(dims, int) else dims
+    ndim = len(shape.shape)
+    return (isinstance(dims, (list, tuple)) and bool(dims)
+            and all(type(d) is int and -ndim <= d < ndim and d % ndim >= 2 for d in dims))
+
+
+def _is_pass(entry: rules.RuleEntry | None) -> bool:
+    return entry is not None and entry.fn is rules._pass
+
+
+def _keeps_layout(n: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether node ``n`` is an op of :func:`fixed_layout`'s list."""
+    op, target = n.op, n.target
+    if op in ("placeholder", "output"):
+        return True
+    if op == "get_attr":  # read by traced-through linears only
+        return all(u.op == "call_function" and u.target is F.linear for u in n.users)
+    if op == "call_module":
+        m = modules.get(target)
+        if m is None:
+            return False
+        if type(m) is nn.Flatten:
+            return m.start_dim == 1 and m.end_dim == -1
+        return (type(m) in _LAYOUT_MODULES or norm_act_leaf(m)
+                or (_is_pass(rules.module_rule(type(m), exact=True)) and type(m).__module__.startswith("torch.nn.")))
+    tensors = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    if op == "call_method":
+        if target == "mean":
+            return _spatial_mean(n)
+        if target == "flatten":
+            return _flattens_from_1(n.args, n.kwargs)
+        return _is_pass(rules.method_rule(target)) and all(a.op != "get_attr" for a in tensors)
+    if op != "call_function":
+        return False
+    if target in _BINARY:
+        return len(n.args) == 2 and not n.kwargs and all(
+            isinstance(a, (int, float)) and type(a) is not bool or isinstance(a, torch.fx.Node) and a.op != "get_attr"
+            for a in n.args)
+    if target is torch.flatten:
+        return _flattens_from_1(n.args, n.kwargs)
+    if target is torch.cat:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+        return dim == 1 and isinstance(n.args[0], (list, tuple)) and all(
+            isinstance(a, torch.fx.Node) and a.op != "get_attr" for a in n.args[0])
+    if target is F.linear:
+        shape = n.args[0].meta.get("tensor_meta") if n.args and isinstance(n.args[0], torch.fx.Node) else None
+        return isinstance(shape, TensorShape) and len(shape.shape) == 2 and all(
+            a.op == "get_attr" for a in tensors[1:])
+    if target in _POOL_FUNCTIONS:
+        return all(a.op != "get_attr" for a in tensors)
+    return _is_pass(rules.function_rule(target)) and all(a.op != "get_attr" for a in tensors)
+
+
+def fixed_layout(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
+    """Every op of the graph keeps channels on dim 1 and leaves the other dims of every tensor alone.
+
+    The ops: the input and output; convs; linears on ``[N, F]`` (modules, or ``F.linear`` on
+    parameters); BatchNorm and the norm-act leaves; activations, dropout and other element-wise
+    layers, functions and methods (the ``pass`` channel rule) and arithmetic between activations
+    and numbers; spatial pooling and ``mean`` over dims >= 2; ``cat`` on dim 1; ``flatten(1)``.
+    A cut of such a model changes the channel counts and nothing else, so every layer's input and
+    output shape after the cut is the recorded one with those counts (see :func:`kept_macs`). Not
+    for graphs with sizes baked in by the meta tracer. Computed once per graph (the graph's
+    structure is the model's, whatever surgery did).
+    """
+    found = gm.meta.get("slimkit_fixed_layout")
+    if found is None:
+        modules = dict(model.named_modules())
+        found = not baked_sizes(gm) and all(_keeps_layout(n, modules) for n in gm.graph.nodes)
+        gm.meta["slimkit_fixed_layout"] = found
+    return found
+
+
+def _cut_shapes(m: nn.Module, rule: Any, spec: tuple[Any, ...], out: Any) -> tuple[tuple, tuple] | None:
+    """(input, output) shapes of one call of a conv or linear after the cut, from the recorded ones."""
+    from slimkit.measure.macs import conv_macs, linear_macs
+
+    shape_in = spec[0].meta.get("tensor_meta") if len(spec) == 1 and isinstance(spec[0], torch.fx.Node) else None
+    if not isinstance(shape_in, TensorShape) or not isinstance(out, TensorShape):
+        return None
+    a, b = shape_in.shape, out.shape
+    if rule is conv_macs and type(m) in _CONVS and len(a) == len(b) == len(m.kernel_size) + 2:
+        return (a[0], m.in_channels, *a[2:]), (b[0], m.out_channels, *b[2:])
+    if rule is linear_macs and isinstance(m, nn.Linear) and len(a) == len(b) == 2:
+        return (a[0], m.in_features), (b[0], m.out_features)
+    return None
+
+
+def kept_macs(gm: torch.fx.GraphModule, model: nn.Module, ruled: dict[str, Any], calls: Calls) -> int | None:
+    """The MACs of ``model`` after a cut, from the recorded shapes and the cut layers' channel counts.
+
+    None unless the graph has a :func:`fixed_layout` and every layer with a MAC rule is a conv or
+    a linear on ``[N, F]``.
+    """
+    if not fixed_layout(gm, model):
+        return None
+    total = 0
+    for n, (name, spec) in calls.items():
+        m, rule = model.get_submodule(name), ruled[name]
+        shapes = _cut_shapes(m, rule, spec, n.meta.get("tensor_meta"))
+        if shapes is None:
+            return None
+        dtype = n.meta["tensor_meta"].dtype
+        x, out = (torch.empty(s, dtype=dtype, device="meta") for s in shapes)
+        total += int(rule(m, (x,), out))
+    return total
+
+
+def _calls_of(gm: torch.fx.GraphModule, ruled: dict[str, Any]) -> Calls | None:
+    """:func:`_calls`, once per graph and set of layers with a MAC rule (the names do not change under surgery)."""
+    key = tuple(ruled)
+    memo = gm.meta.get("slimkit_mac_calls")
+    if memo is None or memo[0] != key:
+        memo = (key, _calls(gm, ruled))
+        gm.meta["slimkit_mac_calls"] = memo
+    return memo[1]
+
+
 def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Tensor,
                 recorded: bool = False) -> int | None:
-    """``count_macs(model, example_inputs)`` from a meta run of ``graph.traced``, or None where it may differ.
+    """``count_macs(model, example_inputs)`` from the traced graph, or None where it may differ.
 
     ``recorded``: the model is still as traced (no surgery since): the MAC rules read the
-    shapes the trace recorded, with no run at all.
+    shapes the trace recorded. Otherwise :func:`kept_macs` where the layout is fixed, else a run
+    of ``graph.traced`` on meta tensors (not for a graph from the cache: its GraphModule calls
+    another model's modules). See the module docstring.
     """
     from slimkit.measure.macs import mac_units, rule_for
 
-    gm = graph.traced
+    live = graph.traced
+    gm = live if live is not None else graph.recorded
     if gm is None:
         return None
-    ruled = {name: rule_for(m) for name, m in mac_units(model) if rule_for(m) is not None}
-    calls = _calls(gm, ruled)
+    ruled = {name: rule for name, m in mac_units(model) if (rule := rule_for(m)) is not None}
+    calls = _calls_of(gm, ruled)
     if calls is None:
         return None
     try:
-        with evaluating(model), torch.no_grad(), on_meta(gm):
-            macs = _recorded_macs(model, ruled, calls) if recorded else None
-            if macs is None:
+        with evaluating(model), torch.no_grad():
+            macs = _recorded_macs(model, ruled, calls) if recorded else kept_macs(gm, model, ruled, calls)
+        if macs is None and live is not None:
+            with evaluating(model), torch.no_grad(), on_meta(gm):
                 counter = _Counter(gm, model, ruled, calls)
                 counter.extra_traceback = False
                 counter.run(example_inputs.to("meta"))

@@ -26,14 +26,47 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.measure.macs import SHAPE_RULES
+from slimkit.prune.graph import rules
 from slimkit.prune.graph.core import evaluating
 from slimkit.prune.graph.rules import module_rule
 from slimkit.tracing import first_line, on_meta, trace_model
 
 
 def _has_own_rule(m: nn.Module, qualname: str) -> bool:
-    """Leaf rule of the channel graph: a module whose class has a channel rule of its own is kept whole."""
-    return module_rule(type(m), exact=True) is not None
+    """Leaf rule of the channel graph: a module whose class has a channel rule of its own is kept whole,
+    and so is a norm-act layer whose activation and dropout are element-wise (see :func:`norm_act_leaf`)."""
+    return module_rule(type(m), exact=True) is not None or norm_act_leaf(m)
+
+
+#: ``forward``s known to be the forward of their BatchNorm base class followed by the ``drop`` and ``act``
+#: children (timm's ``BatchNormAct2d``: a copy of ``nn.BatchNorm2d.forward`` calling ``F.batch_norm``)
+NORM_ACT_FORWARDS = frozenset({"timm.layers.norm_act.BatchNormAct2d.forward"})
+
+
+def _elementwise(m: nn.Module) -> bool:
+    """A torch.nn layer without parameters whose channel rule is ``pass`` (an activation, dropout, identity)."""
+    entry = module_rule(type(m), exact=True)
+    return (entry is not None and entry.fn is rules._pass and type(m).__module__.startswith("torch.nn.")
+            and not m._parameters and not m._buffers and not m._modules)
+
+
+def norm_act_leaf(m: nn.Module) -> bool:
+    """A norm-act layer that can be a leaf of the trace, with its BatchNorm base class's channel rule.
+
+    Its forward is one of :data:`NORM_ACT_FORWARDS`, it is a BatchNorm, and its only children,
+    ``drop`` and ``act``, are element-wise torch layers without parameters: the layer then
+    computes exactly its BatchNorm's per-channel map followed by element-wise ops, which is what
+    the channel graph, the shape propagation (a BatchNorm keeps its input's shape), the MAC count
+    (0, as for the traced-through ``F.batch_norm``) and surgery (BatchNorm's handler, the same one
+    the traced-through layer gets) assume. Traced through, it costs ~10 fx nodes (``_assert`` on
+    ``x.ndim``, four ``get_attr``, ``batch_norm``, ``drop``, ``act``); as a leaf, one.
+    """
+    forward = getattr(type(m), "forward", None)
+    if f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', '')}" not in NORM_ACT_FORWARDS:
+        return False
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm) or set(m._modules) != {"drop", "act"}:
+        return False
+    return all(child is not None and _elementwise(child) for child in m._modules.values())
 
 
 class TensorShape(NamedTuple):
