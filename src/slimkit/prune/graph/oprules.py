@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit import tracing
+from slimkit.prune.graph import heads
 from slimkit.prune.graph.core import Ann, ParamRef
+from slimkit.prune.graph.heads import united_along
 from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
 from slimkit.prune.graph.sizes import SizeOf, run_time_shape
 
@@ -102,6 +104,7 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
     if groups is None:
         return op.unsupported(f"reshape {in_shape}->{out_shape}")
     d_in, d_out, splits = [], [], []
+    heads_at = None
     for gi, gj in groups:
         if any(d in x.dims for d in gi):
             annotated = [d for d in gi if d in x.dims and in_shape[d] > 1]
@@ -109,8 +112,17 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
             if len(annotated) > 1 or len(big) > 1:
                 # a channel dim split into several (channel shuffle, attention heads) or two
                 # channel dims merged: the mapping changes with the channel count, unless every
-                # unit spans one constant dim whole (see _split_by_constant)
-                const = _split_by_constant(op, x, annotated, big)
+                # unit spans one constant dim whole (see _split_by_constant) or whole heads move
+                # (see .heads)
+                found = heads.split(op, x, annotated, big, out_shape, _target_sizes(op), baked_sizes(op))
+                if found is not None:
+                    splits += found[0]
+                    heads_at = found[1]
+                    const = -1
+                elif heads.merge(op, x, annotated, big, in_shape, _target_sizes(op), baked_sizes(op)):
+                    const = -1
+                else:
+                    const = _split_by_constant(op, x, annotated, big)
                 if const is None:
                     op.fix(x, f"reshape {in_shape}->{out_shape} splits channels")
                     if len(annotated) == 1 and baked_sizes(op):
@@ -127,6 +139,8 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
     for j in splits:  # every unit spans the constant dim: unite along it
         axis = d_out.index(j)
         op.builder.uf.union_arrays(np.broadcast_to(arr.take([0], axis), arr.shape), arr)
+    if heads_at is not None:
+        heads.record(op, arr, d_out.index(heads_at))
     return simplify(Ann(tuple(d_out), np.ascontiguousarray(arr)))
 
 
@@ -143,16 +157,6 @@ def _fix_layer_input(op: ChannelOp, total: int) -> None:
         value = op.value(src.args[0])
         if isinstance(value, Ann) and value.slots.size == total:
             op.fix(value, f"{op.name}: splits the output of {src.target} into heads with sizes baked into the graph")
-
-
-def united_along(op: ChannelOp, x: Ann, dim: int) -> bool:
-    """Whether the slots of ``x`` are one unit along channel dim ``dim`` (for every other position)."""
-    if len(x.dims) < 2 or dim not in x.dims:
-        return False
-    find = op.builder.uf.find
-    roots = np.array([find(s) for s in x.slots.reshape(-1).tolist()]).reshape(x.slots.shape)
-    axis = x.dims.index(dim)
-    return bool((roots == roots.take([0], axis)).all())
 
 
 def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[int]) -> int | None:
@@ -198,6 +202,19 @@ def _param_axis(ref: ParamRef, meta: tuple[int, ...], local: int) -> int | None:
     return None
 
 
+def _gathered_axis(arg: Any, ref: ParamRef) -> int | None:
+    """Axis 0 of ``param[:, index]`` (a bias per attention head gathered by a position index:
+    EfficientFormer's and LeViT's ``attention_biases``): the gather keeps the first axis first."""
+    if not (isinstance(arg, torch.fx.Node) and arg.op == "call_function" and arg.target is operator.getitem):
+        return None
+    src, idx = arg.args
+    if not (isinstance(src, torch.fx.Node) and src.op == "get_attr" and src.target == ref.target
+            and isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None)
+            and isinstance(idx[1], torch.fx.Node) and not ref.frozen):
+        return None
+    return 0
+
+
 def elementwise(op: ChannelOp, args: list[Any]) -> Any:
     """Element-wise op of several operands with broadcasting: channels they pair are united."""
     shape = op.shape
@@ -228,6 +245,8 @@ def elementwise(op: ChannelOp, args: list[Any]) -> Any:
         if isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and not any(
                 math.prod(s) > 1 for _, s in ann.others):
             axis = _param_axis(ann, meta, spanned[0] - offset)
+        elif isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and spanned[0] == offset:
+            axis = _gathered_axis(_arg, ann)
         if axis is None:
             what = f"parameter {ann.target}" if isinstance(ann, ParamRef) else f"an untracked tensor ({op.node.name})"
             for o in tracked:
@@ -506,8 +525,8 @@ def layer_norm(op: ChannelOp, nd: int, refs: list[ParamRef]) -> Any:
     ndim = len(op.in_shape)
     normalized = range(ndim - nd, ndim)
     inside = [d for d in x.dims if d in normalized]
-    if not inside:
-        return x
+    if not inside or len(inside) < len(x.dims) and all(united_along(op, x, d) for d in inside):
+        return x  # (or over a dim each unit spans whole: q/k norm inside attention heads)
     if op.builder.norm_channels == "keep":
         return op.fix(x, f"LayerNorm {op.name} statistics") or x
     if len(x.dims) != 1:
@@ -724,6 +743,11 @@ def sdpa(op: ChannelOp) -> Any:
     """Attention ``softmax(q k^T) v``: the query/key feature dims are contracted together."""
     q, k, v = (op.value(op.arg(i, n)) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     nd = len(op.in_shape)
+    if all(isinstance(t, Ann) and t.dims == (nd - 3, nd - 1) and united_along(op, t, nd - 1) for t in (q, k, v)) \
+            and q.slots.shape == k.slots.shape:  # whole heads (see .heads): the heads dim is a batch dim here
+        op.builder.uf.union_arrays(q.slots, k.slots)
+        op.builder.uf.union_arrays(q.slots[:, :1], v.slots[:, :1])
+        return v
     for t in (q, k, v):
         if isinstance(t, Ann) and t.dims != (nd - 1,):
             op.keep(f"{op.name}: attention heads are not pruned")
@@ -928,6 +952,13 @@ def split(op: ChannelOp, dim: int, pieces: int, even: bool, drop_dim: bool = Fal
         if drop_dim:
             return [Ann(tuple(d - (d > dim) for d in x.dims), x.slots) for _ in range(pieces)]
         return [x for _ in range(pieces)]
+    if united_along(op, x, dim):  # q, k, v = qkv.unbind(0) or .split([d, d, dv], -1): inside whole heads
+        if drop_dim:
+            return [heads.take(op, x, dim, i) for i in range(pieces)]
+        bounds = np.cumsum([0] + [s[dim] for s in op.shape])
+        axis = x.dims.index(dim)
+        return [Ann(x.dims, np.ascontiguousarray(np.take(x.slots, range(a, b), axis)))
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if not even or len(x.dims) != 1 or len(x.slots) % pieces:
         return op.fix(x, f"{op.name}: split of channels with fixed sizes")
     op.grouped(x.slots, pieces, f"{op.name}: chunk into {pieces} equal blocks")
@@ -1000,6 +1031,8 @@ def getitem(op: ChannelOp) -> Any:
             d_out += 1
         elif isinstance(i, int):
             if d_in in src.dims:
+                if len(idx) == 1 and united_along(op, src, d_in):  # qkv[0]: every head spans q, k and v
+                    return heads.take(op, src, d_in, i)
                 return op.fix(src, f"{op.name}: indexing one channel")
             d_in += 1
         else:
@@ -1094,6 +1127,8 @@ def softmax(op: ChannelOp) -> Any:
 def einsum_core(op: ChannelOp, inputs: list[tuple[Any, str]], output: str) -> Any:
     """Channels through a product given as einsum letters: carried where a letter survives, united where
     a letter is contracted between tracked operands; fixed where an untracked operand shares them."""
+    if any(isinstance(op.value(arg), Ann) and len(op.value(arg).dims) > 1 for arg, _ in inputs):
+        return _einsum_heads(op, inputs, output)
     by_letter: dict[str, list[np.ndarray]] = {}
     untracked: dict[str, bool] = {}
     for arg, letters in inputs:
@@ -1117,6 +1152,49 @@ def einsum_core(op: ChannelOp, inputs: list[tuple[Any, str]], output: str) -> An
             op.fix(Ann((0,), arr), f"{op.name}: product with channels in two output dims")
         return None
     return Ann((carried[0][0],), carried[0][1]) if carried else None
+
+
+def _einsum_heads(op: ChannelOp, inputs: list[tuple[Any, str]], output: str) -> Any:
+    """:func:`einsum_core` where an operand's channels lie in several dims (whole attention heads, see .heads).
+
+    A contracted channel letter must be spanned whole by every unit (``q @ k^T`` over a head's
+    features); the remaining channel letters are carried, the operands' slots united where they
+    share them (broadcast along the letters one lacks: the attention map's heads with v's).
+    """
+    kept: list[tuple[list[str], np.ndarray]] = []
+    untracked: set[str] = set()
+    values = []
+    for arg, letters in inputs:
+        value, meta = op.value(arg), op.shape_of(arg)
+        if isinstance(value, Ann):
+            values.append((value, letters))
+            if any(letters[d] not in output and not united_along(op, value, d) for d in value.dims):
+                return op.keep(f"{op.name}: product over part of a unit's channels")
+            axes = [i for i, d in enumerate(value.dims) if letters[d] in output]
+            index = tuple(slice(None) if i in axes else 0 for i in range(value.slots.ndim))
+            kept.append(([letters[value.dims[i]] for i in axes], value.slots[index]))
+        if meta is not None:
+            for i, letter in enumerate(letters):
+                if meta[i] > 1 and not (isinstance(value, Ann) and i in value.dims):
+                    untracked.add(letter)
+    if any(letters[d] in untracked for value, letters in values for d in value.dims):
+        return op.keep(f"{op.name}: channels multiplied with an untracked tensor")
+    sizes: dict[str, int] = {}
+    for letters, arr in kept:
+        sizes.update(zip(letters, arr.shape, strict=True))
+    out_letters = sorted(sizes, key=output.index)
+    full = None
+    for letters, arr in kept:
+        order = sorted(range(len(letters)), key=lambda i: out_letters.index(letters[i]))
+        arr = np.transpose(arr, order).reshape([sizes[t] if t in letters else 1 for t in out_letters])
+        arr = np.broadcast_to(arr, [sizes[t] for t in out_letters])
+        if full is None:
+            full = arr
+        else:
+            op.builder.uf.union_arrays(full, arr)
+    if full is None or not out_letters:
+        return None
+    return Ann(tuple(output.index(t) for t in out_letters), np.ascontiguousarray(full))
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"

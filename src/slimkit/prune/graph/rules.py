@@ -172,7 +172,15 @@ class ChannelOp:
         self.builder.grouped.append((np.asarray(slots), groups, reason))
 
     def unsupported(self, what: str | None = None) -> None:
-        """The op cannot be pruned through: error, or (``on_unsupported='skip'``) keep its channels."""
+        """The op cannot be pruned through: error, or (``on_unsupported='skip'``) keep its channels.
+
+        Whole attention heads (see :mod:`.heads`) reaching an op that does not know them are kept
+        instead (before heads were units, they were kept at the split).
+        """
+        from slimkit.prune.graph.heads import keep_heads
+
+        if keep_heads(self, what or self.what):
+            return None
         self.builder.unsupported(self.node, what or self.what, self.anns)
         return None
 
