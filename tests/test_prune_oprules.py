@@ -279,21 +279,63 @@ def test_split_into_constant_blocks_prunes_every_block_alike():
     assert [grp.name for grp in g.groups] == ["reduce"]
 
 
-def test_channel_shuffle_after_the_split_keeps_its_channels():
-    """``view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, -1, H, W)``: the merge back interleaves the blocks."""
+class Shuffle(nn.Module):
+    """``view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, merged, H, W)``: the merge back interleaves the blocks."""
 
-    class Shuffle(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+    def __init__(self, merged="-1"):
+        super().__init__()
+        self.conv, self.head, self.merged = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), merged
 
-        def forward(self, x):
-            y = self.conv(x)
-            B, C, H, W = y.shape
-            return self.head(y.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, -1, H, W))
+    def forward(self, x):
+        y = self.conv(x)
+        B, C, H, W = y.shape
+        c = {"-1": -1, "C": C, "8": 8}[self.merged]
+        return self.head(y.view(B, 2, C // 2, H, W).transpose(1, 2).reshape(B, c, H, W))
 
-    g = build_graph(Shuffle(), torch.randn(1, 3, 4, 4), cache=False)
+
+@pytest.mark.parametrize("merged", ["-1", "C"])
+def test_channel_shuffle_is_a_permutation_of_pairs(merged):
+    """Channel ``j`` of each half lands at ``2j, 2j + 1``: one unit, so the interleaving survives pruning."""
+    torch.manual_seed(0)
+    model = Shuffle(merged).eval()
+    x = torch.randn(2, 3, 4, 4)
+    g = build_graph(model, x[:1], cache=False)
+    (grp,) = g.groups
+    assert len(grp.units) == 4
+    for j, uid in enumerate(grp.units):
+        assert g.units[uid].members[("conv", "out")].tolist() == [j, j + 4]
+        assert g.units[uid].members[("head", "in")].tolist() == [2 * j, 2 * j + 1]
+    before, after = outputs_zeroed_then_pruned(model, g, grp.units[1:3], x)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    assert model.conv.out_channels == 4 and model.head.in_channels == 4
+
+
+def test_channel_shuffle_merged_into_a_constant_count_keeps_its_channels():
+    g = build_graph(Shuffle("8"), torch.randn(1, 3, 4, 4), cache=False)
     assert not g.groups and "splits channels" in g.fixed_reasons["conv"]
+
+
+def test_shufflenet_v2_stream_prunes_in_coupled_units():
+    """ShuffleNetV2: every stage's stream is one group of coupled units (position j of both halves at each
+    chunk, pairs at each shuffle: the units double in size per block), pruned with outputs preserved."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    g = build_graph(model, x[:1], cache=False)
+    streams = {grp.producers[0].split(".")[0]: len(grp.units) for grp in g.groups if len(grp.producers) > 2}
+    assert streams == {"stage2": 3, "stage3": 1, "stage4": 12}  # 48, 96, 192 channels after 4, 8, 4 blocks
+    assert set(g.fixed_reasons) == {"fc"}
+    stream = [u for grp in g.groups if len(grp.producers) > 2 for u in grp.units[: len(grp.units) // 2]]
+    with torch.no_grad():
+        for m in model.modules():  # random BatchNorm statistics: zeroed filters must not hide behind a zero shift
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.bias.uniform_(-0.1, 0.1)
+    before, after = outputs_zeroed_then_pruned(model, g, stream, x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert model.stage4[0].branch1[2].out_channels == 48  # 12 units of 8 channels, 6 pruned: 96 - 48 per branch
 
 
 class ShapeSlice(nn.Module):

@@ -119,7 +119,8 @@ def reshape(op: ChannelOp, x: Ann | None, in_shape, out_shape) -> Any:
                     splits += found[0]
                     heads_at = found[1]
                     const = -1
-                elif heads.merge(op, x, annotated, big, in_shape, _target_sizes(op), baked_sizes(op)):
+                elif _merge_whole(op, x, annotated, big) or heads.merge(op, x, annotated, big, in_shape,
+                                                                         _target_sizes(op), baked_sizes(op)):
                     const = -1
                 else:
                     const = _split_by_constant(op, x, annotated, big)
@@ -179,6 +180,30 @@ def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[in
         op.node.meta["slimkit_split"] = set(big)  # sizes and constant-target checks accept these
         return const[0]
     return None  # (a merge back is not accepted: channel shuffle's transpose + flatten would unite a whole stream)
+
+
+def _merge_whole(op: ChannelOp, x: Ann, annotated: list[int], big: list[int]) -> bool:
+    """A merge of channel dims ``(A, B)`` into one where every unit spans ``B`` whole: pruning keeps a
+    rectangle ``(A', B)``, whose row-major flattening is the annotation without the removed units.
+
+    The channel shuffle's ``transpose(1, 2)`` + ``view(b, c, h, w)`` (positions ``2j, 2j + 1``:
+    the ``j``-th channel of each half, one unit, see :func:`_split_by_constant`). The merged size
+    must be computed: ``-1``, or the channel count of a tensor holding the same slots (the size
+    read before the split: its count stays equal, no union is needed).
+    """
+    if len(big) != 1 or len(annotated) != 2 or tuple(sorted(x.dims)) != tuple(annotated):
+        return False
+    if not united_along(op, x, annotated[1]):
+        return False
+    start, sizes = _target_sizes(op)
+    w = sizes[big[0] - start] if 0 <= big[0] - start < len(sizes) else None
+    if w == -1 and not baked_sizes(op):
+        return True
+    size = op.value(w) if isinstance(w, torch.fx.Node) else None
+    if isinstance(size, SizeOf) and size.exact and np.array_equal(np.sort(size.slots), np.sort(x.slots.reshape(-1))):
+        op.node.meta["slimkit_split"] = {big[0]}  # (the sizes check would unite position by position)
+        return True
+    return False
 
 
 def permute(x: Ann | None, perm: list[int]) -> Any:
@@ -961,8 +986,31 @@ def split(op: ChannelOp, dim: int, pieces: int, even: bool, drop_dim: bool = Fal
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if not even or len(x.dims) != 1 or len(x.slots) % pieces:
         return op.fix(x, f"{op.name}: split of channels with fixed sizes")
-    op.grouped(x.slots, pieces, f"{op.name}: chunk into {pieces} equal blocks")
-    return [Ann(x.dims, row) for row in x.slots.reshape(pieces, -1)]
+    rows = x.slots.reshape(pieces, -1)
+    if _spans_positions(op, x.slots) and not _balanced_rows(op, rows):
+        # units already span several positions (the pairs of a channel shuffle): a per-block count
+        # cannot hold, so position j of every block is one unit (each removal keeps them equal)
+        op.builder.uf.union_arrays(np.broadcast_to(rows[:1], rows.shape), rows)
+    else:
+        op.grouped(x.slots, pieces, f"{op.name}: chunk into {pieces} equal blocks")
+    return [Ann(x.dims, row) for row in rows]
+
+
+def _roots(op: ChannelOp, slots: np.ndarray) -> np.ndarray:
+    find = op.builder.uf.find
+    return np.array([find(s) for s in slots.reshape(-1).tolist()], dtype=np.int64).reshape(slots.shape)
+
+
+def _spans_positions(op: ChannelOp, slots: np.ndarray) -> bool:
+    """Some unit among ``slots`` (1-D) occupies several positions."""
+    roots = _roots(op, slots)
+    return len(np.unique(roots)) < len(roots)
+
+
+def _balanced_rows(op: ChannelOp, rows: np.ndarray) -> bool:
+    """Every unit has as many positions in each row (GLU's halves united channel by channel)."""
+    roots = np.sort(_roots(op, rows), axis=1)
+    return bool((roots == roots[0]).all())
 
 
 @rule("chunk", torch.chunk)
