@@ -265,8 +265,9 @@ def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cf
             n = len(g.units)
             keep = max(n - int(math.floor(ratio * n + 1e-9)), _min_keep(n, cfg))
             keep = _round_keep(keep, n, cfg.round_to)
-            order = sorted(g.units, key=lambda u: (scores[u], u))
-            pruned += order[: n - keep]
+            units = np.asarray(g.units, dtype=np.int64)
+            vals = np.fromiter((scores[u] for u in g.units), dtype=np.float64, count=n)
+            pruned += units[np.lexsort((units, vals))[: n - keep]].tolist()  # by (score, id), as sorted() would
         return pruned
     scale = {}
     for g in groups:
@@ -331,10 +332,11 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
                           params_before=params_before, macs_before=macs_before, shapes=_shapes(model))
 
 
-def _size(model: nn.Module, macs: int) -> ModelSize:
-    """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward)."""
-    return ModelSize(params=count_params(model), nonzeros=count_nonzeros(model), macs=int(macs),
-                     bytes=stored_bytes(model))
+def _size(model: nn.Module, macs: int, params: int | None = None) -> ModelSize:
+    """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward);
+    ``params``: :func:`count_params` of the model when already counted."""
+    return ModelSize(params=count_params(model) if params is None else params, nonzeros=count_nonzeros(model),
+                     macs=int(macs), bytes=stored_bytes(model))
 
 
 def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPlan) -> StructuredReport:
@@ -353,8 +355,8 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
                           "call plan_structured on this model")
     cfg, graph, unit_ids = plan.config, plan.graph, plan.units
     x = trace_input(model, example_inputs)
-    before = _size(model, plan.macs_before)
-    modules = dict(model.named_modules())
+    before = _size(model, plan.macs_before, plan.params_before)  # the shapes are the planned ones (checked above)
+    modules = graph.modules if graph.modules.get("") is model else dict(model.named_modules())
     snapshot = snapshot_modules(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
     try:
         changes = prune_units_(model, graph, unit_ids)
@@ -374,12 +376,13 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
         {"group": g.name, "before": len(g.units), "after": len([u for u in g.units if u not in chosen])}
         for g in plan.groups
     ]
+    after = _size(model, macs_after)
     return StructuredReport(
         verb="structured_", changed=list(dict.fromkeys(row["layer"] for row in changes)), skipped=dict(plan.skipped),
-        before=before, after=_size(model, macs_after),
+        before=before, after=after,
         criterion=cfg.criterion, scope=cfg.scope, ratio=plan.ratio, target=cfg.target,
         units_before=sum(len(g.units) for g in graph.groups), units_pruned=len(unit_ids),
-        params_before=plan.params_before, params_after=count_params(model),
+        params_before=plan.params_before, params_after=after.params,
         macs_before=plan.macs_before, macs_after=macs_after,
         groups=group_rows, layers=changes, warnings=list(graph.warnings),
     )

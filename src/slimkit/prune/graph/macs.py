@@ -107,15 +107,36 @@ def _meta_of(value: Any) -> Any:
     return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, TensorShape) else None
 
 
-def _recorded_macs(model: nn.Module, ruled: dict[str, Any], calls: Calls) -> int | None:
+def _shape_rules() -> frozenset:
+    """The built-in MAC rules: they read only ``numel()`` of their tensors, so a shape stands in for them."""
+    from slimkit.measure.macs import bilinear_macs, conv_macs, conv_transpose_macs, linear_macs
+
+    return frozenset({conv_macs, conv_transpose_macs, linear_macs, bilinear_macs})
+
+
+def _stand_in(value: Any, by_shape: bool) -> Any:
+    """What a MAC rule gets for a recorded ``TensorShape``: the shape itself (``by_shape``) or an empty meta tensor."""
+    if not isinstance(value, TensorShape):
+        return None
+    if by_shape:
+        from slimkit.measure.macs import _Shape
+
+        return _Shape(value.shape)
+    return _meta_of(value)
+
+
+def _recorded_macs(modules: dict[str, nn.Module], ruled: dict[str, Any], calls: Calls) -> int | None:
     """The MAC rules applied to the shapes the trace recorded (the model as traced), or None."""
     total = 0
+    by_shape = _shape_rules()
     for n, (name, spec) in calls.items():
-        out = _meta_of(n.meta.get("tensor_meta"))
-        args = tuple(_meta_of(a.meta.get("tensor_meta")) if isinstance(a, torch.fx.Node) else a for a in spec)
+        rule = ruled[name]
+        quick = rule in by_shape
+        out = _stand_in(n.meta.get("tensor_meta"), quick)
+        args = tuple(_stand_in(a.meta.get("tensor_meta"), quick) if isinstance(a, torch.fx.Node) else a for a in spec)
         if out is None or any(a is None for a in args):
             return None
-        total += int(ruled[name](model.get_submodule(name), args, out))
+        total += int(rule(modules[name], args, out))
     return total
 
 
@@ -198,7 +219,7 @@ def _keeps_layout(n: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return _is_pass(rules.function_rule(target)) and all(a.op != "get_attr" for a in tensors)
 
 
-def fixed_layout(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
+def fixed_layout(gm: torch.fx.GraphModule, model: nn.Module | dict[str, nn.Module]) -> bool:
     """Every op of the graph keeps channels on dim 1 and leaves the other dims of every tensor alone.
 
     The ops: the input and output; convs; linears on ``[N, F]`` (modules, or ``F.linear`` on
@@ -207,12 +228,12 @@ def fixed_layout(gm: torch.fx.GraphModule, model: nn.Module) -> bool:
     and numbers; spatial pooling and ``mean`` over dims >= 2; ``cat`` on dim 1; ``flatten(1)``.
     A cut of such a model changes the channel counts and nothing else, so every layer's input and
     output shape after the cut is the recorded one with those counts (see :func:`kept_macs`). Not
-    for graphs with sizes baked in by the meta tracer. Computed once per graph (the graph's
-    structure is the model's, whatever surgery did).
+    for graphs with sizes baked in by the meta tracer. ``model``: the model, or its ``named_modules``
+    as a dict. Computed once per graph (the graph's structure is the model's, whatever surgery did).
     """
     found = gm.meta.get("slimkit_fixed_layout")
     if found is None:
-        modules = dict(model.named_modules())
+        modules = model if isinstance(model, dict) else dict(model.named_modules())
         found = not baked_sizes(gm) and all(_keeps_layout(n, modules) for n in gm.graph.nodes)
         gm.meta["slimkit_fixed_layout"] = found
     return found
@@ -233,24 +254,44 @@ def _cut_shapes(m: nn.Module, rule: Any, spec: tuple[Any, ...], out: Any) -> tup
     return None
 
 
-def kept_macs(gm: torch.fx.GraphModule, model: nn.Module, ruled: dict[str, Any], calls: Calls) -> int | None:
-    """The MACs of ``model`` after a cut, from the recorded shapes and the cut layers' channel counts.
+def kept_macs(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], ruled: dict[str, Any],
+              calls: Calls) -> int | None:
+    """The MACs of a model after a cut, from the recorded shapes and the cut layers' channel counts.
+
+    ``modules``: the model's ``named_modules`` as a dict.
 
     None unless the graph has a :func:`fixed_layout` and every layer with a MAC rule is a conv or
     a linear on ``[N, F]``.
     """
-    if not fixed_layout(gm, model):
+    from slimkit.measure.macs import _Shape
+
+    if not fixed_layout(gm, modules):
         return None
     total = 0
     for n, (name, spec) in calls.items():
-        m, rule = model.get_submodule(name), ruled[name]
+        m, rule = modules[name], ruled[name]
         shapes = _cut_shapes(m, rule, spec, n.meta.get("tensor_meta"))
         if shapes is None:
             return None
-        dtype = n.meta["tensor_meta"].dtype
-        x, out = (torch.empty(s, dtype=dtype, device="meta") for s in shapes)
-        total += int(rule(m, (x,), out))
+        total += int(rule(m, (_Shape(shapes[0]),), _Shape(shapes[1])))  # conv_macs / linear_macs read numel()
     return total
+
+
+def _ruled(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """Layer name -> MAC rule for every layer :func:`slimkit.measure.count_macs` counts with a rule.
+
+    Once per graph and rule table: surgery keeps every module's class, and a model another graph
+    of the cache is shared with has the same classes at the same names.
+    """
+    from slimkit.measure.macs import MAC_RULES, mac_units, rule_for
+
+    table = tuple(MAC_RULES.items())
+    memo = gm.meta.get("slimkit_mac_ruled")
+    if memo is None or memo[0] != table:
+        model = modules[""]
+        memo = (table, {name: rule for name, m in mac_units(model) if (rule := rule_for(m)) is not None})
+        gm.meta["slimkit_mac_ruled"] = memo
+    return memo[1]
 
 
 def _calls_of(gm: torch.fx.GraphModule, ruled: dict[str, Any]) -> Calls | None:
@@ -272,19 +313,18 @@ def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Ten
     of ``graph.traced`` on meta tensors (not for a graph from the cache: its GraphModule calls
     another model's modules). See the module docstring.
     """
-    from slimkit.measure.macs import mac_units, rule_for
-
     live = graph.traced
     gm = live if live is not None else graph.recorded
     if gm is None:
         return None
-    ruled = {name: rule for name, m in mac_units(model) if (rule := rule_for(m)) is not None}
-    calls = _calls_of(gm, ruled)
-    if calls is None:
-        return None
+    modules = graph.modules if graph.modules.get("") is model else dict(model.named_modules())
     try:
-        with evaluating(model), torch.no_grad():
-            macs = _recorded_macs(model, ruled, calls) if recorded else kept_macs(gm, model, ruled, calls)
+        ruled = _ruled(gm, modules)
+        calls = _calls_of(gm, ruled)
+        if calls is None:
+            return None
+        with torch.no_grad():
+            macs = _recorded_macs(modules, ruled, calls) if recorded else kept_macs(gm, modules, ruled, calls)
         if macs is None and live is not None:
             with evaluating(model), torch.no_grad(), on_meta(gm):
                 counter = _Counter(gm, model, ruled, calls)
