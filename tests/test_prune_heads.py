@@ -70,8 +70,11 @@ def _zero_then_prune(model, x):
 @pytest.mark.parametrize("name,kw,size", [
     ("vit_tiny_patch16_224", {"img_size": 32}, 32),  # fused qkv, F.scaled_dot_product_attention
     ("deit_tiny_patch16_224", {"img_size": 32}, 32),
-    pytest.param("levit_128s", {}, 224, marks=pytest.mark.slow),  # q/k/v split with sizes, per-head biases
-    pytest.param("efficientformer_l1", {}, 224, marks=pytest.mark.slow),  # attention_biases[:, idxs]
+    ("levit_128s", {}, 224),  # q/k/v split with sizes, per-head biases, attention downsampling
+    ("efficientformer_l1", {}, 224),  # attention_biases[:, idxs]
+    ("visformer_tiny", {"img_size": 64}, 64),  # conv attention: heads split from the channel dim of [B, C, H, W]
+    ("tnt_s_patch16_224", {"img_size": 64}, 64),  # separate qk and v projections, inner and outer attention
+    ("csatv2", {}, 64),
 ])
 def test_timm_heads_zeroed_then_pruned_preserve_outputs(name, kw, size):
     torch.manual_seed(0)
