@@ -10,6 +10,8 @@ The map (one job per module):
 - :mod:`~slimkit.prune.graph.oprules`: the built-in rules (conv, linear and norms as modules
   and as functional calls on ``get_attr`` parameters, activations, pooling, padding, shape
   ops, ``cat``/``split``/``chunk``, reductions, element-wise ops, matrix products);
+- :mod:`~slimkit.prune.graph.heads`: attention heads as whole units (a split into
+  ``num_heads`` heads, their merge back, the ``heads`` axis surgery cuts);
 - :mod:`~slimkit.prune.graph.builder`: the walk over the graph that applies the rules;
 - :mod:`~slimkit.prune.graph.assembly`: units and groups from the classes of slots;
 - :mod:`~slimkit.prune.graph.cache`: the last graphs built, keyed by the model's structure;
@@ -24,12 +26,14 @@ additions, the SE multiply) *unite* the slots they pair; ``cat`` concatenates th
 (index offsets); reshapes, permutes and flatten move them (flatten -> linear maps one
 channel onto ``H*W`` input features). Slots reaching something whose meaning would change
 when a channel disappears (the model output, split/slices with fixed sizes, a view that
-splits a channel dim as in a channel shuffle or attention heads, and, under
+splits a channel dim into sizes that do not follow it, and, under
 ``norm_channels='keep'``, LayerNorm/GroupNorm statistics and reductions over channels) are
 *fixed*. A grouped convolution (``1 < groups < in_channels``), a GroupNorm with groups < C
 and an even ``chunk`` record their slots split into equal blocks: a group whose units are
 exactly those slots gets ``partitions`` (every block must lose as many units); where that
-fails the slots are fixed. An op without a rule that tracked channels reach raises
+fails the slots are fixed. A view into ``(K, C // K)`` unites along ``K`` (a channel
+shuffle: the merge back interleaves whole units), one into heads of a module's ``num_heads``
+unites along all but the heads dim (:mod:`.heads`). An op without a rule that tracked channels reach raises
 UnsupportedModelError naming it and pointing at :func:`register_channel_rule`.
 
 The union-find classes of slots are the prunable **units**: removing a unit removes one

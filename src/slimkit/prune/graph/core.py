@@ -16,8 +16,9 @@ from torch import nn
 
 #: Roles of a member axis: ``out`` (conv/linear/BN/... output channels and per-channel
 #: parameters), ``in`` (conv/linear input channels), ``param:<name>:<axis>`` (a parameter
-#: used directly in forward, e.g. ConvNeXt's ``layer_scale``), or a role a registered rule
-#: names (its surgery handler reads it).
+#: used directly in forward, e.g. ConvNeXt's ``layer_scale``), ``heads`` (an attention module's
+#: heads, see :mod:`~slimkit.prune.graph.heads`), or a role a registered rule names (its surgery
+#: handler reads it).
 Axis = tuple[str, str]
 
 
