@@ -10,7 +10,7 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError
 from slimkit.search import parse_budget, search
-from slimkit.search.algorithms import evolve, greedy_moves, score
+from slimkit.search.algorithms import evolve, greedy_moves, score, select_trial
 from slimkit.search.latency import LatencyTable, layer_inputs, predictor_error, signature
 from slimkit.search.space import Knob, build_space, choice_stages
 
@@ -115,6 +115,19 @@ def test_evolution_is_feasible_and_deterministic():
     assert score(knobs, table, a[0]) <= score(knobs, table, a[-1])
 
 
+def test_select_trial_takes_the_most_accurate_trial_within_the_target():
+    trials = [{"id": "uniform", "val_accuracy": 93.0, "measured": 0.69},
+              {"id": "backoff", "val_accuracy": 90.0, "measured": 0.86},  # slower and less accurate: dominated
+              {"id": "over", "val_accuracy": 99.0, "measured": 1.20},  # best, but over the target
+              {"id": "tie", "val_accuracy": 93.0, "measured": 0.80}]
+    assert select_trial(trials, target=0.9)["id"] == "uniform"  # the tie goes to the lower metric
+    assert select_trial(trials[1:], target=0.9)["id"] == "tie"
+    assert select_trial(trials, target=0.5)["id"] == "uniform"  # none fits: the lowest metric
+    assert select_trial(trials, target=2.0)["id"] == "over"
+    with pytest.raises(ValueError):
+        select_trial([], 1.0)
+
+
 @pytest.fixture(scope="module")
 def sequential_search(tmp_path_factory):
     out = tmp_path_factory.mktemp("search-seq")
@@ -186,6 +199,21 @@ def test_latency_budget_is_resolved_and_predicted_from_one_baseline_measurement(
     assert result["budget"]["value"] == pytest.approx(0.5 * base)
     assert result["latency_predictor"]["baseline_predicted_p99_ms"] == pytest.approx(base, rel=1e-9)
     assert result["chosen"]["latency_p99_ms"] > 0 and result["trials"]
+    # the chosen settings are a trial's, the best on validation among those measured within the target, and
+    # every uniform choice that fits was a trial (the result can never be one a uniform choice dominates)
+    target = result["budget"]["value"] * (1 - result["config"]["margin"])
+    fits = [t for t in result["trials"] if t["measured"] <= target]
+    by_id = {t["id"]: t for t in result["trials"]}
+    chosen = by_id[result["chosen"]["trial"]]
+    assert chosen["settings"] == result["chosen"]["settings"]
+    if fits:
+        assert chosen["measured"] <= target and chosen["val_accuracy"] == max(t["val_accuracy"] for t in fits)
+    channel_knobs = {k["id"] for k in result["knobs"] if k["id"].startswith("channels:")}
+    uniform_fits = [p for p in result["latency_predictor"]["pairs"] if p["measured"] <= target
+                    and set(p["settings"]) == channel_knobs and set(p["settings"].values()) == {"-50% ch"}]
+    assert len(uniform_fits) == len([t for t in result["trials"] if t["source"] == "uniform"])
+    if result["chosen"]["backoff_trial"]:
+        assert by_id[result["chosen"]["backoff_trial"]]["source"] == "backoff"
 
 
 class Widths(nn.Module):

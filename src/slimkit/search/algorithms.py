@@ -17,6 +17,11 @@ HAWQ use; ties by the summed accuracy drop) and with the budget metric predicted
 - :func:`back_off` takes the winner the other way: it undoes its most accuracy-costly notches
   one at a time while the *measured* metric stays within the target, so the model uses the
   budget it is given instead of the margin its coarse steps and predicted metric left.
+- :func:`select_trial` picks the search's result among its fine-tuned trials: the most
+  accurate on validation whose *measured* metric is within the target. A model the search
+  only measured (a back-off step) is never chosen on its sensitivity score alone: it must
+  win a trial, so the result is never a choice some measured-and-trialed one (a uniform
+  ratio, say) dominates.
 """
 
 from __future__ import annotations
@@ -166,3 +171,17 @@ def back_off(knobs: Sequence[Knob], table: Table, choice: Choice, measure: Calla
             break
         current = accepted
     return current, steps
+
+
+def select_trial(trials: Sequence[dict], target: float) -> dict:
+    """The trial a search ends with: among those whose ``measured`` metric is at most ``target``, the highest
+    ``val_accuracy`` (ties: the lower metric, then the earlier trial); when none fits, the lowest metric.
+
+    ``trials``: dicts with at least ``val_accuracy`` (%) and ``measured`` (the budget metric, end to end).
+    """
+    if not trials:
+        raise ValueError("select_trial: no trials")
+    fits = [(i, t) for i, t in enumerate(trials) if t["measured"] <= target]
+    if not fits:
+        return min(trials, key=lambda t: t["measured"])
+    return max(fits, key=lambda it: (it[1]["val_accuracy"], -it[1]["measured"], -it[0]))[1]
