@@ -61,7 +61,7 @@ def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.
     Axes come in the order they first appear in the units' members (units in ``unit_ids`` order).
     """
     table = UnitTable.from_units(graph.units)
-    rows = table.index_of(list(unit_ids))
+    rows = _rows_of(table, unit_ids)
     if not len(rows):
         return {}
     rank = np.full(len(table), -1, dtype=np.int64)
@@ -80,9 +80,24 @@ def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.
     entry_axis, entry_pos = entry_axis[distinct], entry_pos[distinct]
     bounds = np.flatnonzero(np.r_[True, np.diff(entry_axis) != 0])
     found = dict(zip(entry_axis[bounds].tolist(), np.split(entry_pos, bounds[1:]), strict=True))
-    first = np.lexsort((runs, rank[table.run_unit[runs]]))  # runs in unit_ids order, then member order
-    seen = dict.fromkeys(axis_of[first].tolist())
-    return {table.axes[a]: found[a] for a in seen}  # positions ascending
+    first = axis_of[np.lexsort((runs, rank[table.run_unit[runs]]))]  # runs in unit_ids order, then member order
+    _, at = np.unique(first, return_index=True)
+    return {table.axes[a]: found[a] for a in first[np.sort(at)].tolist()}  # each axis once; positions ascending
+
+
+def _rows_of(table: UnitTable, unit_ids: Iterable[int]) -> np.ndarray:
+    """``table.index_of(unit_ids)`` with numpy (KeyError for an id the table does not have)."""
+    wanted = np.fromiter(unit_ids, dtype=np.int64)
+    if not len(wanted):
+        return wanted
+    if not len(table.ids):
+        raise KeyError(int(wanted[0]))
+    order = np.argsort(table.ids, kind="stable")
+    rows = order[np.minimum(np.searchsorted(table.ids, wanted, sorter=order), len(order) - 1)]
+    missing = np.flatnonzero(table.ids[rows] != wanted)
+    if len(missing):
+        raise KeyError(int(wanted[missing[0]]))
+    return rows
 
 
 def _keep(size: int, drop: np.ndarray) -> torch.Tensor:

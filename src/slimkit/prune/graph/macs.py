@@ -42,7 +42,7 @@ class _Counter(_ShapeProp):
     record = False
 
     def __init__(self, gm: torch.fx.GraphModule, model: nn.Module, ruled: dict[str, Any], calls: Calls) -> None:
-        super().__init__(gm)
+        super().__init__(gm, garbage_collect_values=False)  # meta tensors
         self.model, self.ruled, self.calls = model, ruled, calls
         self.macs = 0
 
