@@ -186,7 +186,7 @@ def layer_profiles(model: nn.Module, example_inputs: Any, *, meta: bool = False)
     )
 
 
-class _Shape(tuple):
+class ShapeOnly(tuple):
     """A tensor's shape standing in for the tensor in a MAC rule (rules read ``numel()`` and ``shape``)."""
 
     @property
@@ -229,13 +229,13 @@ def count_macs_by_shape(model: nn.Module, in_shape: tuple[int, ...]) -> int:
     meta tensors.
     """
     layers = list(model) if type(model) is nn.Sequential else [model]
-    shape = _Shape(in_shape)
+    shape = ShapeOnly(in_shape)
     total = 0
     for layer in layers:
         out_shape = SHAPE_RULES[type(layer)](layer, shape) if type(layer) in SHAPE_RULES else None
         if out_shape is None:
             return count_macs(model, torch.empty(in_shape, device="meta"), meta=True)
-        out = _Shape(out_shape)
+        out = ShapeOnly(out_shape)
         total += int(rule_for(layer)(layer, (shape,), out))
         shape = out
     return total

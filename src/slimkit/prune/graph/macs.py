@@ -119,9 +119,9 @@ def _stand_in(value: Any, by_shape: bool) -> Any:
     if not isinstance(value, TensorShape):
         return None
     if by_shape:
-        from slimkit.measure.macs import _Shape
+        from slimkit.measure.macs import ShapeOnly
 
-        return _Shape(value.shape)
+        return ShapeOnly(value.shape)
     return _meta_of(value)
 
 
@@ -263,7 +263,7 @@ def kept_macs(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], ruled: di
     None unless the graph has a :func:`fixed_layout` and every layer with a MAC rule is a conv or
     a linear on ``[N, F]``.
     """
-    from slimkit.measure.macs import _Shape
+    from slimkit.measure.macs import ShapeOnly
 
     if not fixed_layout(gm, modules):
         return None
@@ -273,7 +273,7 @@ def kept_macs(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], ruled: di
         shapes = _cut_shapes(m, rule, spec, n.meta.get("tensor_meta"))
         if shapes is None:
             return None
-        total += int(rule(m, (_Shape(shapes[0]),), _Shape(shapes[1])))  # conv_macs / linear_macs read numel()
+        total += int(rule(m, (ShapeOnly(shapes[0]),), ShapeOnly(shapes[1])))  # conv_macs / linear_macs read numel()
     return total
 
 
