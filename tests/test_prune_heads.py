@@ -117,6 +117,40 @@ def test_head_dim_read_from_the_input_keeps_the_heads():
     assert "attn.q" in g.fixed_reasons
 
 
+class BiasedSDPA(SeparateQKV):
+    """Fused attention with a bias per head passed as ``attn_mask`` (timm's relative-position ViTs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, self.num_heads, 7, 7))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.proj(y.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+def test_a_bias_per_head_in_the_attention_mask_keeps_the_heads():
+    model = Tokens(BiasedSDPA()).eval()
+    g = build_graph(model, torch.randn(1, 7, 6), cache=False)
+    assert not head_groups(g) and "attention mask per head" in g.fixed_reasons["attn.q"]
+
+
+class UnknownAfterMerge(SeparateQKV):
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = (f(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(torch.logcumsumexp(y.transpose(1, 2).reshape(B, N, self.attn_dim), dim=1))
+
+
+def test_heads_reaching_an_op_without_a_rule_are_kept():
+    """(As before heads were units: they were kept at the split and never reached that op.)"""
+    g = build_graph(Tokens(UnknownAfterMerge()).eval(), torch.randn(1, 7, 6), cache=False)
+    assert not head_groups(g) and "attention heads reach" in g.fixed_reasons["attn.q"]
+
+
 def test_structured_counts_heads_as_units_and_updates_num_heads():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32).eval()

@@ -147,15 +147,27 @@ def merge(op: ChannelOp, x: Ann, annotated: list[int], big: list[int], in_shape:
     return True
 
 
-def keep_heads(op: ChannelOp, what: str) -> bool:
-    """Keep whole heads reaching an op without a rule for them (RoPE's ``cat`` of halves); True when done.
+def _head_roots(op: ChannelOp) -> set[int]:
+    find = op.builder.uf.find
+    return {find(s) for (_, role), slots in op.builder.axes.items() if role == "heads" for s in slots.tolist()}
 
-    Only where every annotation reaching the op is head-shaped: several channel dims, one unit
-    along the last.
+
+def keep_heads(op: ChannelOp, what: str) -> bool:
+    """Keep whole heads reaching an op without a rule for them (RoPE's ``cat`` of halves, a transposed conv
+    after the merged heads); True when done.
+
+    Only where every annotation reaching the op is head-shaped (several channel dims, one unit
+    along the last) or holds head units only: before heads were units, these channels were kept
+    at the split and never reached the op.
     """
     anns = op.anns
-    if not anns or not all(len(a.dims) > 1 and united_along(op, a, a.dims[-1]) for a in anns):
+    if not anns:
         return False
+    if not all(len(a.dims) > 1 and united_along(op, a, a.dims[-1]) for a in anns):
+        heads = _head_roots(op)
+        find = op.builder.uf.find
+        if not heads or not all(find(s) in heads for a in anns for s in a.slots.reshape(-1).tolist()):
+            return False
     for a in anns:
         op.builder.uf.fix(a.slots, f"attention heads reach {what}")
     return True

@@ -770,6 +770,13 @@ def sdpa(op: ChannelOp) -> Any:
     nd = len(op.in_shape)
     if all(isinstance(t, Ann) and t.dims == (nd - 3, nd - 1) and united_along(op, t, nd - 1) for t in (q, k, v)) \
             and q.slots.shape == k.slots.shape:  # whole heads (see .heads): the heads dim is a batch dim here
+        mask = op.arg(3, "attn_mask")
+        mask_ann, mask_shape = op.value(mask), op.shape_of(mask)
+        if isinstance(mask_ann, Ann) and mask_ann.dims == (len(mask_shape) - 3,) and len(mask_ann.slots) == len(
+                q.slots):  # a bias per head computed by a layer (a relative-position MLP): it follows the heads
+            op.builder.uf.union_arrays(q.slots[:, 0], mask_ann.slots)
+        elif mask_ann is not None or mask_shape is not None and len(mask_shape) >= 3 and mask_shape[-3] > 1:
+            return op.keep(f"{op.name}: attention mask per head")
         op.builder.uf.union_arrays(q.slots, k.slots)
         op.builder.uf.union_arrays(q.slots[:, :1], v.slots[:, :1])
         return v
