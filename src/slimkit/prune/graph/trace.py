@@ -26,7 +26,10 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.measure.macs import SHAPE_RULES
-from slimkit.prune.graph import rules
+from slimkit.prune.graph import (
+    oprules,  # noqa: F401  (the built-in rules load with the tracer that asks them)
+    rules,
+)
 from slimkit.prune.graph.core import evaluating
 from slimkit.prune.graph.rules import module_rule
 from slimkit.tracing import first_line, on_meta, trace_model
