@@ -171,6 +171,10 @@ def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx
             vars(gm).update(_modules=dict(root._modules), _parameters=dict(root._parameters),
                             _buffers=dict(root._buffers), training=root.training)
             gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
+            for node in graph.nodes:  # attributes the tracer added to the root (``_tensor_constant0``)
+                if node.op == "get_attr" and "." not in node.target and node.target not in vars(gm) and \
+                        node.target not in gm._parameters and node.target not in gm._buffers:
+                    fx.graph_module._copy_attr(root, gm, node.target)
             gm.graph = graph
             gm._tracer_cls = graph._tracer_cls if graph._tracer_cls and "<locals>" not in \
                 graph._tracer_cls.__qualname__ else None
@@ -216,11 +220,13 @@ def baked_sizes(graph_module: fx.GraphModule) -> bool:
 
 
 def trace_model(model: nn.Module, example_inputs: Any = None, *, leaf: LeafRule | None = None,
-                lazy: bool = False) -> Traced:
+                lazy: bool = False, meta_leaf: LeafRule | None = None) -> Traced:
     """The fx graph of ``model`` by the fallback order of the module docstring (the model is not changed).
 
     ``example_inputs``: a Tensor or a tuple of Tensors (enables the meta trace, step 2);
-    ``leaf``: extra modules to keep whole in every step; ``lazy``: a symbolic trace's
+    ``leaf``: extra modules to keep whole in every step (``meta_leaf``: in the meta step instead,
+    where fx's MetaTracer runs a leaf's forward on meta tensors while tracing, so a leaf whose
+    forward calls its children would record them as calls on constants); ``lazy``: a symbolic trace's
     GraphModule generates its Python code on its first call (for a caller that only walks
     or interprets the graph).
     """
@@ -235,7 +241,8 @@ def trace_model(model: nn.Module, example_inputs: Any = None, *, leaf: LeafRule 
     error = first_line(err)
     if example_inputs is not None:
         try:
-            return Traced(_meta(model, as_args(example_inputs), leaf), "meta", error=error)
+            return Traced(_meta(model, as_args(example_inputs), leaf if meta_leaf is None else meta_leaf), "meta",
+                          error=error)
         except Exception:  # an op without a meta kernel, a forward that reads tensor values
             pass
     opaque: frozenset[str] = frozenset()

@@ -41,6 +41,11 @@ _OWN_RULE: tuple[int, dict[type, bool]] = (-1, {})
 def _has_own_rule(m: nn.Module, qualname: str) -> bool:
     """Leaf rule of the channel graph: a module whose class has a channel rule of its own is kept whole,
     and so is a norm-act layer whose activation and dropout are element-wise (see :func:`norm_act_leaf`)."""
+    return _own_rule(m, qualname) or norm_act_leaf(m)
+
+
+def _own_rule(m: nn.Module, qualname: str) -> bool:
+    """The leaf rule of the meta trace: classes with a rule of their own (a norm-act leaf calls its children)."""
     global _OWN_RULE
     if _OWN_RULE[0] != rules.VERSION[0]:  # a rule was registered since: look again
         _OWN_RULE = (rules.VERSION[0], {})
@@ -48,7 +53,7 @@ def _has_own_rule(m: nn.Module, qualname: str) -> bool:
     own = _OWN_RULE[1].get(cls)
     if own is None:
         own = _OWN_RULE[1][cls] = module_rule(cls, exact=True) is not None
-    return own or norm_act_leaf(m)
+    return own
 
 
 #: ``forward``s known to be the forward of their BatchNorm base class followed by the ``drop`` and ``act``
@@ -247,7 +252,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     Raises UnsupportedModelError when fx cannot trace the forward, ConfigError (one line)
     when ``example_inputs`` do not fit the model.
     """
-    traced = trace_model(model, example_inputs, leaf=_has_own_rule, lazy=True)
+    traced = trace_model(model, example_inputs, leaf=_has_own_rule, lazy=True, meta_leaf=_own_rule)
     if traced.graph_module is None:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx ({traced.error}); "
