@@ -152,6 +152,14 @@ def _head_roots(op: ChannelOp) -> set[int]:
     return {find(s) for (_, role), slots in op.builder.axes.items() if role == "heads" for s in slots.tolist()}
 
 
+def whole_heads(op: ChannelOp, x: Ann) -> bool:
+    """Whether every unit of ``x`` is a head of a split found so far (the rules that carry heads act only then:
+    elsewhere, a model without heads keeps the result it had before heads were units)."""
+    heads = _head_roots(op)
+    find = op.builder.uf.find
+    return bool(heads) and all(find(s) in heads for s in x.slots.reshape(-1).tolist())
+
+
 def keep_heads(op: ChannelOp, what: str) -> bool:
     """Keep whole heads reaching an op without a rule for them (RoPE's ``cat`` of halves, a transposed conv
     after the merged heads); True when done.
@@ -164,9 +172,7 @@ def keep_heads(op: ChannelOp, what: str) -> bool:
     if not anns:
         return False
     if not all(len(a.dims) > 1 and united_along(op, a, a.dims[-1]) for a in anns):
-        heads = _head_roots(op)
-        find = op.builder.uf.find
-        if not heads or not all(find(s) in heads for a in anns for s in a.slots.reshape(-1).tolist()):
+        if not all(whole_heads(op, a) for a in anns):
             return False
     for a in anns:
         op.builder.uf.fix(a.slots, f"attention heads reach {what}")

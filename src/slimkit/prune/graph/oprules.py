@@ -270,7 +270,8 @@ def elementwise(op: ChannelOp, args: list[Any]) -> Any:
         if isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and not any(
                 math.prod(s) > 1 for _, s in ann.others):
             axis = _param_axis(ann, meta, spanned[0] - offset)
-        elif isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and spanned[0] == offset:
+        elif isinstance(ann, ParamRef) and len(spanned) == 1 and len(out_dims) == 1 and spanned[0] == offset \
+                and heads.whole_heads(op, tracked[0][1]):
             axis = _gathered_axis(_arg, ann)
         if axis is None:
             what = f"parameter {ann.target}" if isinstance(ann, ParamRef) else f"an untracked tensor ({op.node.name})"
@@ -550,7 +551,8 @@ def layer_norm(op: ChannelOp, nd: int, refs: list[ParamRef]) -> Any:
     ndim = len(op.in_shape)
     normalized = range(ndim - nd, ndim)
     inside = [d for d in x.dims if d in normalized]
-    if not inside or len(inside) < len(x.dims) and all(united_along(op, x, d) for d in inside):
+    if not inside or len(inside) < len(x.dims) and all(united_along(op, x, d) for d in inside) and heads.whole_heads(
+            op, x):
         return x  # (or over a dim each unit spans whole: q/k norm inside attention heads)
     if op.builder.norm_channels == "keep":
         return op.fix(x, f"LayerNorm {op.name} statistics") or x
@@ -768,8 +770,9 @@ def sdpa(op: ChannelOp) -> Any:
     """Attention ``softmax(q k^T) v``: the query/key feature dims are contracted together."""
     q, k, v = (op.value(op.arg(i, n)) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     nd = len(op.in_shape)
-    if all(isinstance(t, Ann) and t.dims == (nd - 3, nd - 1) and united_along(op, t, nd - 1) for t in (q, k, v)) \
-            and q.slots.shape == k.slots.shape:  # whole heads (see .heads): the heads dim is a batch dim here
+    if all(isinstance(t, Ann) and t.dims == (nd - 3, nd - 1) and united_along(op, t, nd - 1)
+           and heads.whole_heads(op, t) for t in (q, k, v)) and q.slots.shape == k.slots.shape:
+        # whole heads (see .heads): the heads dim is a batch dim here
         mask = op.arg(3, "attn_mask")
         mask_ann, mask_shape = op.value(mask), op.shape_of(mask)
         if isinstance(mask_ann, Ann) and mask_ann.dims == (len(mask_shape) - 3,) and len(mask_ann.slots) == len(
@@ -984,7 +987,7 @@ def split(op: ChannelOp, dim: int, pieces: int, even: bool, drop_dim: bool = Fal
         if drop_dim:
             return [Ann(tuple(d - (d > dim) for d in x.dims), x.slots) for _ in range(pieces)]
         return [x for _ in range(pieces)]
-    if united_along(op, x, dim):  # q, k, v = qkv.unbind(0) or .split([d, d, dv], -1): inside whole heads
+    if united_along(op, x, dim) and heads.whole_heads(op, x):  # q, k, v = qkv.unbind(0), .split([d, d, dv], -1)
         if drop_dim:
             return [heads.take(op, x, dim, i) for i in range(pieces)]
         bounds = np.cumsum([0] + [s[dim] for s in op.shape])
@@ -1086,7 +1089,7 @@ def getitem(op: ChannelOp) -> Any:
             d_out += 1
         elif isinstance(i, int):
             if d_in in src.dims:
-                if len(idx) == 1 and united_along(op, src, d_in):  # qkv[0]: every head spans q, k and v
+                if len(idx) == 1 and united_along(op, src, d_in) and heads.whole_heads(op, src):  # qkv[0]
                     return heads.take(op, src, d_in, i)
                 return op.fix(src, f"{op.name}: indexing one channel")
             d_in += 1
@@ -1183,7 +1186,8 @@ def einsum_core(op: ChannelOp, inputs: list[tuple[Any, str]], output: str) -> An
     """Channels through a product given as einsum letters: carried where a letter survives, united where
     a letter is contracted between tracked operands; fixed where an untracked operand shares them."""
     if any(isinstance(op.value(arg), Ann) and len(op.value(arg).dims) > 1 for arg, _ in inputs):
-        return _einsum_heads(op, inputs, output)
+        if all(heads.whole_heads(op, op.value(arg)) for arg, _ in inputs if isinstance(op.value(arg), Ann)):
+            return _einsum_heads(op, inputs, output)
     by_letter: dict[str, list[np.ndarray]] = {}
     untracked: dict[str, bool] = {}
     for arg, letters in inputs:
