@@ -151,6 +151,27 @@ def test_heads_reaching_an_op_without_a_rule_are_kept():
     assert not head_groups(g) and "attention heads reach" in g.fixed_reasons["attn.q"]
 
 
+class OneHead(nn.Module):
+    """Hiera's first block: ``qkv(x).reshape(B, N, 3, 1, -1).unbind(2)`` with one head."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = 1, nn.Linear(24, 3 * 24), nn.Linear(24, 24)
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        q, k, v = torch.unbind(self.qkv(x).reshape(B, N, 3, self.num_heads, -1), 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(y.transpose(1, 2).reshape(B, N, -1))
+
+
+def test_one_head_keeps_its_features():
+    """No head to remove; q/k features would change sdpa's default scale (1 / sqrt(head_dim)): kept."""
+    g = build_graph(Tokens(OneHead()).eval(), torch.randn(1, 7, 6), cache=False)
+    assert not head_groups(g) and "attn.qkv" in g.fixed_reasons
+    assert not any("attn.qkv" in grp.producers for grp in g.groups)
+
+
 def test_structured_counts_heads_as_units_and_updates_num_heads():
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32).eval()
