@@ -21,6 +21,8 @@ predictor's error on candidates it had not yet seen (calibrated and additive).
 Part ``size``: ``--budget size_bytes=20000`` on LeNet-5 with channels, ranks and bits: which
 combination of techniques the search chose (winner fine-tuned 2 epochs whatever ``--final-epochs``).
 
+Part ``table``: the latency part's results in ``<out>/results.json`` as docs/search.md's table.
+
 Part ``seeds``: the fine-tune's own noise, each of ``--recipes`` (recipe YAMLs with a saved
 baseline) fine-tuned ``--final-epochs`` epochs with ``--seeds`` fine-tune seeds.
 
@@ -271,6 +273,33 @@ def size_part(out: Path, args: argparse.Namespace) -> dict:
     return row
 
 
+def latency_table_md(results: dict) -> str:
+    """The latency part's results as the markdown table of docs/search.md (one block of rows per model)."""
+    lines = ["| model | run | accuracy % (seed 0) | mean +- std over seeds | p99 ms (round-robin) | median ms |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name, row in results.get("latency", {}).items():
+        base, chosen = row["baseline"], row["chosen"]
+        verdict = "meets" if chosen["meets_budget_roundrobin"] else "misses"
+        lines.append(f"| {name} | baseline (budget {row['budget_ms']:.3f} ms) | {base['accuracy']:.2f} | | "
+                     f"{base['p99_roundrobin_ms']:.3f} | {base['median_roundrobin_ms']:.3f} |")
+        cs = row["chosen_seeds"]
+        lines.append(f"| | chosen ({len(chosen['settings'])} knobs set; trial {chosen['trial']}) | "
+                     f"{chosen['accuracy']:.2f} | {cs['mean']:.2f} +- {cs['std']:.2f} | "
+                     f"{chosen['p99_roundrobin_ms']:.3f} ({chosen['p99_over_baseline_roundrobin']:.2f}x, {verdict}) | "
+                     f"{chosen['median_roundrobin_ms']:.3f} |")
+        for r, u in row["uniform"].items():
+            us = u["seeds"]
+            lines.append(f"| | uniform {r} | {u['accuracy']:.2f} | {us['mean']:.2f} +- {us['std']:.2f} | "
+                         f"{u['p99_ms']:.3f} | {u['median_ms']:.3f} |")
+        gain = row.get("mean_accuracy_gain_over_no_slower_points")
+        lines.append(f"| | uniform interpolated at the chosen p99 | {row['uniform_accuracy_at_chosen_p99']:.2f} | "
+                     f"{row['uniform_mean_accuracy_at_chosen_p99']:.2f} | | |")
+        lines.append(f"| | gain: over the line / over the best uniform no slower | "
+                     f"{row['accuracy_gain_points']:+.2f} | {row['mean_accuracy_gain_points']:+.2f} / "
+                     + ("none as fast" if gain is None else f"{gain:+.2f}") + " | | |")
+    return "\n".join(lines)
+
+
 def seeds_part(args: argparse.Namespace) -> dict:
     """The fine-tune's own noise: each of ``--recipes`` fine-tuned ``--final-epochs`` epochs with ``--seeds`` seeds."""
     import yaml
@@ -382,6 +411,8 @@ def main() -> None:
     if "energy" in parts:
         results["energy"] = energy_part(out)
         _save(out, results)
+    if "table" in parts:
+        print(latency_table_md(results))
     if "seeds" in parts:
         results.setdefault("seeds", {})[str(args.final_epochs)] = seeds_part(args)
         _save(out, results)
