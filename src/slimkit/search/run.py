@@ -88,7 +88,7 @@ class SearchConfig(Config):
     generations: int = Field(8, ge=1)
     evolution_trials: int = Field(2, ge=0)
     uniform_seeds: bool = Field(True, description="measure every channel knob at one ratio first (predictor "
-                                                  "calibration); the least pruned that fits becomes a trial")
+                                                  "calibration); every one that fits becomes a trial")
     backoff_measurements: int = Field(12, ge=0, description="end-to-end measurements the winner's back-off may spend")
     margin: float = Field(0.1, ge=0, lt=0.5, description="aim this share below a latency budget: one batch-1 p99 "
                                                          "repeats within about 8 % on an idle machine")
