@@ -87,3 +87,32 @@ def test_load_model_opens_the_formats_other_packages_register(tmp_path):
         register_model_file_format(ModelFileFormat("numbers", b"NUMBERS\n", load_text))
     (tmp_path / "w.txt").write_text("NUMBERS\n0.5\n-2\n")
     assert load_model(tmp_path / "w.txt")(torch.tensor([[2.0, 1.0]])).item() == -1.0
+
+
+@pytest.mark.parametrize("name,size", [("timm:efficientnet_b0", 32), ("timm:mobilenetv3_large_100", 32),
+                                       ("timm:vit_tiny_patch16_224", 224)])
+def test_pruned_timm_model_reloads_from_its_source_alone(tmp_path, name, size):
+    """timm's norm-act layers and attention blocks have no constructor spec: the manifest's recorded
+    attributes (num_features, num_heads) and tensor shapes rebuild them (cls_token on the root too)."""
+    pytest.importorskip("timm")
+    from slimkit.prune import structured_
+
+    model = create_model(name).eval()
+    x = torch.randn(1, 3, size, size)
+    structured_(model, x, {"ratio": 0.5})
+    save_model(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(loaded.state_dict()[k].shape == v.shape for k, v in model.state_dict().items())
+
+
+def test_a_state_dict_that_does_not_fit_the_recorded_shapes_is_refused(tmp_path):
+    model = _shrink_first_conv(create_model("lenet5", num_classes=10, in_channels=1))
+    save_model(model, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["state_dict"]["fc1.weight"] = payload["state_dict"]["fc1.weight"][:7]
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CorruptFileError, match="do not fit"):
+        load_model(tmp_path / "bad.pt")

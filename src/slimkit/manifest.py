@@ -12,12 +12,18 @@ is therefore a *manifest* plus a state dict, in one file readable with
   the skeleton;
 - ``data``: what the model was trained on (:func:`data_spec`: dataset, image size, input
   shape, classes, normalisation), so evaluating or exporting it needs no flags;
-- ``modules``: for every module, in ``named_modules`` order, its class and constructor
-  arguments (for the layer types listed in :data:`MODULE_SPECS`), or just its class name;
+- ``modules``: for every module, in ``named_modules`` order (the root first, named ``""``),
+  its class and constructor arguments (for the layer types listed in :data:`MODULE_SPECS`),
+  or just its class name, with its integer attributes (``attrs``) and the shapes
+  of its own parameters and buffers (``shapes``): what channel surgery changes in a layer
+  slimkit has no constructor spec for (timm's ``BatchNormAct2d``, an attention's
+  ``num_heads``, a model's ``cls_token``);
 - ``state_dict``: the weights and buffers (masks included).
 
-Loading builds the skeleton, replaces every module whose recorded spec differs, adds the
-buffers the transforms registered, and loads the state dict strictly. :func:`load_model`
+Loading builds the skeleton, replaces every module whose recorded spec differs, sets the
+recorded attributes and resizes the recorded tensors where they differ, adds the buffers the
+transforms registered, and loads the state dict strictly (a state dict that does not fit the
+recorded shapes is refused). :func:`load_model`
 also opens slimkit's other model files (the ``.slim`` container) through
 :data:`MODEL_FILE_FORMATS`, which their packages fill, so this module imports none of them.
 """
@@ -89,17 +95,50 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+#: attributes every nn.Module has (its parameter/buffer/child tables, hooks, ``training``)
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _plain(value: Any) -> bool:
+    """An attribute the manifest records: an int or a tuple/list of ints (channel and head counts)."""
+    if type(value) is int:  # exact types: a str or int enum would pickle its class
+        return True
+    return type(value) in (tuple, list) and all(type(v) is int for v in value)
+
+
+def _attrs(module: nn.Module) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(module).items()
+            if k not in _MODULE_INTERNALS and not k.startswith("__") and _plain(v)}
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: t for table in (module._parameters, module._buffers) for k, t in table.items() if t is not None}
+
+
+def _records_state(module: nn.Module) -> bool:
+    """Whether the manifest records ``module``'s attrs and shapes: a class without a constructor spec from
+    outside torch.nn and slimkit (timm's, the user's), or one from inside with tensors of its own."""
+    if type(module) in MODULE_SPECS:
+        return False
+    return not type(module).__module__.startswith(("torch.nn.", "slimkit.")) or bool(_own_tensors(module))
+
+
 def module_manifest(model: nn.Module) -> list[dict[str, Any]]:
-    """One entry per module (root excluded): name, class and, where known, its args."""
+    """One entry per module (the root, named ``""``, only with attrs or shapes): name, class, args where known,
+    and for the classes of :func:`_records_state` their ``attrs`` and ``shapes`` where they have any."""
     entries = []
     for name, module in model.named_modules():
-        if not name:
-            continue
-        spec_fn = MODULE_SPECS.get(type(module))
+        spec_fn = MODULE_SPECS.get(type(module)) if name else None
         entry: dict[str, Any] = {"name": name, "type": _qualname(type(module))}
         if spec_fn is not None:
             entry["args"] = spec_fn(module)
-        entries.append(entry)
+        if _records_state(module):
+            if attrs := _attrs(module):
+                entry["attrs"] = attrs
+            if shapes := {k: list(t.shape) for k, t in _own_tensors(module).items()}:
+                entry["shapes"] = shapes
+        if name or len(entry) > 2:
+            entries.append(entry)
     return entries
 
 
@@ -149,7 +188,28 @@ def rebuild(skeleton: nn.Module, entries: list[dict[str, Any]]) -> nn.Module:
         module = _class_for(qualname)(**entry["args"])
         _set_module(skeleton, name, module)
         current = dict(skeleton.named_modules())
+    for entry in entries:
+        if (module := current.get(entry["name"])) is not None:
+            _resize(module, entry.get("attrs", {}), entry.get("shapes", {}))
     return skeleton
+
+
+def _resize(module: nn.Module, attrs: dict[str, Any], shapes: dict[str, list[int]]) -> None:
+    """Give ``module`` the recorded attribute values and tensor shapes where they differ (contents follow)."""
+    own = vars(module)
+    for key, value in attrs.items():
+        now = own.get(key)
+        if key in own and _plain(now) and (list(now) if isinstance(now, tuple) else now) != value:
+            setattr(module, key, tuple(value) if isinstance(now, tuple) else value)
+    for key, tensor in _own_tensors(module).items():
+        shape = shapes.get(key)
+        if shape is None or list(tensor.shape) == shape:
+            continue
+        empty = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            module._parameters[key] = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+        else:
+            module._buffers[key] = empty
 
 
 def _add_missing_buffers(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
