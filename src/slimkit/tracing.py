@@ -158,28 +158,14 @@ def _defaults(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
 def _graph_module(root: nn.Module, graph: fx.Graph, name: str, lazy: bool) -> fx.GraphModule:
     """``fx.GraphModule(root, graph, name)``; ``lazy``: its Python code is generated on first call, not now
     (fx's lazy graph module; the code of a 700-node graph costs ~0.15 s and a graph that is only walked
-    never needs it), and its children are the root's children, all of them (fx copies the path to every
-    module and parameter the graph names, one ``setattr`` per step: ~5 ms on a MobileNet).
-    Qualified names resolve to the same objects either way."""
+    never needs it)."""
     if lazy:
         try:
             from torch.fx._lazy_graph_module import _LazyGraphModule
         except ImportError:  # a torch without it: generate the code now
             pass
         else:
-            gm = _LazyGraphModule(nn.Module(), fx.Graph(), name)
-            vars(gm).update(_modules=dict(root._modules), _parameters=dict(root._parameters),
-                            _buffers=dict(root._buffers), training=root.training)
-            gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set)
-            for node in graph.nodes:  # attributes the tracer added to the root (``_tensor_constant0``)
-                if node.op == "get_attr" and "." not in node.target and node.target not in vars(gm) and \
-                        node.target not in gm._parameters and node.target not in gm._buffers:
-                    fx.graph_module._copy_attr(root, gm, node.target)
-            gm.graph = graph
-            gm._tracer_cls = graph._tracer_cls if graph._tracer_cls and "<locals>" not in \
-                graph._tracer_cls.__qualname__ else None
-            gm._tracer_extras = graph._tracer_extras or {}
-            return gm
+            return _LazyGraphModule(root, graph, name)
     return fx.GraphModule(root, graph, name)
 
 
