@@ -404,7 +404,7 @@ def structured_(model: nn.Module, example_inputs: Any, config: StructuredConfig 
         try:
             return apply_structured_(model, example_inputs, plan)
         except UnsupportedModelError:
-            gm = plan.graph.traced  # None in a graph from the cache: whether it was meta-traced is not known
+            gm = plan.graph.traced if plan.graph.traced is not None else plan.graph.recorded
             if gm is not None and not tracing.baked_sizes(gm):
                 raise
         # a meta-traced graph's constants were read as run-time sizes of the tensors they shape, and one was

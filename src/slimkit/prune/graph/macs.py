@@ -8,7 +8,9 @@ one input and one output), the same rules applied to the right shapes give the s
 - after surgery, on a graph whose every op keeps channels on dim 1 and leaves the other dims
   alone (convs, linears on ``[N, F]``, BatchNorm, element-wise activations and arithmetic,
   spatial pooling and means, ``cat`` on dim 1, ``flatten(1)``: :func:`fixed_layout`), the
-  recorded shapes with each conv's and linear's channel counts read from the cut layer (no run);
+  recorded shapes with each conv's and linear's channel counts read from the cut layer (no run;
+  the forward check is :func:`slimkit.prune.graph.check.channel_mismatch`, every layer's input
+  channels against the counts flowing into it, and a mismatch goes to the run below);
 - otherwise from one run of the graph on meta tensors (shapes only, shape-preserving layers
   skipped), which is also the check that the cut model's forward still runs (a graph with a
   size the cut may break is never on the first two paths).
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.prune.graph import rules
+from slimkit.prune.graph.check import channel_mismatch
 from slimkit.prune.graph.core import ChannelGraph, evaluating
 from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, norm_act_leaf, on_meta
 from slimkit.tracing import baked_sizes
@@ -265,8 +268,8 @@ def kept_macs(gm: torch.fx.GraphModule, modules: dict[str, nn.Module], ruled: di
     """
     from slimkit.measure.macs import ShapeOnly
 
-    if not fixed_layout(gm, modules):
-        return None
+    if not fixed_layout(gm, modules) or channel_mismatch(gm, modules) is not None:
+        return None  # a cut that no longer fits is left to the run, which fails where the forward would
     total = 0
     for n, (name, spec) in calls.items():
         m, rule = modules[name], ruled[name]
