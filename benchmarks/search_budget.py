@@ -244,7 +244,8 @@ def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
           + f" | uniform at the chosen's p99 {at_same:.2f}% | gain {row['accuracy_gain_points']:+.2f} pt | "
           f"over {args.seeds} fine-tune seeds: chosen {chosen_seeds['mean']:.2f} +- {chosen_seeds['std']:.2f}% ("
           f"{chosen_seeds['min']:.2f}-{chosen_seeds['max']:.2f}), "
-          + ", ".join(f"uniform r={r} {u['seeds']['mean']:.2f} +- {u['seeds']['std']:.2f}%" for r, u in uniform.items())
+          + ", ".join(f"uniform r={r} {spread['mean']:.2f} +- {spread['std']:.2f}%"
+                      for r, spread in ((r, u["seeds"]) for r, u in uniform.items()))
           + f", uniform at the chosen's p99 {at_same_mean:.2f}%, gain {row['mean_accuracy_gain_points']:+.2f} pt, "
           + ("no uniform bracket as fast" if best_no_slower is None else
              f"over the best uniform bracket no slower {row['mean_accuracy_gain_over_no_slower_points']:+.2f} pt")
