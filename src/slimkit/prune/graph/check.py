@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BINARY = frozenset({operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub})
+#: the convs and the binary arithmetic of :func:`slimkit.prune.graph.macs.fixed_layout`'s op list
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BINARY = frozenset({operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub})
 
 
 def _recorded(n: Any) -> tuple[int, ...] | None:
@@ -36,7 +37,7 @@ def _flatten_from_1(n: torch.fx.Node, channels: int) -> int | None:
 
 def _layer(m: nn.Module, c: int | None, name: str) -> tuple[int | None, str | None]:
     """(channels out, or a mismatch) of one layer of the fixed-layout list receiving ``c`` channels."""
-    if isinstance(m, _CONVS):
+    if isinstance(m, CONVS):
         if c is not None and c != m.in_channels:
             return None, f"{name} expects {m.in_channels} input channels and receives {c}"
         if m.in_channels % m.groups or m.out_channels % m.groups:
@@ -95,7 +96,7 @@ def channel_mismatch(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) ->
         elif n.target is torch.cat:
             parts = [of(a) for a in n.args[0]] if n.args and isinstance(n.args[0], (list, tuple)) else []
             out = sum(parts) if parts and all(p is not None for p in parts) else None
-        elif n.target in _BINARY:
+        elif n.target in BINARY:
             sizes = {c for a in tensors if (c := of(a)) is not None and c != 1}
             if len(sizes) > 1:
                 return f"{n.name}: {n.target.__name__} of tensors with {sorted(sizes)} channels"

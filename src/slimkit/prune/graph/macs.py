@@ -23,7 +23,6 @@ without a meta kernel, a shape the graph baked in that no longer fits) returns N
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.prune.graph import rules
-from slimkit.prune.graph.check import channel_mismatch
+from slimkit.prune.graph.check import BINARY, CONVS, channel_mismatch
 from slimkit.prune.graph.core import ChannelGraph, evaluating
 from slimkit.prune.graph.trace import _SHAPE_ARITHMETIC, TensorShape, _ShapeProp, norm_act_leaf, on_meta
 from slimkit.tracing import baked_sizes
@@ -145,13 +144,11 @@ def _recorded_macs(modules: dict[str, nn.Module], ruled: dict[str, Any], calls: 
 
 # -- graphs whose layout a cut cannot change ---------------------------------------------------
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: exact classes that act on dim 1 as channels and leave the other dims as they are (Flatten: see below)
-_LAYOUT_MODULES = frozenset({*_CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+_LAYOUT_MODULES = frozenset({*CONVS, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
                              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                              nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d,
                              nn.MaxPool2d, nn.MaxPool3d})
-_BINARY = frozenset({operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub})
 _POOL_FUNCTIONS = frozenset({F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
                              F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d})
 
@@ -203,7 +200,7 @@ def _keeps_layout(n: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
         return _is_pass(rules.method_rule(target)) and all(a.op != "get_attr" for a in tensors)
     if op != "call_function":
         return False
-    if target in _BINARY:
+    if target in BINARY:
         return len(n.args) == 2 and not n.kwargs and all(
             isinstance(a, (int, float)) and type(a) is not bool or isinstance(a, torch.fx.Node) and a.op != "get_attr"
             for a in n.args)
@@ -250,7 +247,7 @@ def _cut_shapes(m: nn.Module, rule: Any, spec: tuple[Any, ...], out: Any) -> tup
     if not isinstance(shape_in, TensorShape) or not isinstance(out, TensorShape):
         return None
     a, b = shape_in.shape, out.shape
-    if rule is conv_macs and type(m) in _CONVS and len(a) == len(b) == len(m.kernel_size) + 2:
+    if rule is conv_macs and type(m) in CONVS and len(a) == len(b) == len(m.kernel_size) + 2:
         return (a[0], m.in_channels, *a[2:]), (b[0], m.out_channels, *b[2:])
     if rule is linear_macs and isinstance(m, nn.Linear) and len(a) == len(b) == 2:
         return (a[0], m.in_features), (b[0], m.out_features)
