@@ -199,6 +199,10 @@ def test_latency_budget_is_resolved_and_predicted_from_one_baseline_measurement(
     assert result["budget"]["value"] == pytest.approx(0.5 * base)
     assert result["latency_predictor"]["baseline_predicted_p99_ms"] == pytest.approx(base, rel=1e-9)
     assert result["chosen"]["latency_p99_ms"] > 0 and result["trials"]
+    # a relative budget is judged by the final model's paired p99 ratio against the baseline; eager: no rounding
+    chosen_ratio = result["chosen"]["p99_over_baseline_paired"]
+    assert result["chosen"]["meets_budget"] == (chosen_ratio <= 0.5) and result["chosen"]["verdict"]
+    assert result["round_to"] == 1
     # the chosen settings are a trial's, the best on validation among those measured within the target, and
     # every uniform choice that fits was a trial (the result can never be one a uniform choice dominates)
     target = result["budget"]["value"] * (1 - result["config"]["margin"])

@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trials through Ray Tune (auto: when ray is installed) or in this process")
     p.add_argument("--ray-address", help="Ray cluster to run trials on (default: a local Ray instance)")
     p.add_argument("--threads", type=int, default=1, help="engine threads when timing (default 1)")
+    p.add_argument("--round-to", type=int, help="channel knobs keep multiples of this many channels (default: 8 on "
+                                                "onnxruntime engines, whose x86 kernels run 8-channel blocks; 1 eager)")
     p.add_argument("--sram-bytes", type=int, help="on-chip SRAM of the energy estimate (default 512 KiB)")
     p.add_argument("--out", help="search directory (default runs/search-<model>)")
     return parser
@@ -401,7 +403,8 @@ def cmd_search(args: argparse.Namespace) -> int:
            "epochs": args.epochs, "budget": args.budget, "engine": args.engine, "strategy": args.strategy,
            "seed": args.seed, "trial_epochs": args.trial_epochs, "final_epochs": args.final_epochs,
            "population": args.population, "generations": args.generations, "runner": args.runner,
-           "ray_address": args.ray_address, "threads": args.threads, "sram_bytes": args.sram_bytes}
+           "ray_address": args.ray_address, "threads": args.threads, "sram_bytes": args.sram_bytes,
+           "round_to": args.round_to}
     if args.techniques:
         cfg["techniques"] = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
     out = Path(args.out or f"runs/search-{args.model}")

@@ -84,8 +84,10 @@ def measure_sensitivity(baseline: nn.Module, knobs: Sequence[Knob], samples: tor
 
     run_dir = Path(run_dir)
     cache = run_dir / "sensitivity.json"
-    key = hashlib.sha1(json.dumps([model_key(baseline), [(k.id, k.settings, k.method) for k in knobs],
-                                   len(samples), "adaptive-bn vs adapted baseline"]).encode()).hexdigest()
+    # a knob's round_to joins the key only when it rounds (tables cached before it existed stay valid)
+    spec = [(k.id, k.settings, k.method) + ((k.round_to,) if k.round_to > 1 else ()) for k in knobs]
+    key = hashlib.sha1(json.dumps([model_key(baseline), spec, len(samples),
+                                   "adaptive-bn vs adapted baseline"]).encode()).hexdigest()
     if cache.is_file():
         try:
             stored = json.loads(cache.read_text())
