@@ -37,7 +37,7 @@ from torch import nn
 
 from slimkit.exceptions import ConfigError
 from slimkit.prune.graph import ChannelGraph
-from slimkit.prune.graph.core import UnitTable
+from slimkit.prune.graph.core import UnitTable, distinct
 from slimkit.registry import Registry
 
 
@@ -113,7 +113,7 @@ class Values:
 def _promoted(n_units: int, run_units: np.ndarray, run_codes: np.ndarray, dtypes: list[torch.dtype]) -> np.ndarray:
     """Index into ``dtypes`` of every unit's promoted dtype (runs of unit ``run_units[k]`` have ``run_codes[k]``)."""
     codes = np.zeros(n_units, dtype=np.int64)
-    if len(np.unique(run_codes)) <= 1:
+    if len(distinct(run_codes)) <= 1:
         codes[:] = run_codes[0] if len(run_codes) else 0
         return codes
     per_unit: dict[int, torch.dtype] = {}
@@ -151,7 +151,7 @@ def _means(v: Values) -> dict[int, float]:
     counts = np.diff(v.offsets)
     ids = v.table.ids
     keys = counts * (len(v.dtypes) + 1) + v.codes
-    for key in np.unique(keys[counts > 0]).tolist():
+    for key in distinct(keys[counts > 0]).tolist():
         sel = np.flatnonzero(keys == key)
         n, dtype = int(counts[sel[0]]), v.dtypes[int(v.codes[sel[0]])]
         rows = torch.from_numpy(v.values[v.offsets[sel][:, None] + np.arange(n)]).to(dtype)
@@ -193,7 +193,7 @@ def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
     starts, lengths, axis_of = table.run_start[runs], table.run_stop[runs] - table.run_start[runs], table.run_axis[runs]
     dtypes: list[torch.dtype] = []
     values, codes = np.zeros(len(runs)), np.zeros(len(runs), dtype=np.int64)
-    for a in np.unique(axis_of).tolist():
+    for a in distinct(axis_of).tolist():
         w = weights[a]
         one, each = stat_for(modules[table.axes[a][0]])
         here = np.flatnonzero(axis_of == a)
@@ -227,7 +227,7 @@ def _bn_gammas(modules: dict[str, nn.Module], graph: ChannelGraph) -> Values:
     entry = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, lengths)  # index into table.positions
     entry_axis = np.repeat(axis_of, lengths)
     values = np.zeros(len(entry))
-    for a in np.unique(axis_of).tolist():
+    for a in distinct(axis_of).tolist():
         here = entry_axis == a
         values[here] = gammas[a][table.positions[entry[here]]]
     return _values(table, runs, values, lengths, np.array(axis_codes, dtype=np.int64)[axis_of], dtypes)
@@ -240,7 +240,7 @@ def _norm(p: int) -> Criterion:
         stats = (lambda rows: rows.pow(2).sum().sqrt(), lambda rows: rows.pow(2).sum(1).sqrt())
 
     def score(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
-        return _means(_producer_values(dict(model.named_modules()), graph, lambda m: stats))
+        return _means(_producer_values(graph.modules_of(model), graph, lambda m: stats))
 
     return score
 
@@ -252,7 +252,7 @@ CRITERIA.register("l2")(_norm(2))
 @CRITERIA.register("bn_gamma")
 def bn_gamma(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
     """Mean |gamma| of the BatchNorm layers the unit passes through (NaN when none)."""
-    return _means(_bn_gammas(dict(model.named_modules()), graph))
+    return _means(_bn_gammas(graph.modules_of(model), graph))
 
 
 def filter_sparsity(model: nn.Module, graph: ChannelGraph) -> dict[int, float]:
@@ -266,7 +266,7 @@ def filter_sparsity(model: nn.Module, graph: ChannelGraph) -> dict[int, float]:
                             lambda rows: (rows.abs() >= mean).float().mean(dim=1))
         return stats[id(m)]
 
-    return _means(_producer_values(dict(model.named_modules()), graph, stat_for))
+    return _means(_producer_values(graph.modules_of(model), graph, stat_for))
 
 
 @CRITERIA.register("sparsity")

@@ -356,7 +356,7 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
     cfg, graph, unit_ids = plan.config, plan.graph, plan.units
     x = trace_input(model, example_inputs)
     before = _size(model, plan.macs_before, plan.params_before)  # the shapes are the planned ones (checked above)
-    modules = graph.modules if graph.modules.get("") is model else dict(model.named_modules())
+    modules = graph.modules_of(model)
     snapshot = snapshot_modules(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
     try:
         changes = prune_units_(model, graph, unit_ids)

@@ -278,7 +278,7 @@ def prune_units_(model: nn.Module, graph: ChannelGraph, unit_ids: Iterable[int])
     Returns one row per edited axis: ``{"layer", "axis", "before", "after"}``. The graph
     describes the model as it was; build a new one before pruning again.
     """
-    modules = graph.modules if graph.modules.get("") is model else dict(model.named_modules())
+    modules = graph.modules_of(model)
     changes = []
     removals = removals_for(graph, unit_ids)
     for (name, role), drop in sorted(removals.items(), key=lambda item: (-item[0][0].count("."), item[0][0],

@@ -98,24 +98,25 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: 
     if not isinstance(example_inputs, torch.Tensor):
         raise ConfigError(f"example_inputs must be one tensor batch, got {type(example_inputs).__name__}")
     with gc_paused():
-        key = (structure_key(model, example_inputs, on_unsupported, norm_channels, baked, rules.VERSION[0])
-               if cache else None)
+        modules = dict(model.named_modules())
+        key = (structure_key(model, example_inputs, on_unsupported, norm_channels, baked, rules.VERSION[0],
+                             modules=modules) if cache else None)
         graph = _CACHE.get(key) if cache else None
         if graph is None:
-            graph = _build(model, example_inputs, on_unsupported, norm_channels, baked)
+            graph = _build(model, example_inputs, on_unsupported, norm_channels, baked, modules)
             if cache:
                 _CACHE.put(key, graph)
-        graph.modules = dict(model.named_modules())
+        graph.modules = modules
     for w in graph.warnings:
         warnings.warn(w, stacklevel=2)
     return graph
 
 
 def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, norm_channels: str,
-           baked: str = "runtime") -> ChannelGraph:
-    with evaluating(model), gc_paused():
-        gm = trace(model, example_inputs)
-        builder = Builder(model, on_unsupported, norm_channels, baked)
+           baked: str = "runtime", modules: dict[str, nn.Module] | None = None) -> ChannelGraph:
+    with evaluating(model, modules), gc_paused():
+        gm = trace(model, example_inputs, modules)
+        builder = Builder(model, on_unsupported, norm_channels, baked, modules)
         builder.run(gm)
         graph = assemble(builder, model)
         graph.traced = gm

@@ -7,12 +7,12 @@ used are reported as warnings.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 from torch import nn
 
-from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, UnitTable
+from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, UnitTable, distinct
 
 
 def _runs(axes: dict[Axis, np.ndarray], roots: np.ndarray) -> tuple[list[Axis], np.ndarray, np.ndarray, np.ndarray,
@@ -64,10 +64,12 @@ def producer_label(axis: Axis) -> str:
     return name
 
 
-def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, tuple[str, ...]], dict[str, str]]:
-    """Labels of the producers whose fresh slots joined each root (sorted), and the layer of every label."""
+def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[np.ndarray, list[tuple[str, ...]], dict[str, str]]:
+    """``(code, sets, layer)``: the labels of the producers whose fresh slots joined root ``r`` are
+    ``sets[code[r]]`` (sorted; ``code[r]`` is -1 for none), and ``layer`` the layer of every label."""
+    code = np.full(len(roots), -1, dtype=np.int64)
     if not uf.produced:
-        return {}, {}
+        return code, [], {}
     labels = [producer_label(axis) for _, _, axis in uf.produced]
     layer = {label: axis[0] for label, (_, _, axis) in zip(labels, uf.produced, strict=True)}
     names = sorted(layer)
@@ -76,42 +78,44 @@ def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[dict[int, tuple[str
     counts = np.array([count for _, count, _ in uf.produced], dtype=np.int64)
     offsets = np.r_[0, np.cumsum(counts)]
     slots = np.arange(offsets[-1]) - np.repeat(offsets[:-1] - starts, counts)
-    keys = np.unique(roots[slots] * len(names) + np.repeat([lid[label] for label in labels], counts))
+    keys = distinct(roots[slots] * len(names) + np.repeat([lid[label] for label in labels], counts))
     key_roots, key_labels = keys // len(names), keys % len(names)  # by root, labels in sorted order
     first = np.r_[True, key_roots[1:] != key_roots[:-1]]
     last = np.r_[key_roots[1:] != key_roots[:-1], True]
-    single = [(n,) for n in names]
-    out = dict(zip(key_roots[first & last].tolist(), map(single.__getitem__, key_labels[first & last].tolist())))
+    code[key_roots[first & last]] = key_labels[first & last]  # one label: its set is sets[label id]
+    sets: list[tuple[str, ...]] = [(n,) for n in names]
     bounds = np.r_[np.flatnonzero(first), len(keys)]
     several = np.flatnonzero(np.diff(bounds) > 1)
-    made: dict[tuple[int, ...], tuple[str, ...]] = {}
+    made: dict[tuple[int, ...], int] = {}
     for root, a, b in zip(key_roots[bounds[several]].tolist(), bounds[several].tolist(), bounds[several + 1].tolist(),
                           strict=True):
         ids = tuple(key_labels[a:b].tolist())
         found = made.get(ids)
         if found is None:
-            found = made[ids] = tuple(names[i] for i in ids)
-        out[root] = found
-    return out, layer
+            found = made[ids] = len(sets)
+            sets.append(tuple(names[i] for i in ids))
+        code[root] = found
+    return code, sets, layer
 
 
-def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str],
-                  producers_of: dict[int, tuple[str, ...]], members: dict[tuple[str, ...], set[int]]):
-    """(producers, partition) of one grouped-conv constraint, or None when it cannot hold.
+def _partition_of(slots: np.ndarray, g: int, roots: np.ndarray, fixed: dict[int, str], code: np.ndarray,
+                  members: Callable[[int], set[int]]) -> tuple[int, list[list[int]]] | None:
+    """(producer set code, partition) of one grouped-conv constraint, or None when it cannot hold.
 
-    ``slots``: ``[C]`` channel slots of a grouped conv's input or output; ``g``: its groups.
-    It holds when every channel is its own free unit and the units are exactly one group's.
+    ``slots``: ``[C]`` channel slots of a grouped conv's input or output; ``g``: its groups;
+    ``members(c)``: the free roots of producer set ``c``. It holds when every channel is its
+    own free unit and the units are exactly one group's.
     """
     r = roots[slots]
-    if len(np.unique(r)) != len(r) or any(x in fixed for x in r.tolist()):
+    if len(distinct(r)) != len(r) or any(x in fixed for x in r.tolist()):
         return None
-    producers = {producers_of.get(x, ()) for x in r.tolist()}
-    if len(producers) != 1:
+    codes = distinct(code[r])
+    if len(codes) != 1 or codes[0] < 0:
         return None
-    (p,) = producers
-    if not p or set(r.tolist()) != members.get(p, set()):
+    c = int(codes[0])
+    if set(r.tolist()) != members(c):
         return None
-    return p, [sorted(row) for row in r.reshape(g, -1).tolist()]
+    return c, [sorted(row) for row in r.reshape(g, -1).tolist()]
 
 
 def _balanced(r: np.ndarray, g: int) -> bool:
@@ -120,7 +124,7 @@ def _balanced(r: np.ndarray, g: int) -> bool:
     (GLU's halves, united channel by channel, are one unit per pair.)
     """
     rows = np.sort(r.reshape(g, -1), axis=1)
-    return len(np.unique(r)) < len(r) and bool((rows == rows[0]).all())
+    return len(distinct(r)) < len(r) and bool((rows == rows[0]).all())
 
 
 def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
@@ -133,36 +137,42 @@ def _finer(a: list[list[int]], b: list[list[int]]) -> list[list[int]] | None:
 
 
 def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.ndarray, fixed: dict[int, str],
-                      producers_of: dict[int, tuple[str, ...]],
-                      in_order: list[int]) -> dict[tuple[str, ...], list[list[int]]]:
+                      code: np.ndarray, sets: list[tuple[str, ...]],
+                      in_order: np.ndarray) -> dict[tuple[str, ...], list[list[int]]]:
     """Partition of each group that reaches grouped convs; fixes (in ``fixed``) the roots of the others.
 
     A constraint fails when its channels are not exactly one group's free units, or when two
     grouped convs split one group in ways neither of which refines the other (the finer one
-    is kept otherwise); fixing its roots may break others, so repeat.
+    is kept otherwise); fixing its roots may break others, so repeat. ``code`` / ``sets``: the
+    producers of every root (see :func:`_producers_of`); ``in_order``: the roots.
     """
+    codes = code[in_order]
     while True:
-        members: dict[tuple[str, ...], set[int]] = defaultdict(set)
-        for root in in_order:
-            if root not in fixed:
-                members[producers_of.get(root, ())].add(root)
+        found_members: dict[int, set[int]] = {}
+
+        def members(c: int, found: dict[int, set[int]] = found_members) -> set[int]:
+            if c not in found:
+                found[c] = {x for x in in_order[codes == c].tolist() if x not in fixed}
+            return found[c]
+
         partitions: dict[tuple[str, ...], list[list[int]]] = {}
         failed = None
         for slots, g, reason in constraints:
             r = roots[slots]
             if all(x in fixed for x in r.tolist()) or _balanced(r, g):
                 continue
-            found = _partition_of(slots, g, roots, fixed, producers_of, members)
+            found = _partition_of(slots, g, roots, fixed, code, members)
             if found is not None:
-                finer = _finer(partitions.setdefault(found[0], found[1]), found[1])
+                p = sets[found[0]]
+                finer = _finer(partitions.setdefault(p, found[1]), found[1])
                 if finer is not None:
-                    partitions[found[0]] = finer
+                    partitions[p] = finer
                     continue
             failed = (r, reason)
             break
         if failed is None:
             return partitions
-        for x in np.unique(failed[0]).tolist():
+        for x in distinct(failed[0]).tolist():
             fixed.setdefault(x, failed[1])
 
 
@@ -171,35 +181,44 @@ def assemble(builder, model: nn.Module) -> ChannelGraph:
     uf = builder.uf
     roots = uf.roots()
     fixed_roots = _fixed_roots(uf, roots)
-    producers_of, layer_of = _producers_of(uf, roots)
-    fixed_reasons: dict[str, str] = {}
-    grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    code, sets, layer_of = _producers_of(uf, roots)
     names, order, run_root, run_axis, run_start, run_stop, positions = _runs(builder.axes, roots)
-    root_list = order.tolist()
-    partitions = _group_partitions(builder.grouped, roots, fixed_roots, producers_of, root_list)
-    keep = np.zeros(len(root_list), dtype=bool)
-    layers: dict[tuple[str, ...], tuple[str, ...]] = {}
-    unit_producers = []
-    get = producers_of.get
-    for i, root in enumerate(root_list):
-        producers = get(root, ())
-        if not producers or root in fixed_roots:
-            for p in producers:
-                fixed_reasons.setdefault(p, fixed_roots.get(root, "no producer"))
-            continue
-        keep[i] = True
-        found = layers.get(producers)
-        if found is None:
-            found = layers[producers] = tuple(sorted({layer_of[p] for p in producers}))
-        unit_producers.append(found)
-        grouped[producers].append(root)
+    partitions = _group_partitions(builder.grouped, roots, fixed_roots, code, sets, order)
+    unit_code = code[order]  # every root, in the order of its first slot
+    fixed_here = np.zeros(len(roots), dtype=bool)
+    if fixed_roots:
+        fixed_here[np.fromiter(fixed_roots, dtype=np.int64, count=len(fixed_roots))] = True
+    fixed_here = fixed_here[order]
+    keep = (unit_code >= 0) & ~fixed_here
+    fixed_reasons: dict[str, str] = {}
+    lost = np.flatnonzero((unit_code >= 0) & fixed_here)
+    if len(lost):  # a producer of a fixed unit is fixed, for the reason of the first such unit
+        _, at = np.unique(unit_code[lost], return_index=True)
+        for i in lost[np.sort(at)].tolist():
+            for p in sets[unit_code[i]]:
+                fixed_reasons.setdefault(p, fixed_roots[int(order[i])])
+    kept_code, kept_root = unit_code[keep], order[keep]
+    _, at = np.unique(kept_code, return_index=True)
+    by_first = kept_code[np.sort(at)].tolist()  # producer sets in the order of their first unit
+    layers = {c: tuple(sorted({layer_of[p] for p in sets[c]})) for c in by_first}
+    layer_codes: dict[tuple[str, ...], int] = {}
+    set_code = np.zeros(len(sets), dtype=np.int64)
+    for c in by_first:
+        set_code[c] = layer_codes.setdefault(layers[c], len(layer_codes))
+    unit_producers = [layers[c] for c in kept_code.tolist()]
     kept_runs = keep[run_root]
     new_index = np.cumsum(keep) - 1
-    units = UnitTable(order[keep], unit_producers, names, new_index[run_root[kept_runs]], run_axis[kept_runs],
-                      run_start[kept_runs], run_stop[kept_runs], positions)
-    groups = [Group(",".join(p), p, sorted(u), partitions.get(p)) for p, u in grouped.items()]
+    units = UnitTable(kept_root, unit_producers, names, new_index[run_root[kept_runs]], run_axis[kept_runs],
+                      run_start[kept_runs], run_stop[kept_runs], positions,
+                      producer_codes=(set_code[kept_code], [frozenset(p) for p in layer_codes]))
+    perm = np.lexsort((kept_root, kept_code))  # by producer set, roots ascending
+    sorted_code = kept_code[perm]
+    bounds = np.r_[0, np.flatnonzero(sorted_code[1:] != sorted_code[:-1]) + 1, len(perm)]
+    members = {int(sorted_code[a]): kept_root[perm[a:b]].tolist() for a, b in zip(bounds[:-1], bounds[1:])
+               if b > a}
+    groups = [Group(",".join(sets[c]), sets[c], members[c], partitions.get(sets[c])) for c in by_first]
     used = builder.used
-    for name, module in model.named_modules():
+    for name, module in builder.modules.items():
         if name and name not in used and any(True for _ in module.parameters(recurse=False)) and not any(
             name.startswith(k + ".") for k in used
         ):

@@ -45,14 +45,17 @@ class Builder:
     """State of one graph build; ``norm_channels`` is ``keep`` or ``prune`` (see build_graph)."""
 
     def __init__(self, model: nn.Module, on_unsupported: str, norm_channels: str = "keep",
-                 baked: str = "runtime") -> None:
+                 baked: str = "runtime", modules: dict[str, nn.Module] | None = None) -> None:
         self.model = model
-        self.modules = dict(model.named_modules())
-        self.params: dict[str, tuple[int, ...]] = {}
-        for name, p in model.named_parameters():
-            self.params[name] = tuple(p.shape)
-        for name, b in model.named_buffers():
-            self.params[name] = tuple(b.shape)
+        self.modules = dict(model.named_modules()) if modules is None else modules
+        self.params: dict[str, tuple[int, ...]] = {}  # named_parameters() then named_buffers(), each tensor once
+        seen: set[int] = set()
+        for table in ("_parameters", "_buffers"):
+            for prefix, m in self.modules.items():
+                for name, t in getattr(m, table).items():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        self.params[f"{prefix}.{name}" if prefix else name] = tuple(t.shape)
         self.on_unsupported = on_unsupported
         self.norm_channels = norm_channels
         #: a meta-traced graph's constant sizes stand for run-time sizes (``runtime``) or are fixed (see build_graph)

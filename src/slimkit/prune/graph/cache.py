@@ -55,7 +55,8 @@ def _tensors(table: dict[str, torch.Tensor | None]) -> tuple:
     return tuple((k, None if t is None else (tuple(t.shape), t.dtype)) for k, t in table.items())
 
 
-def structure_key(model: nn.Module, example_inputs: torch.Tensor, *options: Any) -> tuple:
+def structure_key(model: nn.Module, example_inputs: torch.Tensor, *options: Any,
+                  modules: dict[str, nn.Module] | None = None) -> tuple:
     """Hashable summary of everything the channel graph of ``model`` depends on.
 
     The module tree; every module's class and its ``forward``, attributes (hooks included)
@@ -64,11 +65,11 @@ def structure_key(model: nn.Module, example_inputs: torch.Tensor, *options: Any)
     Two models with equal keys (a model and its deep copy) trace to the same graph; any
     change surgery makes (channel counts, parameter shapes, replaced modules) changes the key.
     Weights' values are not part of it; attributes that are neither data nor tensors count
-    by identity.
+    by identity. ``modules``: ``dict(model.named_modules())`` when the caller has it.
     """
     parts: list[Any] = [*options, tuple(example_inputs.shape), example_inputs.dtype,
                         example_inputs.device.type]
-    for name, m in model.named_modules():
+    for name, m in (model.named_modules() if modules is None else modules.items()):
         attrs = tuple((k, _freeze(v)) for k, v in vars(m).items() if k not in _SKIPPED_ATTRS)
         parts.append((name, type(m), type(m).forward, attrs, _tensors(m._parameters), _tensors(m._buffers)))
     return tuple(parts)

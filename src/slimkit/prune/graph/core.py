@@ -43,16 +43,25 @@ class UnitTable(Mapping[int, Unit]):
     """
 
     def __init__(self, ids: np.ndarray, producers: list[tuple[str, ...]], axes: list[Axis], run_unit: np.ndarray,
-                 run_axis: np.ndarray, run_start: np.ndarray, run_stop: np.ndarray, positions: np.ndarray) -> None:
+                 run_axis: np.ndarray, run_start: np.ndarray, run_stop: np.ndarray, positions: np.ndarray,
+                 producer_codes: tuple[np.ndarray, list[frozenset[str]]] | None = None) -> None:
         self.ids, self.producers, self.axes = ids, producers, axes
         self.run_unit, self.run_axis, self.run_start, self.run_stop = run_unit, run_axis, run_start, run_stop
         self.positions = positions
         for a in (ids, run_unit, run_axis, run_start, run_stop, positions):
             a.setflags(write=False)
-        self._index = dict(zip(ids.tolist(), range(len(ids))))
+        self._lookup: dict[int, int] | None = None
         self._made: dict[int, Unit] = {}
         self._first_run: np.ndarray | None = None
-        self._producer_codes: tuple[np.ndarray, list[frozenset[str]]] | None = None
+        #: what :meth:`producer_codes` returns, when the caller has it (assembly does)
+        self._producer_codes = producer_codes
+
+    @property
+    def _index(self) -> dict[int, int]:
+        """Unit id -> row, made on first use (a graph's consumers mostly read the arrays)."""
+        if self._lookup is None:
+            self._lookup = dict(zip(self.ids.tolist(), range(len(self.ids))))
+        return self._lookup
 
     @classmethod
     def from_units(cls, units: Mapping[int, Unit]) -> UnitTable:
@@ -73,9 +82,11 @@ class UnitTable(Mapping[int, Unit]):
                    stop - np.array([len(a) for a in arrays], dtype=np.int64), stop, positions)
 
     def fresh(self) -> UnitTable:
-        """A table sharing the arrays, with its own (not yet made) Unit objects."""
-        return UnitTable(self.ids, self.producers, self.axes, self.run_unit, self.run_axis, self.run_start,
-                         self.run_stop, self.positions)
+        """A table sharing the arrays (and the read-only lookups), with its own (not yet made) Unit objects."""
+        table = UnitTable(self.ids, self.producers, self.axes, self.run_unit, self.run_axis, self.run_start,
+                          self.run_stop, self.positions, self._producer_codes)
+        table._lookup, table._first_run = self._lookup, self._first_run
+        return table
 
     def index_of(self, unit_ids: Iterator[int] | list[int]) -> np.ndarray:
         """Row of every unit id in ``ids`` (KeyError for an unknown id)."""
@@ -110,7 +121,7 @@ class UnitTable(Mapping[int, Unit]):
         return iter(self._index)
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self.ids)
 
     def __contains__(self, uid: object) -> bool:
         return uid in self._index
@@ -151,6 +162,11 @@ class ChannelGraph:
     #: the MAC count (:mod:`slimkit.prune.graph.macs`); never run it (from the cache its modules are another model's)
     recorded: Any = field(default=None, repr=False, compare=False)
 
+    def modules_of(self, model: nn.Module) -> dict[str, nn.Module]:
+        """``dict(model.named_modules())``: the table build_graph made when it is ``model``'s (surgery edits
+        modules in place, so it stays valid), a fresh walk for another model (a deep copy)."""
+        return self.modules if self.modules.get("") is model else dict(model.named_modules())
+
 
 @dataclass
 class Ann:
@@ -186,6 +202,14 @@ class ParamRef:
     @property
     def pname(self) -> str:
         return self.target.rpartition(".")[2]
+
+
+def distinct(a: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``a`` (flattened): ``np.unique(a)`` by one sort. numpy 2's
+    ``unique`` hashes first and then sorts, 4x slower on the int arrays here, and imports
+    ``numpy.ma`` on its first call (13 ms of a first prune)."""
+    s = np.sort(a, axis=None)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
 
 
 class UnionFind:
@@ -227,12 +251,12 @@ class UnionFind:
             return
         a, b = a[differ], b[differ]
         span = int(b.max()) + 1
-        pairs = np.unique(a * span + b)  # the distinct (a, b) pairs in lexicographic order
+        pairs = distinct(a * span + b)  # the distinct (a, b) pairs in lexicographic order
         for s, t in zip((pairs // span).tolist(), (pairs % span).tolist(), strict=True):
             self.union(s, t)
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
-        for s in np.unique(slots).tolist():
+        for s in distinct(slots).tolist():
             self.fixed.setdefault(s, reason)
 
     def roots(self) -> np.ndarray:
@@ -246,13 +270,14 @@ class UnionFind:
 
 
 @contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> Iterator[None]:
     """``model.eval()`` inside the block, ``model.train(was_training)`` after.
 
     Both are skipped when no module is training (they would change nothing, and each walks every
-    module through ``nn.Module.__setattr__``: ~10 ms on a 300-module model).
+    module through ``nn.Module.__setattr__``: ~10 ms on a 300-module model). ``modules``: the
+    model's ``named_modules`` as a dict, when the caller has it.
     """
-    if not any(m.training for m in model.modules()):
+    if not any(m.training for m in (model.modules() if modules is None else modules.values())):
         yield
         return
     was_training = model.training

@@ -317,7 +317,7 @@ def traced_macs(graph: ChannelGraph, model: nn.Module, example_inputs: torch.Ten
     gm = live if live is not None else graph.recorded
     if gm is None:
         return None
-    modules = graph.modules if graph.modules.get("") is model else dict(model.named_modules())
+    modules = graph.modules_of(model)
     try:
         ruled = _ruled(gm, modules)
         calls = _calls_of(gm, ruled)

@@ -26,7 +26,7 @@ from torch import nn
 
 from slimkit import tracing
 from slimkit.prune.graph import heads
-from slimkit.prune.graph.core import Ann, ParamRef
+from slimkit.prune.graph.core import Ann, ParamRef, distinct
 from slimkit.prune.graph.heads import united_along
 from slimkit.prune.graph.rules import ChannelOp, register_channel_rule
 from slimkit.prune.graph.sizes import SizeOf, run_time_shape
@@ -174,7 +174,7 @@ def _split_by_constant(op: ChannelOp, x: Ann, annotated: list[int], big: list[in
             return None
         const = [j for j in big if isinstance(spec[j], int) and spec[j] > 1]
         computed = [j for j in big if spec[j] == -1 or isinstance(spec[j], torch.fx.Node) and isinstance(
-            op.value(spec[j]), SizeOf) and np.array_equal(np.unique(op.value(spec[j]).slots), np.unique(x.slots))]
+            op.value(spec[j]), SizeOf) and np.array_equal(distinct(op.value(spec[j]).slots), distinct(x.slots))]
         if len(const) != 1 or len(computed) != 1:
             return None
         op.node.meta["slimkit_split"] = set(big)  # sizes and constant-target checks accept these
@@ -929,7 +929,7 @@ def size_rule(op: ChannelOp) -> Any:
 
 @rule("numel", "nelement", torch.numel)
 def numel_rule(op: ChannelOp) -> Any:
-    return None if op.x is None else SizeOf(np.unique(op.x.slots), False)
+    return None if op.x is None else SizeOf(distinct(op.x.slots), False)
 
 
 @rule(torch.cat, torch.concat, torch.concatenate)
@@ -1014,7 +1014,7 @@ def _roots(op: ChannelOp, slots: np.ndarray) -> np.ndarray:
 def _spans_positions(op: ChannelOp, slots: np.ndarray) -> bool:
     """Some unit among ``slots`` (1-D) occupies several positions."""
     roots = _roots(op, slots)
-    return len(np.unique(roots)) < len(roots)
+    return len(distinct(roots)) < len(roots)
 
 
 def _balanced_rows(op: ChannelOp, rows: np.ndarray) -> bool:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from slimkit.prune.graph.core import Ann
+from slimkit.prune.graph.core import Ann, distinct
 
 if TYPE_CHECKING:
     from slimkit.prune.graph.builder import Builder
@@ -58,7 +58,7 @@ def run_time_shape(ann: Ann, ndim: int) -> ShapeOf:
     parts: list[SizeOf | None] = [None] * ndim
     flat = ann.slots.reshape(-1)
     for d in ann.dims:
-        parts[d] = SizeOf(flat, True) if len(ann.dims) == 1 else SizeOf(np.unique(flat), False)
+        parts[d] = SizeOf(flat, True) if len(ann.dims) == 1 else SizeOf(distinct(flat), False)
     return ShapeOf(tuple(parts))
 
 
@@ -141,7 +141,7 @@ def track(builder: Builder, node: torch.fx.Node, env: dict[str, Any]) -> Any:
                                                                                            idx.step)):
                 return ShapeOf(parts[idx])
         counted = [s for v in sizes for s in _counted(v)]
-        return SizeOf(np.unique(np.concatenate(counted)), False) if counted else None
+        return SizeOf(distinct(np.concatenate(counted)), False) if counted else None
     reason = f"{node.name}: uses the size of pruned channels"
     dims = _target_dims(node, env)
     if dims is not None:

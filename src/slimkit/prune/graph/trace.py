@@ -246,11 +246,13 @@ class _NodeError(Exception):
         super().__init__(f"{first_line(err)} (at fx node {node.name!r})")
 
 
-def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModule:
+def trace(model: nn.Module, example_inputs: torch.Tensor, modules: dict[str, nn.Module] | None = None
+          ) -> torch.fx.GraphModule:
     """fx-trace ``model`` and record every node's output shape on ``example_inputs``.
 
     Raises UnsupportedModelError when fx cannot trace the forward, ConfigError (one line)
-    when ``example_inputs`` do not fit the model.
+    when ``example_inputs`` do not fit the model. ``modules``: ``dict(model.named_modules())``
+    when the caller has it.
     """
     traced = trace_model(model, example_inputs, leaf=_has_own_rule, lazy=True, meta_leaf=_own_rule)
     if traced.graph_module is None:
@@ -261,7 +263,7 @@ def trace(model: nn.Module, example_inputs: torch.Tensor) -> torch.fx.GraphModul
     gm = traced.graph_module
     gm.meta["opaque"] = dict(zip(traced.opaque, traced.reasons))
     try:
-        with evaluating(model), torch.no_grad():
+        with evaluating(model, modules), torch.no_grad():
             if not propagate_on_meta(gm, example_inputs):
                 prop = _ShapeProp(gm)
                 prop.extra_traceback = False
