@@ -95,6 +95,37 @@ def test_trace_does_not_change_the_model():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+class SharedInside(nn.Module):
+    """One conv reachable by two paths (CoaT's shared position encodings), one weight tied between two
+    layers, and a tensor constant the trace stores on the root."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(1, 1, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(self.pos, nn.ReLU())])
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        x = self.blocks[0](x) + self.pos(x) + torch.tensor(1.0)
+        return self.b(self.a(x.flatten(1)))
+
+
+def test_the_pruning_graph_module_runs_and_on_meta_restores_shared_and_tied_tensors():
+    from slimkit.prune.graph.trace import trace
+    from slimkit.tracing import on_meta
+
+    model = SharedInside().eval()
+    gm = trace(model, X)  # the lazy GraphModule over the root's own children
+    assert torch.equal(gm(X), model(X))
+    with on_meta(gm):
+        assert all(p.device.type == "meta" for p in gm.parameters())
+    with on_meta(model):
+        assert model.b.weight.device.type == "meta" and model.blocks[0][0].weight.device.type == "meta"
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *gm.parameters()])
+    assert model.b.weight is model.a.weight
+
+
 def _pruning_traces(model) -> bool:
     from slimkit.prune.graph.trace import trace
 

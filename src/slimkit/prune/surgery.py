@@ -39,20 +39,44 @@ def register_surgery_handler(cls: type[nn.Module] | str, handler: SurgeryHandler
 
     ``cls``: the class, or its qualified name (``"timm.layers.mixed_conv2d.MixedConv2d"``:
     no import needed). ``role`` is the member axis (``out``, ``in`` or one a channel rule
-    named) and ``keep`` the sorted positions that stay (a LongTensor). Layers are cut deepest
-    first (children before their parent), a layer's ``out`` before its ``in``. A later
-    registration replaces an earlier one.
+    named) and ``keep`` the sorted positions that stay (a LongTensor, shared by the layers that
+    lose the same positions: read it, never write it). Layers are cut deepest first (children
+    before their parent), a layer's ``out`` before its ``in``. A later registration replaces an
+    earlier one.
     """
     name = cls if isinstance(cls, str) else qualified_name(cls)
     SURGERY_HANDLERS.register(f"module:{name}", handler, replace=True)
 
 
 def handler_for(module: nn.Module) -> SurgeryHandler | None:
+    """The handler registered for ``module``'s class or its nearest base, or None."""
     for cls in type(module).__mro__:
         key = f"module:{qualified_name(cls)}".lower()
         if key in SURGERY_HANDLERS:
             return SURGERY_HANDLERS.get(key)
     return None
+
+
+class _Cutter:
+    """One prune's memo of the handler of each layer class and of the ``keep`` tensor of each removal
+    (coupled axes, a conv's filters and its BatchNorm's channels, lose the same positions)."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[type, SurgeryHandler | None] = {}
+        self.keeps: dict[tuple[int, bytes], torch.Tensor] = {}
+
+    def handler(self, m: nn.Module) -> SurgeryHandler | None:
+        kind = type(m)
+        if kind not in self.handlers:
+            self.handlers[kind] = handler_for(m)
+        return self.handlers[kind]
+
+    def keep(self, size: int, drop: np.ndarray) -> torch.Tensor:
+        key = (size, drop.tobytes())
+        found = self.keeps.get(key)
+        if found is None:
+            found = self.keeps[key] = _keep(size, drop)
+        return found
 
 
 def removals_for(graph: ChannelGraph, unit_ids: Iterable[int]) -> dict[Axis, np.ndarray]:
@@ -254,13 +278,14 @@ if hasattr(nn, "RMSNorm"):
     register_surgery_handler(nn.RMSNorm, _layer_norm)
 
 
-def _cut(name: str, m: nn.Module, role: str, drop: np.ndarray, size: int) -> None:
-    keep = _keep(size, drop)
+def _cut(name: str, m: nn.Module, role: str, drop: np.ndarray, size: int, cutter: _Cutter | None = None) -> None:
+    cutter = _Cutter() if cutter is None else cutter
+    keep = cutter.keep(size, drop)
     if role.startswith("param:"):
         _, pname, axis = role.split(":")
         cut_tensor(m, pname, keep, int(axis))
         return
-    handler = handler_for(m)
+    handler = cutter.handler(m)
     if handler is None:
         raise UnsupportedModelError(
             f"surgery does not know how to prune {type(m).__name__} {name!r} ({role}); register a handler with "
@@ -280,10 +305,11 @@ def prune_units_(model: nn.Module, graph: ChannelGraph, unit_ids: Iterable[int])
     """
     modules = graph.modules_of(model)
     changes = []
+    cutter = _Cutter()
     removals = removals_for(graph, unit_ids)
     for (name, role), drop in sorted(removals.items(), key=lambda item: (-item[0][0].count("."), item[0][0],
                                                                           item[0][1] != "out", item[0][1])):
         size = len(graph.axes[(name, role)])
-        _cut(name, modules[name], role, drop, size)
+        _cut(name, modules[name], role, drop, size, cutter)
         changes.append({"layer": name, "axis": role, "before": int(size), "after": int(size - len(drop))})
     return sorted(changes, key=lambda row: (row["layer"], row["axis"]))
