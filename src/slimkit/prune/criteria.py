@@ -67,20 +67,20 @@ _SERIAL_NUMEL = 32768
 Stat = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _row_table(t: torch.Tensor, one: Stat, each: Stat) -> tuple[list[float], torch.dtype]:
-    """``one`` of every single row of ``t`` (rows along dim 0), and its dtype.
+def _row_table(t: torch.Tensor, one: Stat, each: Stat) -> tuple[np.ndarray, torch.dtype]:
+    """``one`` of every single row of ``t`` (rows along dim 0, as float64: exact), and its dtype.
 
     Computed in one call of ``each`` where that gives the same bits, row by row otherwise.
     """
     rows = t.detach().reshape(t.shape[0], -1)
     if rows.shape[1] < _SERIAL_NUMEL:
         stat = each(rows)
-        return stat.tolist(), stat.dtype
+        return stat.detach().to(torch.float64).numpy(), stat.dtype
     stats = [one(rows[i:i + 1]) for i in range(rows.shape[0])]
-    return [float(v) for v in stats], stats[0].dtype
+    return np.array([float(v) for v in stats], dtype=np.float64), stats[0].dtype
 
 
-def _rows_value(tables: dict[str, tuple[list[float], torch.dtype]], key: str, t: torch.Tensor, idx: np.ndarray,
+def _rows_value(tables: dict[str, tuple[np.ndarray, torch.dtype]], key: str, t: torch.Tensor, idx: np.ndarray,
                 one: Stat, each: Stat) -> tuple[float, torch.dtype]:
     """``one`` of the rows ``idx`` of ``t``, and its dtype.
 
@@ -92,7 +92,7 @@ def _rows_value(tables: dict[str, tuple[list[float], torch.dtype]], key: str, t:
     if key not in tables:
         tables[key] = _row_table(t, one, each)
     table, dtype = tables[key]
-    return table[idx[0]], dtype
+    return float(table[idx[0]]), dtype
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _producer_values(modules: dict[str, nn.Module], graph: ChannelGraph,
         single = here[lengths[here] == 1]
         if len(single):
             stats, dtype = _row_table(w, one, each)
-            values[single] = np.asarray(stats, dtype=np.float64)[table.positions[starts[single]]]
+            values[single] = stats[table.positions[starts[single]]]
             codes[single] = _code(dtypes, dtype)
         for k in here[lengths[here] != 1].tolist():
             idx = table.positions[starts[k]:starts[k] + lengths[k]]

@@ -18,6 +18,8 @@ from slimkit.prune.graph.core import ChannelGraph, Group, Unit, UnitTable
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 _SKIPPED_ATTRS = {"training", "_parameters", "_buffers", "_modules"}
+#: the tables every nn.Module has (hooks, ...): left out of the key while empty (a hook added shows)
+_MODULE_TABLES = frozenset(k for k, v in vars(nn.Module()).items() if isinstance(v, (dict, set)))
 
 
 _ATOM_TYPES = frozenset(_ATOMS)
@@ -70,7 +72,8 @@ def structure_key(model: nn.Module, example_inputs: torch.Tensor, *options: Any,
     parts: list[Any] = [*options, tuple(example_inputs.shape), example_inputs.dtype,
                         example_inputs.device.type]
     for name, m in (model.named_modules() if modules is None else modules.items()):
-        attrs = tuple((k, _freeze(v)) for k, v in vars(m).items() if k not in _SKIPPED_ATTRS)
+        attrs = tuple((k, _freeze(v)) for k, v in vars(m).items()
+                      if k not in _SKIPPED_ATTRS and not (k in _MODULE_TABLES and not v))
         parts.append((name, type(m), type(m).forward, attrs, _tensors(m._parameters), _tensors(m._buffers)))
     return tuple(parts)
 
