@@ -168,7 +168,8 @@ def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
                      "population": 12, "generations": 6, "greedy_candidates": args.greedy_candidates,
                      "evolution_trials": args.evolution_trials, "max_steps": 6, "step_share": 0.2,
                      "ratios": _floats(args.ratios), "ranks": _floats(args.ranks), "runner": args.runner,
-                     "paired_timing": args.paired_timing, "round_to": args.round_to, "seed": 0}, sdir)
+                     "paired_timing": args.paired_timing, "round_to": args.round_to,
+                     "timing_blocks": args.timing_blocks, "seed": 0}, sdir)
     search_s = time.perf_counter() - started
     baseline = load_model(sdir / "baseline.pt").eval()
     chosen_model = load_model(sdir / "final" / "model.pt").eval()
@@ -424,6 +425,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.5,0.75", help="channel ratios of the latency search")
     parser.add_argument("--ranks", default="0.25", help="rank fractions of the latency search")
     parser.add_argument("--runner", default="sequential", choices=["auto", "ray", "sequential"])
+    parser.add_argument("--timing-blocks", type=int, default=5,
+                        help="blocks of 200 runs of each candidate's p99 in the search (block median)")
     parser.add_argument("--round-to", type=int, default=None,
                         help="kept channel multiples of the search's knobs and of uniform pruning (default: the "
                              "search's, 8 on ONNX Runtime)")

@@ -74,3 +74,31 @@ def test_relative_latency_budget_is_judged_by_the_paired_ratio():
     # an absolute budget (no factor) is judged on the absolute reading, the ratio aside
     assert meets_latency_budget(0.60, budget_ms=0.635, paired_ratio=0.9)
     assert not meets_latency_budget(0.66, budget_ms=0.635, paired_ratio=0.3)
+
+
+def test_latency_predictor_switches_to_the_feature_that_predicted_the_measured_models(tmp_path):
+    """p99s that follow the MACs exactly (2 ns per MAC): after one measured model the MACs' held-out error is 0, the
+    table's (real ONNX Runtime per-layer timings) is not, so ``auto`` predicts by MACs, exactly; ``table`` does not
+    switch."""
+    pytest.importorskip("onnxruntime")
+    from tests.test_search import X16, Widths
+
+    from slimkit.search.latency import LatencyPredictor, LatencyTable, layer_macs
+
+    base, quarter, half = Widths(64, 64), Widths(16, 16), Widths(32, 32)
+    # conv1 3 -> a (3 x 3), conv2 a -> b (3 x 3) on 16 x 16 pixels, fc b -> 10: the closed form
+    assert layer_macs(half, X16) == 256 * 32 * 3 * 9 + 256 * 32 * 32 * 9 + 10 * 32
+
+    def p99(m):
+        return 2e-6 * layer_macs(m, X16)
+
+    table = LatencyTable(tmp_path / "lat.json", "onnxruntime", runs=20)
+    for feature in ("auto", "table"):
+        predictor = LatencyPredictor(table, base, X16, {"median_ms": p99(base), "p99_ms": p99(base)}, feature)
+        assert predictor.active == "table"
+        predictor.add_features_point(predictor.features(quarter), p99(quarter))
+        assert predictor.held_out["macs"][0] == pytest.approx(0.0, abs=1e-9) and predictor.held_out["table"][0] > 0
+        assert predictor.active == ("macs" if feature == "auto" else "table")
+        if feature == "auto":
+            assert predictor.from_features(predictor.features(half)) == pytest.approx(p99(half), rel=1e-6)
+            assert predictor.feature_errors()["active_feature"] == "macs"

@@ -101,6 +101,11 @@ class SearchConfig(Config):
     threads: int = Field(1, ge=1, description="threads of the engine when timing")
     round_to: int | None = Field(None, ge=1, description="channel knobs keep multiples of this many channels "
                                                          "(default: 8 on onnxruntime engines, 1 on eager)")
+    latency_feature: Literal["auto", "table", "macs"] = Field(
+        "auto", description="what predicts a candidate's p99: the per-layer table's sum, its MACs, or whichever "
+                            "has predicted the measured candidates better so far")
+    timing_blocks: int = Field(5, ge=1, description="blocks of 200 runs of each candidate's p99 (block median; "
+                                                    "paired: alternating with the baseline)")
     baseline_blocks: int = Field(15, ge=1, description="blocks of 200 runs whose median p99 is the baseline's "
                                                        "(resolves a relative latency budget)")
     verdict_blocks: int = Field(15, ge=1, description="alternating blocks of the final paired p99 ratio against "
@@ -140,17 +145,19 @@ class _Metric:
 
         if self.cfg.paired_timing and self.reference is not None:
             reference, reference_p99 = self.reference
-            return reference_p99 * paired_p99_ratio(model, reference, self.example, self.cfg.engine, self.cfg.threads)
-        return float(end_to_end(model, self.example, self.cfg.engine, self.cfg.threads)["p99_ms"])
+            return reference_p99 * paired_p99_ratio(model, reference, self.example, self.cfg.engine, self.cfg.threads,
+                                                    blocks=self.cfg.timing_blocks)
+        return float(end_to_end(model, self.example, self.cfg.engine, self.cfg.threads,
+                                blocks=self.cfg.timing_blocks)["p99_ms"])
 
     def raw(self, model: torch.nn.Module) -> float:
         """What the prediction is a function of: the latency table's per-layer sum, else the exact metric."""
         if self.name == "latency_p99_ms":
-            return float(self.predictor.sum_ms(model))
+            return self.predictor.features(model)
         return self.measure(model)
 
-    def from_raw(self, raw: float) -> float:
-        return float(self.predictor.from_sum(raw)) if self.name == "latency_p99_ms" else raw
+    def from_raw(self, raw: Any) -> float:
+        return float(self.predictor.from_features(raw)) if self.name == "latency_p99_ms" else raw
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -264,14 +271,14 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
             structural = _structural(baseline, knobs, tuple(0 for _ in knobs), header, example, data, out, True)
             measured = end_to_end(structural, example, cfg.engine, cfg.threads)
             meter.reference = (structural, float(measured["p99_ms"]))
-        meter.predictor = LatencyPredictor(lat_table, baseline, example, measured)
+        meter.predictor = LatencyPredictor(lat_table, baseline, example, measured, cfg.latency_feature)
         predictor_info = {"engine": cfg.engine, "threads": cfg.threads, "residual_ms": meter.predictor.residual,
                           "tail_ratio": meter.predictor.tail,
                           "baseline_predicted_p99_ms": meter.predictor.p99_ms(baseline)}
 
     identity: Choice = tuple(0 for _ in knobs)
     latency = metric == "latency_p99_ms"
-    raw: dict[Choice, float] = {}
+    raw: dict[Choice, Any] = {}  # what the prediction reads: (layer sum, MACs) for latency, else the metric
 
     def predict(choice: Choice) -> float:
         """The budget metric of ``choice`` as predicted now (calibrated on every model measured so far)."""
@@ -289,11 +296,11 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         recalibrates the predictor, after the prediction made without it was recorded (held out)."""
         if choice not in measured:
             before = predict(choice)
-            additive = meter.predictor.additive_ms(raw[choice]) if latency else before
+            additive = meter.predictor.additive_ms(raw[choice][0]) if latency else before
             value = meter.measure(_structural(baseline, knobs, choice, header, example, data, out, quantize_all))
             measured[choice] = {"measured": value, "predicted": before, "predicted_additive": additive}
             if latency:
-                meter.predictor.add_point(raw[choice], value)
+                meter.predictor.add_features_point(raw[choice], value)
         return measured[choice]["measured"]
 
     target = budget * (1 - cfg.margin) if latency else budget
@@ -347,11 +354,15 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
     choice: Choice = identity
     if cfg.strategy in ("both", "greedy"):
         step = cfg.step_share * base_metric
+        level = base_metric
         for step_index in range(cfg.max_steps):
             now = measure(choice)
             if now <= target:
                 break
-            goal = max(now - step, target)
+            # the goal falls every step: a proposal that measured slower than the step before (MobileNetV2's
+            # batch-1 p99 repeats only to about 30 %) must not raise the next goal above the last one
+            level = min(level, now)
+            goal = max(level - step, target)
             moves = greedy_moves(knobs, table, choice, predict, goal, cfg.greedy_candidates)
             if not moves:
                 _say(log, "greedy: no knob lowers the metric further")
@@ -467,7 +478,8 @@ def search(cfg: SearchConfig | dict, out_dir: str | Path, log: Callable[[str], N
         result["latency_predictor"] = {**predictor_info, **predictor_error(held_out),
                                        "additive": {k: v for k, v in predictor_error(additive).items() if k != "pairs"},
                                        "slope": meter.predictor.slope, "offset_ms": meter.predictor.offset,
-                                       "table_entries": len(meter.predictor.table.entries)}
+                                       "table_entries": len(meter.predictor.table.entries),
+                                       **meter.predictor.feature_errors()}
         result["latency_table"] = meter.predictor.table.rows()
     result["realtime"] = _realtime(baseline, final_model, example, cfg, budget if metric == "latency_p99_ms" else None)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)

@@ -127,7 +127,7 @@ def build_space(model: nn.Module, example_inputs: torch.Tensor, techniques: Sequ
             width = n * max(parts, 1)
             counts = {width}
             usable = []
-            for r in ratios:
+            for r in sorted(ratios):  # ascending: a setting's index is its strength
                 kept = kept_count(n, r, round_to, parts)
                 if 1 <= int(r * n + 1e-9) < n and kept not in counts:
                     counts.add(kept)
