@@ -76,13 +76,27 @@ def test_relative_latency_budget_is_judged_by_the_paired_ratio():
     assert not meets_latency_budget(0.66, budget_ms=0.635, paired_ratio=0.3)
 
 
+class Widths(nn.Module):
+    """Two 3 x 3 convolutions of widths ``a`` and ``b`` and a Linear classifier."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, a, 3, padding=1)
+        self.conv2 = nn.Conv2d(a, b, 3, padding=1)
+        self.fc = nn.Linear(b, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x).relu()).relu().mean((2, 3)))
+
+
+X16 = torch.zeros(1, 3, 16, 16)
+
+
 def test_latency_predictor_switches_to_the_feature_that_predicted_the_measured_models(tmp_path):
     """p99s that follow the MACs exactly (2 ns per MAC): after one measured model the MACs' held-out error is 0, the
     table's (real ONNX Runtime per-layer timings) is not, so ``auto`` predicts by MACs, exactly; ``table`` does not
     switch."""
     pytest.importorskip("onnxruntime")
-    from tests.test_search import X16, Widths
-
     from slimkit.search.latency import LatencyPredictor, LatencyTable, layer_macs
 
     base, quarter, half = Widths(64, 64), Widths(16, 16), Widths(32, 32)
