@@ -16,7 +16,11 @@ and p99s, whether the budget is met, uniform pruning's accuracy at the chosen mo
 (linear between the brackets) and the gain over it, for seed 0 and for the means over seeds
 (with their standard deviations), the gain over the most accurate bracket timed at or under
 the chosen model's p99 (a uniform model that exists, not a line), and the latency
-predictor's error on candidates it had not yet seen (calibrated and additive).
+predictor's error on candidates it had not yet seen (calibrated and additive). Uniform
+pruning keeps the same multiples of channels as the search's knobs (``round_to``, 8 on ONNX
+Runtime), and the verdict on the budget is paired: the chosen model's p99 over the
+baseline's in the same round of the final round-robin (five rounds, median ratio) at most
+0.5; the absolute p99 against the absolute budget is printed beside it.
 
 Part ``size``: ``--budget size_bytes=20000`` on LeNet-5 with channels, ranks and bits: which
 combination of techniques the search chose (winner fine-tuned 2 epochs whatever ``--final-epochs``).
