@@ -262,8 +262,10 @@ def latency_part(model_name: str, out: Path, args: argparse.Namespace) -> dict:
     lp = row["latency_predictor"]
     print(f"{model_name}: budget p99 {budget:.3f} ms | baseline {row['baseline']['accuracy']:.2f}% "
           f"p99 {timed['baseline']['p99_ms']:.3f} ms | chosen {row['chosen']['accuracy']:.2f}% p99 {chosen_p99:.3f} ms "
-          f"({'meets' if row['chosen']['meets_budget_roundrobin'] else 'MISSES'} the budget, "
-          f"{row['chosen']['p99_over_baseline_roundrobin']:.2f}x the baseline) | "
+          f"({'meets' if row['chosen']['meets_budget_roundrobin'] else 'MISSES'} the budget: "
+          f"{row['chosen']['p99_over_baseline_roundrobin']:.2f}x the baseline paired; absolute "
+          f"{'under' if row['chosen']['meets_budget_absolute_roundrobin'] else 'over'} {budget:.3f} ms; in the search "
+          f"{result['chosen'].get('verdict')}) | "
           + " | ".join(f"uniform r={r} {u['accuracy']:.2f}% p99 {u['p99_ms']:.3f} ms" for r, u in uniform.items())
           + f" | uniform at the chosen's p99 {at_same:.2f}% | gain {row['accuracy_gain_points']:+.2f} pt | "
           f"over {args.seeds} fine-tune seeds: chosen {chosen_seeds['mean']:.2f} +- {chosen_seeds['std']:.2f}% ("
