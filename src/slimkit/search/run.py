@@ -618,7 +618,9 @@ def render_search_markdown(result: dict[str, Any]) -> str:
              f"| baseline | {base['accuracy']:.2f} | {_fmt(metric, base[metric])} |",
              f"| chosen | {chosen['accuracy']:.2f} | {_fmt(metric, chosen[metric])} |", "",
              f"Chosen settings: {', '.join(f'{k} {v}' for k, v in chosen['settings'].items()) or 'none'} "
-             f"({'meets' if chosen['meets_budget'] else 'misses'} the budget).", "",
+             f"({'meets' if chosen['meets_budget'] else 'misses'} the budget"
+             + (f"; {chosen['verdict']}, absolute {_fmt(metric, chosen[metric])}" if "verdict" in chosen else "")
+             + ").", "",
              "## Pareto front", "", f"| point | source | accuracy % | {metric} |", "|---|---|---:|---:|"]
     lines += [f"| {p['id']} | {p['source']} | {p['accuracy']:.2f} | {_fmt(metric, p[metric])} |"
               for p in result["pareto"]]
