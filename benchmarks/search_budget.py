@@ -25,6 +25,11 @@ baseline's in the same round of the final round-robin (five rounds, median ratio
 Part ``size``: ``--budget size_bytes=20000`` on LeNet-5 with channels, ranks and bits: which
 combination of techniques the search chose (winner fine-tuned 2 epochs whatever ``--final-epochs``).
 
+Part ``rounding``: MobileNetV2 (untrained: only the shapes matter) pruned uniformly at a few ratios with
+kept channel counts exact (``round_to`` 1) and rounded up to multiples of 8, every model timed on ONNX
+Runtime (one thread, batch 1) in blocks alternating with the baseline; printed: the median over blocks of
+each model's median and p99 over the baseline's in the same block.
+
 Part ``table``: the latency part's results in ``<out>/results.json`` as docs/search.md's table.
 
 Part ``seeds``: the fine-tune's own noise, each of ``--recipes`` (recipe YAMLs with a saved
@@ -337,6 +342,51 @@ def latency_table_md(results: dict) -> str:
     return "\n".join(lines)
 
 
+def rounding_part(args: argparse.Namespace, blocks: int = 7, runs: int = 200) -> dict:
+    """Uniform pruning with exact and with multiple-of-8 channel counts, timed against the baseline (see above)."""
+    import tempfile
+
+    import numpy as np
+
+    from slimkit.global_state import num_threads
+    from slimkit.measure.realtime import engine_callable, realtime_stats
+    from slimkit.models import create_model
+    from slimkit.prune import structured_
+
+    torch.manual_seed(0)
+    example = torch.zeros(1, 1, 28, 28)
+    base = create_model("mobilenet_v2", num_classes=10, in_channels=1).eval()
+    models = {"baseline": base}
+    for ratio in _floats(args.rounding_ratios):
+        for round_to in (1, 8):
+            pruned = copy.deepcopy(base)
+            structured_(pruned, example, {"ratio": ratio, "criterion": "l1", "round_to": round_to})
+            models[f"{ratio:g} round_to {round_to}"] = pruned.eval()
+    rows = {}
+    with num_threads(None), tempfile.TemporaryDirectory() as tmp:
+        fns = {}
+        for i, (name, model) in enumerate(models.items()):
+            (Path(tmp) / str(i)).mkdir()
+            fns[name] = engine_callable(model, example, "onnxruntime", Path(tmp) / str(i), 1)
+        seen = {name: [] for name in fns}
+        for block in range(blocks):
+            for name, fn in fns.items():
+                seen[name].append(realtime_stats(fn, runs=runs, warmup=20 if block == 0 else 0))
+        base_stats = seen["baseline"]
+        for name, stats in seen.items():
+            widths = [m.out_channels for m in models[name].modules() if isinstance(m, torch.nn.Conv2d)]
+            pairs = list(zip(stats, base_stats, strict=True))
+            rows[name] = {"median_over_baseline": float(np.median([s.p50_ms / b.p50_ms for s, b in pairs])),
+                          "p99_over_baseline": float(np.median([s.p99_ms / b.p99_ms for s, b in pairs])),
+                          "median_ms": float(np.median([s.p50_ms for s in stats])),
+                          "convs_not_multiple_of_8": sum(w % 8 != 0 for w in widths), "convs": len(widths)}
+            r = rows[name]
+            print(f"{name:18s} median {r['median_ms']:.3f} ms, {r['median_over_baseline']:.2f}x the baseline's "
+                  f"median, p99 {r['p99_over_baseline']:.2f}x ({r['convs_not_multiple_of_8']} of {r['convs']} convs "
+                  "not a multiple of 8)")
+    return {"blocks": blocks, "runs": runs, "rows": rows}
+
+
 def seeds_part(args: argparse.Namespace) -> dict:
     """The fine-tune's own noise: each of ``--recipes`` fine-tuned ``--final-epochs`` epochs with ``--seeds`` seeds."""
     import yaml
@@ -431,6 +481,8 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.5,0.75", help="channel ratios of the latency search")
     parser.add_argument("--ranks", default="0.25", help="rank fractions of the latency search")
     parser.add_argument("--runner", default="sequential", choices=["auto", "ray", "sequential"])
+    parser.add_argument("--rounding-ratios", default="0.25,0.4,0.5",
+                        help="part rounding: uniform ratios timed with exact and multiple-of-8 channel counts")
     parser.add_argument("--timing-blocks", type=int, default=5,
                         help="blocks of 200 runs of each candidate's p99 in the search (block median)")
     parser.add_argument("--round-to", type=int, default=None,
@@ -452,6 +504,9 @@ def main() -> None:
         _save(out, results)
     if "energy" in parts:
         results["energy"] = energy_part(out)
+        _save(out, results)
+    if "rounding" in parts:
+        results["rounding"] = rounding_part(args)
         _save(out, results)
     if "table" in parts:
         print(latency_table_md(results))
