@@ -233,13 +233,32 @@ def _bn_gammas(modules: dict[str, nn.Module], graph: ChannelGraph) -> Values:
     return _values(table, runs, values, lengths, np.array(axis_codes, dtype=np.int64)[axis_of], dtypes)
 
 
-def _norm(p: int) -> Criterion:
-    if p == 1:
-        stats = (lambda rows: rows.abs().sum(), lambda rows: rows.abs().sum(1))
-    else:
-        stats = (lambda rows: rows.pow(2).sum().sqrt(), lambda rows: rows.pow(2).sum(1).sqrt())
+class _Scratch:
+    """One reusable buffer per dtype for the element-wise step of a row statistic: the same values as a
+    fresh tensor (so the same sums, bit for bit), without a new allocation, and its page faults, per layer
+    (half the time of ``rows.abs().sum(1)`` over MobileNetV3's weights)."""
 
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def like(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """A buffer of ``rows``' shape and dtype (None for rows that are not contiguous: their own layout)."""
+        if not rows.is_contiguous():
+            return None
+        flat = self.buffers.get(rows.dtype)
+        if flat is None or flat.numel() < rows.numel():
+            flat = self.buffers[rows.dtype] = torch.empty(rows.numel(), dtype=rows.dtype)
+        return flat[: rows.numel()].view(rows.shape)
+
+
+def _norm(p: int) -> Criterion:
     def score(model: nn.Module, graph: ChannelGraph, ctx: ScoreContext) -> dict[int, float]:
+        scratch = _Scratch()
+        if p == 1:
+            stats = (lambda rows: rows.abs().sum(), lambda rows: torch.abs(rows, out=scratch.like(rows)).sum(1))
+        else:
+            stats = (lambda rows: rows.pow(2).sum().sqrt(),
+                     lambda rows: torch.pow(rows, 2, out=scratch.like(rows)).sum(1).sqrt())
         return _means(_producer_values(graph.modules_of(model), graph, lambda m: stats))
 
     return score
