@@ -252,8 +252,21 @@ class UnionFind:
         a, b = a[differ], b[differ]
         span = int(b.max()) + 1
         pairs = distinct(a * span + b)  # the distinct (a, b) pairs in lexicographic order
+        parent = self.parent
         for s, t in zip((pairs // span).tolist(), (pairs % span).tolist(), strict=True):
-            self.union(s, t)
+            # self.union(s, t), inlined (a few thousand pairs per residual add): the same roots
+            rs = s
+            while parent[rs] != rs:
+                rs = parent[rs]
+            while parent[s] != rs:
+                parent[s], s = rs, parent[s]
+            rt = t
+            while parent[rt] != rt:
+                rt = parent[rt]
+            while parent[t] != rt:
+                parent[t], t = rt, parent[t]
+            if rs != rt:
+                parent[rt] = rs
 
     def fix(self, slots: np.ndarray, reason: str) -> None:
         for s in distinct(slots).tolist():
