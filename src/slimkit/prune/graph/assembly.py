@@ -84,17 +84,14 @@ def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[np.ndarray, list[tu
     last = np.r_[key_roots[1:] != key_roots[:-1], True]
     code[key_roots[first & last]] = key_labels[first & last]  # one label: its set is sets[label id]
     sets: list[tuple[str, ...]] = [(n,) for n in names]
-    bounds = np.r_[np.flatnonzero(first), len(keys)]
-    several = np.flatnonzero(np.diff(bounds) > 1)
-    made: dict[tuple[int, ...], int] = {}
-    for root, a, b in zip(key_roots[bounds[several]].tolist(), bounds[several].tolist(), bounds[several + 1].tolist(),
-                          strict=True):
-        ids = tuple(key_labels[a:b].tolist())
-        found = made.get(ids)
-        if found is None:
-            found = made[ids] = len(sets)
-            sets.append(tuple(names[i] for i in ids))
-        code[root] = found
+    starts = np.flatnonzero(first)
+    lengths = np.diff(np.r_[starts, len(keys)])
+    several = np.flatnonzero(lengths > 1)  # roots joined by several producers (a depthwise conv's channels)
+    for k in distinct(lengths[several]).tolist():  # the label lists of each length, deduplicated at once
+        of_k = several[lengths[several] == k]
+        rows, inverse = np.unique(key_labels[starts[of_k][:, None] + np.arange(k)], axis=0, return_inverse=True)
+        code[key_roots[starts[of_k]]] = len(sets) + inverse.reshape(-1)
+        sets += [tuple(names[i] for i in row) for row in rows.tolist()]
     return code, sets, layer
 
 
