@@ -1,7 +1,8 @@
 """Time building the channel graph and pruning 50% of channels, against Torch-Pruning.
 
 For each model, after one untimed forward (so that neither library pays the first-call
-cost of the conv kernels), the median over ``--repeats`` fresh models of:
+cost of the conv kernels), the median over ``--repeats`` fresh models (a full garbage collection
+before each timed call, for both libraries) of:
 
 - slimkit ``build_graph`` with an empty graph cache;
 - slimkit ``structured_`` (l1, local, 50%) with an empty graph cache: graph, scores,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import subprocess
@@ -53,10 +55,12 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def _median(make: Callable[[], torch.nn.Module], timed: Callable[[torch.nn.Module], object], repeats: int) -> float:
-    """Median seconds of ``timed(model)`` over ``repeats`` models from ``make`` (not timed)."""
+    """Median seconds of ``timed(model)`` over ``repeats`` models from ``make`` (not timed); a full garbage
+    collection before each (see :func:`cold_one`), so that none lands in a timed call by chance."""
     runs = []
     for _ in range(repeats):
         model = make()
+        gc.collect()
         runs.append(_seconds(lambda m=model: timed(m)))
     return statistics.median(runs)
 
@@ -108,16 +112,23 @@ def _tp_prune(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 def cold_one(lib: str, name: str, size: int) -> float:
-    """Seconds of the first prune call in this (fresh) process, after one untimed forward."""
+    """Seconds of the first prune call in this (fresh) process, after one untimed forward.
+
+    One full garbage collection before the call, for both libraries: the imports leave a few hundred
+    thousand objects that the collector has not yet examined, and the first full collection (~0.17 s
+    with torch loaded) falls into whichever call's allocations happen to trigger it; which call that is
+    depends on the process's collection counters (even on the order of the imports), not on the library.
+    """
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     model, x = build(name), torch.zeros(1, 3, size, size)
     with torch.no_grad():
         model(x)
+    if lib != "slimkit":
+        import torch_pruning  # noqa: F401  (imported before timing, as slimkit is)
+    gc.collect()
     if lib == "slimkit":
         return _seconds(lambda: structured_(model, x, CONFIG))
-    import torch_pruning  # noqa: F401  (imported before timing, as slimkit is)
-
     return _seconds(lambda: _tp_prune(model, x))
 
 

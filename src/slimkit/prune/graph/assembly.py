@@ -89,7 +89,13 @@ def _producers_of(uf: UnionFind, roots: np.ndarray) -> tuple[np.ndarray, list[tu
     several = np.flatnonzero(lengths > 1)  # roots joined by several producers (a depthwise conv's channels)
     for k in distinct(lengths[several]).tolist():  # the label lists of each length, deduplicated at once
         of_k = several[lengths[several] == k]
-        rows, inverse = np.unique(key_labels[starts[of_k][:, None] + np.arange(k)], axis=0, return_inverse=True)
+        table = key_labels[starts[of_k][:, None] + np.arange(k)]  # [n, k] label ids
+        if len(names) ** k < 2 ** 62:  # a row as one integer: a sort of ints (rows by axis=0 sort as bytes, 5x slower)
+            _, first, inverse = np.unique(table @ (len(names) ** np.arange(k - 1, -1, -1, dtype=np.int64)),
+                                          return_index=True, return_inverse=True)
+            rows = table[first]
+        else:
+            rows, inverse = np.unique(table, axis=0, return_inverse=True)
         code[key_roots[starts[of_k]]] = len(sets) + inverse.reshape(-1)
         sets += [tuple(names[i] for i in row) for row in rows.tolist()]
     return code, sets, layer
