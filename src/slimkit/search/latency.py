@@ -64,13 +64,18 @@ def layer_inputs(model: nn.Module, example_inputs: torch.Tensor) -> list[tuple[s
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_pre_hook(
                 lambda mod, args, n=name: calls.append((n, mod, (1, *args[0].shape[1:])))))
+    _hooked_forward(model, example_inputs, handles)
+    return calls
+
+
+def _hooked_forward(model: nn.Module, example_inputs: torch.Tensor, handles: list) -> None:
+    """One batch-1 forward of ``model`` in eval mode, then the hooks ``handles`` removed (also on an error)."""
     try:
         with torch.no_grad():
             model.eval()(example_inputs[:1])
     finally:
         for h in handles:
             h.remove()
-    return calls
 
 
 class LatencyTable:
@@ -183,12 +188,7 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
             total += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(example_inputs[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _hooked_forward(model, example_inputs, handles)
     return int(total)
 
 
