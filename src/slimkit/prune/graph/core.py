@@ -118,7 +118,7 @@ class UnitTable(Mapping[int, Unit]):
         return unit
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._index)
+        return iter(self.ids.tolist())  # the lookup's order, without making it
 
     def __len__(self) -> int:
         return len(self.ids)
