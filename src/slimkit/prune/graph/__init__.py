@@ -118,7 +118,7 @@ def _build(model: nn.Module, example_inputs: torch.Tensor, on_unsupported: str, 
         gm = trace(model, example_inputs, modules)
         builder = Builder(model, on_unsupported, norm_channels, baked, modules)
         builder.run(gm)
-        graph = assemble(builder, model)
+        graph = assemble(builder)
         graph.traced = gm
         return graph
 

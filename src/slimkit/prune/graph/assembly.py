@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from torch import nn
 
 from slimkit.prune.graph.core import Axis, ChannelGraph, Group, UnionFind, UnitTable, distinct
 
@@ -179,7 +178,7 @@ def _group_partitions(constraints: list[tuple[np.ndarray, int, str]], roots: np.
             fixed.setdefault(x, failed[1])
 
 
-def assemble(builder, model: nn.Module) -> ChannelGraph:
+def assemble(builder) -> ChannelGraph:
     """Units and groups from the builder's union-find classes, plus the unused-module warnings."""
     uf = builder.uf
     roots = uf.roots()
