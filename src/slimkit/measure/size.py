@@ -58,7 +58,7 @@ def _mask_for(module: nn.Module, param_name: str) -> torch.Tensor | None:
 
 
 def _nonzeros(t: torch.Tensor) -> int:
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and not t.requires_grad:
+    if t.device.type == "cpu" and t.layout == torch.strided and t.dtype in (torch.float32, torch.float64):
         return int(np.count_nonzero(t.numpy() != 0))  # a third faster than torch.count_nonzero on one thread
     return int(torch.count_nonzero(t))  # one pass, no boolean copy
 
