@@ -218,6 +218,14 @@ def _partition_keep(m: int, kept: int, groups: int, round_to: int) -> int:
     return kept
 
 
+def local_keep(n: int, ratio: float, cfg: StructuredConfig, partitions: int = 0) -> int:
+    """Units local selection at ``ratio`` keeps of a group of ``n`` (of each of its ``partitions`` partitions of
+    ``n`` when it reaches a grouped conv): ``floor(ratio * n)`` removed, at least ``1 - max_layer_ratio`` of ``n``
+    kept, the kept count (all partitions together) rounded up to a multiple of ``round_to``."""
+    kept = max(n - int(math.floor(ratio * n + 1e-9)), _min_keep(n, cfg))
+    return _partition_keep(n, kept, partitions, cfg.round_to) if partitions else _round_keep(kept, n, cfg.round_to)
+
+
 def _rows(group: Group, scores: dict[int, float]) -> list[list[int]]:
     """Row ``j``: the ``j``-th lowest-scored unit of every partition (``len(partitions)`` ids)."""
     ordered = [sorted(p, key=lambda u: (scores[u], u)) for p in group.partitions]
@@ -227,8 +235,7 @@ def _rows(group: Group, scores: dict[int, float]) -> list[list[int]]:
 def _local_rows(group: Group, scores: dict[int, float], ratio: float, cfg: StructuredConfig) -> list[int]:
     """Per-partition local selection: every partition of ``m`` units loses its lowest ``floor(ratio * m)``."""
     m = len(group.partitions[0])
-    kept = max(m - int(math.floor(ratio * m + 1e-9)), _min_keep(m, cfg))
-    kept = _partition_keep(m, kept, len(group.partitions), cfg.round_to)
+    kept = local_keep(m, ratio, cfg, len(group.partitions))
     return [u for row in _rows(group, scores)[: m - kept] for u in row]
 
 
@@ -263,8 +270,7 @@ def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cf
                 pruned += _local_rows(g, scores, ratio, cfg)
                 continue
             n = len(g.units)
-            keep = max(n - int(math.floor(ratio * n + 1e-9)), _min_keep(n, cfg))
-            keep = _round_keep(keep, n, cfg.round_to)
+            keep = local_keep(n, ratio, cfg)
             units = np.asarray(g.units, dtype=np.int64)
             vals = np.fromiter((scores[u] for u in g.units), dtype=np.float64, count=n)
             pruned += units[np.lexsort((units, vals))[: n - keep]].tolist()  # by (score, id), as sorted() would

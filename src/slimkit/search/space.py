@@ -23,7 +23,6 @@ search writes and the models its trials build are the same transforms
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,18 +64,16 @@ def _rank_method(module: nn.Module) -> str | None:
 def kept_count(n: int, ratio: float, round_to: int = 1, partitions: int = 0, max_layer_ratio: float = 0.9) -> int:
     """Channel units a group of ``n`` keeps after local structured pruning at ``ratio`` (all partitions together).
 
-    The rule of :func:`slimkit.prune.structured_` with ``scope: local``: ``floor(ratio * n)``
-    removed, at least ``1 - max_layer_ratio`` of ``n`` kept, the kept count rounded up to a
-    multiple of ``round_to`` (at most ``n``); a group of ``partitions`` partitions of ``n``
-    units each (it reaches a grouped convolution) loses as many from each, the total kept a
-    multiple of ``round_to``. A test builds every knob setting and checks the real counts.
+    The rule of :func:`slimkit.prune.structured_` with ``scope: local``
+    (:func:`slimkit.prune.structured.local_keep`); a group of ``partitions`` partitions of ``n``
+    units each (it reaches a grouped convolution) keeps that many in each. A test builds every
+    knob setting and checks the real counts.
     """
-    keep = max(n - int(math.floor(ratio * n + 1e-9)), max(1, math.ceil(n * (1 - max_layer_ratio) - 1e-9)))
-    if partitions:
-        while keep < n and (keep * partitions) % round_to:
-            keep += 1
-        return keep * partitions
-    return min(n, int(math.ceil(keep / round_to) * round_to)) if round_to > 1 else keep
+    from slimkit.prune.structured import StructuredConfig, local_keep
+
+    cfg = StructuredConfig(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio)
+    keep = local_keep(n, ratio, cfg, partitions)
+    return keep * partitions if partitions else keep
 
 
 def build_space(model: nn.Module, example_inputs: torch.Tensor, techniques: Sequence[str],
