@@ -154,6 +154,14 @@ def test_size_budget_search_meets_it_end_to_end(sequential_search):
     for name in ("recipe.yaml", "pareto.png", "sensitivity.png", "sensitivity.json", "search.md", "report.html"):
         assert (out / name).is_file(), name
     assert {r["technique"] for r in saved["sensitivity"]} == {"channels", "rank", "bits"}
+    # the choice is the finalist with the best mean validation accuracy over its fine-tune seeds
+    finals = chosen["finalists"]
+    assert len(finals) >= 2 and all(len(f["val_accuracies"]) == 3 for f in finals)
+    assert {f["trial"] for f in finals} <= {t["id"] for t in saved["trials"] if t["measured"] <= saved["budget"]["value"]}
+    assert chosen["trial"] == max(finals, key=lambda f: f["val_accuracy"])["trial"]
+    first = {t["id"]: t["val_accuracy"] for t in saved["trials"]}
+    assert all(f["val_accuracies"][0] == first[f["trial"]] for f in finals)  # seed 0, same epochs: the trial itself
+    assert any(len(set(f["val_accuracies"])) > 1 for f in finals)  # other seeds and validation draws differ
 
 
 @pytest.mark.slow
@@ -185,6 +193,7 @@ def test_ray_tune_trials_give_the_sequential_result(sequential_search, tmp_path)
     assert [{k: t[k] for k in ("choice", "val_accuracy", "test_accuracy", "measured")}
             for t in through_ray["trials"]] == strip
     assert through_ray["chosen"]["settings"] == sequential["chosen"]["settings"]
+    assert through_ray["chosen"]["finalists"] == sequential["chosen"]["finalists"]
     assert through_ray["chosen"]["size_bytes"] == sequential["chosen"]["size_bytes"]
 
 
@@ -353,3 +362,19 @@ def test_latency_search_with_paired_timing_reports_p99_relative_to_the_baseline(
     result = search(cfg, tmp_path, log=None)
     assert result["config"]["paired_timing"] and result["trials"]
     assert result["chosen"]["latency_p99_ms"] > 0 and len(result["chosen"]["backoff"]) <= 1
+
+
+def test_finalists_are_the_best_trials_within_the_target_and_the_best_uniform_one():
+    from slimkit.search.algorithms import pick_finalists
+
+    trials = [{"id": "u5", "source": "uniform", "val_accuracy": 90.0, "measured": 0.5},
+              {"id": "u2", "source": "uniform", "val_accuracy": 97.0, "measured": 1.5},  # over the target
+              {"id": "g1", "source": "greedy", "val_accuracy": 95.0, "measured": 0.9},
+              {"id": "e1", "source": "evolution", "val_accuracy": 96.0, "measured": 0.8},
+              {"id": "e2", "source": "evolution", "val_accuracy": 95.0, "measured": 0.7},
+              {"id": "u4", "source": "uniform", "val_accuracy": 91.0, "measured": 0.7}]
+    # the two best within 1.0 (the tie at 95 goes to the lower metric), then the best uniform within it
+    assert [t["id"] for t in pick_finalists(trials, 1.0, 2)] == ["e1", "e2", "u4"]
+    assert [t["id"] for t in pick_finalists(trials, 1.0, 5)] == ["e1", "e2", "g1", "u4", "u5"]
+    assert [t["id"] for t in pick_finalists(trials, 0.6, 3)] == ["u5"]
+    assert pick_finalists(trials, 0.1, 3) == []

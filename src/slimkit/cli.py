@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
     p.add_argument("--trial-epochs", type=int, default=1, help="fine-tune epochs of each candidate")
     p.add_argument("--final-epochs", type=int, default=3, help="fine-tune epochs of the winner (recipe.yaml)")
+    p.add_argument("--finalists", type=int, default=3, help="trials within the target fine-tuned again before the "
+                                                            "choice (default 3, plus the best uniform one)")
+    p.add_argument("--finalist-seeds", type=int, default=3, help="fine-tunes of each finalist, each with its own "
+                                                                 "seed and validation draw (default 3)")
     p.add_argument("--population", type=int, default=16, help="evolutionary search population")
     p.add_argument("--generations", type=int, default=8, help="evolutionary search generations")
     p.add_argument("--runner", default="auto", choices=["auto", "ray", "sequential"],
@@ -404,7 +408,7 @@ def cmd_search(args: argparse.Namespace) -> int:
            "seed": args.seed, "trial_epochs": args.trial_epochs, "final_epochs": args.final_epochs,
            "population": args.population, "generations": args.generations, "runner": args.runner,
            "ray_address": args.ray_address, "threads": args.threads, "sram_bytes": args.sram_bytes,
-           "round_to": args.round_to}
+           "round_to": args.round_to, "finalists": args.finalists, "finalist_seeds": args.finalist_seeds}
     if args.techniques:
         cfg["techniques"] = tuple(t.strip() for t in args.techniques.split(",") if t.strip())
     out = Path(args.out or f"runs/search-{args.model}")

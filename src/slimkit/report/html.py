@@ -192,7 +192,11 @@ def render_search_html(run_dir: str | Path, result: dict[str, Any]) -> str:
     sections = [
         _section("search", "Budget search", summary + f"<p>Chosen settings: {html.escape(settings)}</p>"
                  + _file_img(run_dir / "pareto.png", "Pareto front") + "<h3>Pareto front</h3>"
-                 + table(result["pareto"]) + "<h3>Trials</h3>"
+                 + table(result["pareto"])
+                 + ("<h3>Finalists (mean validation accuracy over fine-tune seeds)</h3>"
+                    + table([{**f, "val_accuracies": ", ".join(f"{v:.2f}" for v in f["val_accuracies"])}
+                             for f in chosen["finalists"]]) if chosen.get("finalists") else "")
+                 + "<h3>Trials</h3>"
                  + table([{k: (", ".join(f"{a} {b}" for a, b in v.items()) if isinstance(v, dict) else v)
                            for k, v in t.items() if k != "choice"} for t in result["trials"]])
                  + (f'<p class="note">Latency predictor: mean error {predictor.get("mean_abs_error_pct")} %, max '

@@ -185,3 +185,16 @@ def select_trial(trials: Sequence[dict], target: float) -> dict:
     if not fits:
         return min(trials, key=lambda t: t["measured"])
     return max(fits, key=lambda it: (it[1]["val_accuracy"], -it[1]["measured"], -it[0]))[1]
+
+
+def pick_finalists(trials: Sequence[dict], target: float, count: int) -> list[dict]:
+    """The trials a search fine-tunes again before it chooses: the ``count`` best by :func:`select_trial`'s order
+    among those whose ``measured`` metric is at most ``target``, and the best ``uniform`` trial within it when
+    it is not among them (so the choice is never one a trialed uniform ratio beats). Empty when none fits."""
+    fits = [(i, t) for i, t in enumerate(trials) if t["measured"] <= target]
+    ranked = [t for _, t in sorted(fits, key=lambda it: (-it[1]["val_accuracy"], it[1]["measured"], it[0]))]
+    chosen = ranked[:count]
+    uniform = next((t for t in ranked if t.get("source") == "uniform"), None)
+    if uniform is not None and all(t is not uniform for t in chosen):
+        chosen.append(uniform)
+    return chosen

@@ -2,8 +2,9 @@
 trials when Ray is installed, in-process and sequentially otherwise, with the same results.
 
 A trial builds the candidate from the baseline (:func:`slimkit.search.space.apply_stages`),
-fine-tunes it for ``trial_epochs`` on the search's training part with one torch thread and
-a fixed seed, quantizes it where the choice says so, and returns its accuracy on the
+fine-tunes it for the epochs its stages say on the search's training part with one torch thread and
+a fixed seed (the job's ``seed`` when it has one: it also draws the validation part, so the finalists'
+repeats see other validation images), quantizes it where the choice says so, and returns its accuracy on the
 held-out validation part (what the search selects on) and on the test split. Every trial
 is a pure function of its job and the shared payload, so Ray Tune's parallel trials and the
 sequential loop return the same numbers (tested). Metrics (size, MACs, energy, latency)
@@ -29,13 +30,14 @@ def _split(train, val_fraction: float, seed: int):
     return Subset(train, order[:cut]), Subset(train, order[cut:])
 
 
-def load_split(payload: dict[str, Any]):
-    """(data bundle, train part, validation part) of the payload's data spec."""
+def load_split(payload: dict[str, Any], seed: int | None = None):
+    """(data bundle, train part, validation part) of the payload's data spec; ``seed`` draws the validation part
+    (default: the payload's seed). The data's own train/test split is always the spec's."""
     from slimkit.data import load_data
 
     spec = payload["data"]
     data = load_data(spec["name"], data_dir=spec["data_dir"], seed=spec["seed"], image_size=spec.get("image_size"))
-    train, val = _split(data.train, payload["val_fraction"], payload["seed"])
+    train, val = _split(data.train, payload["val_fraction"], payload["seed"] if seed is None else seed)
     if payload.get("trial_samples"):
         from torch.utils.data import Subset
 
@@ -52,11 +54,12 @@ def evaluate_trial(job: dict[str, Any], payload: dict[str, Any], split=None) -> 
     from slimkit.search.space import apply_stages
     from slimkit.train import TrainConfig, evaluate, fit, seed_everything
 
+    seed = int(job.get("seed", payload["seed"]))
     with num_threads(1):
-        data, train, val = split or load_split(payload)
+        data, train, val = split or load_split(payload, seed)
         recipe = parse_recipe({**payload["header"], "stages": job["stages"]}, "search trial")
-        seed_everything(payload["seed"])
-        train_cfg = TrainConfig.coerce(payload["train"])
+        seed_everything(seed)
+        train_cfg = TrainConfig.coerce({**payload["train"], "seed": seed})
 
         def finetune(model, epochs):
             fit(model, train, train_cfg.model_copy(update={"epochs": epochs}), progress=False, desc="trial")
@@ -90,8 +93,14 @@ def run_trials(jobs: list[dict[str, Any]], payload: dict[str, Any], runner: str,
     if not jobs:
         return []
     if runner == "sequential":
-        split = load_split(payload)
-        return [evaluate_trial(job, payload, split) for job in jobs]
+        splits: dict[int, Any] = {}
+        results = []
+        for job in jobs:
+            seed = int(job.get("seed", payload["seed"]))
+            if seed not in splits:
+                splits[seed] = load_split(payload, seed)
+            results.append(evaluate_trial(job, payload, splits[seed]))
+        return results
     import ray
     from ray import tune
 
