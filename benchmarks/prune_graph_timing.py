@@ -140,8 +140,7 @@ SPLIT = [
     ("slimkit.prune.graph", "assemble", "assembly"),
     ("slimkit.prune.graph", "structure_key", "cache key"),
     ("slimkit.prune.structured", "traced_macs", "MACs"),
-    ("slimkit.prune.structured", "count_nonzeros", "sizes"),
-    ("slimkit.prune.structured", "count_params", "sizes"),
+    ("slimkit.prune.structured", "count_params_nonzeros", "sizes"),
     ("slimkit.prune.structured", "stored_bytes", "sizes"),
     ("slimkit.prune.structured", "prune_units_", "surgery"),
 ]

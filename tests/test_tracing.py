@@ -194,3 +194,15 @@ def test_one_tracer_in_the_source():
     # kernels/fused.py (new, not yet on trace_model: its leaf rule is "every module but containers", which
     # trace_model's ``leaf=`` expresses) is the one known exception
     assert found == ["kernels/fused.py", "tracing.py"] or found == ["tracing.py"], found
+
+
+def test_tensor_method_test_agrees_with_torch_on_every_overridable_function():
+    import torch.overrides
+
+    from slimkit.tracing import is_tensor_method
+
+    funcs = [f for fs in torch.overrides.get_overridable_functions().values() for f in fs]
+    assert len(funcs) > 500
+    disagree = [f for f in funcs if is_tensor_method(f) != torch.overrides.is_tensor_method_or_property(f)]
+    assert disagree == []
+    assert is_tensor_method(torch.Tensor.view) and not is_tensor_method(torch.cat)

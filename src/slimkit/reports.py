@@ -40,11 +40,11 @@ class ModelSize:
     def of(cls, model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> ModelSize:
         """Measure ``model`` on ``example_inputs`` (a tensor or a tuple of tensors; batch 1 gives per-image MACs)."""
         from slimkit.measure.macs import count_macs
-        from slimkit.measure.size import count_nonzeros, count_params
+        from slimkit.measure.size import count_params_nonzeros
         from slimkit.measure.storage import stored_bytes
 
-        return cls(params=count_params(model), nonzeros=count_nonzeros(model),
-                   macs=count_macs(model, example_inputs), bytes=stored_bytes(model))
+        params, nonzeros = count_params_nonzeros(model)
+        return cls(params=params, nonzeros=nonzeros, macs=count_macs(model, example_inputs), bytes=stored_bytes(model))
 
 
 def _plain(value: Any) -> Any:

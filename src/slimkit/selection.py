@@ -7,7 +7,7 @@ so selections can live in YAML. A selection that matches nothing is an error.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -16,7 +16,7 @@ from slimkit.exceptions import ConfigError
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """True when ``name`` matches any glob in ``patterns``."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return (not isinstance(patterns, str) and "*" in patterns) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def select_modules(
@@ -44,10 +44,11 @@ def select_modules(
     return chosen
 
 
-def classifier_name(model: nn.Module) -> str:
-    """Qualified name of the last Linear (or last Conv when there is no Linear) module."""
+def classifier_name(model: nn.Module, modules: Mapping[str, nn.Module] | None = None) -> str:
+    """Qualified name of the last Linear (or last Conv when there is no Linear) module; ``modules``:
+    ``dict(model.named_modules())`` when the caller has it."""
     last_linear = last_conv = ""
-    for name, module in model.named_modules():
+    for name, module in (model.named_modules() if modules is None else modules.items()):
         if isinstance(module, nn.Linear):
             last_linear = name
         elif isinstance(module, nn.Conv2d):

@@ -26,7 +26,7 @@ from torch import nn
 
 from slimkit.measure.storage import MASK_SUFFIX, state_dict_bytes
 
-__all__ = ["MASK_SUFFIX", "count_nonzeros", "count_params", "state_dict_bytes"]
+__all__ = ["MASK_SUFFIX", "count_nonzeros", "count_params", "count_params_nonzeros", "state_dict_bytes"]
 
 
 def _own_parameters(model: nn.Module):
@@ -63,14 +63,20 @@ def _nonzeros(t: torch.Tensor) -> int:
     return int(torch.count_nonzero(t))  # one pass, no boolean copy
 
 
-def count_nonzeros(model: nn.Module) -> int:
-    """Number of non-zero parameter entries, a parameter's ``*_mask`` buffer applied when present."""
-    total = 0
+def count_params_nonzeros(model: nn.Module) -> tuple[int, int]:
+    """``(count_params(model), count_nonzeros(model))`` in one walk of the parameters."""
+    params = nonzeros = 0
     with torch.no_grad():
         for module, name, param in _own_parameters(model):
+            params += param.numel()
             mask = _mask_for(module, name)
             if mask is not None and mask.shape == param.shape:
-                total += int(torch.count_nonzero((param != 0) & (mask != 0)))
+                nonzeros += int(torch.count_nonzero((param != 0) & (mask != 0)))
             else:
-                total += _nonzeros(param.detach())
-    return total
+                nonzeros += _nonzeros(param.detach())
+    return params, nonzeros
+
+
+def count_nonzeros(model: nn.Module) -> int:
+    """Number of non-zero parameter entries, a parameter's ``*_mask`` buffer applied when present."""
+    return count_params_nonzeros(model)[1]

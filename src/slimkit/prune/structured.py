@@ -24,7 +24,9 @@ torch.Size([2, 10])
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,7 +40,7 @@ from slimkit import tracing
 from slimkit.config import Config
 from slimkit.exceptions import ConfigError, UnsupportedModelError
 from slimkit.measure.macs import count_macs
-from slimkit.measure.size import count_nonzeros, count_params
+from slimkit.measure.size import count_params, count_params_nonzeros
 from slimkit.measure.storage import stored_bytes
 from slimkit.prune.common import Scope, trace_input
 from slimkit.prune.criteria import CRITERIA, ScoreContext
@@ -175,14 +177,25 @@ def _failing_line(err: BaseException) -> str:
     return f" at {Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+def _shapes(modules: Iterable[tuple[str, nn.Module]]) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every parameter, named and ordered as ``named_parameters`` names them (a shared one
+    once), read from the ``(name, module)`` pairs of ``named_modules``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: set[int] = set()
+    for prefix, m in modules:
+        for name, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                shapes[f"{prefix}.{name}" if prefix else name] = tuple(p.shape)
+    return shapes
 
 
 def candidate_groups(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Module, scores: dict[int, float],
                      skipped: dict[str, str]) -> list[Group]:
     """The groups of ``graph`` that ``cfg`` selects and the criterion scored; the others go into ``skipped``."""
-    ignore = cfg.ignore if cfg.ignore is not None else (classifier_name(model),)
+    ignore = cfg.ignore if cfg.ignore is not None else (classifier_name(model, graph.modules_of(model)),)
+    unscored = ({u for u, v in scores.items() if math.isnan(v)}
+                if np.isnan(np.fromiter(scores.values(), dtype=np.float64, count=len(scores))).any() else set())
     chosen = []
     for group in graph.groups:
         if not any(matches(p, cfg.layers) for p in group.producers):
@@ -193,7 +206,7 @@ def candidate_groups(graph: ChannelGraph, cfg: StructuredConfig, model: nn.Modul
             for p in group.producers:
                 skipped.setdefault(p, "ignored")
             continue
-        if any(math.isnan(scores[u]) for u in group.units):
+        if unscored and not unscored.isdisjoint(group.units):
             for p in group.producers:
                 skipped.setdefault(p, f"criterion {cfg.criterion} cannot score it (no BatchNorm?)")
             continue
@@ -265,16 +278,7 @@ def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cf
     """
     pruned: list[int] = []
     if cfg.scope == "local":
-        for g in groups:
-            if g.partitions:
-                pruned += _local_rows(g, scores, ratio, cfg)
-                continue
-            n = len(g.units)
-            keep = local_keep(n, ratio, cfg)
-            units = np.asarray(g.units, dtype=np.int64)
-            vals = np.fromiter((scores[u] for u in g.units), dtype=np.float64, count=n)
-            pruned += units[np.lexsort((units, vals))[: n - keep]].tolist()  # by (score, id), as sorted() would
-        return pruned
+        return _local_units(groups, scores, ratio, cfg)
     scale = {}
     for g in groups:
         vals = np.array([scores[u] for u in g.units])
@@ -292,6 +296,27 @@ def select_units(groups: list[Group], scores: dict[int, float], ratio: float, cf
             budget -= len(ids)
     for g in groups:
         pruned += [u for ids in _global_keep(g, taken[g.name], cfg) for u in ids]  # ascending: give back the best
+    return pruned
+
+
+def _local_units(groups: list[Group], scores: dict[int, float], ratio: float, cfg: StructuredConfig) -> list[int]:
+    """Local selection: each group's lowest-scored units by (score, id), as ``sorted`` would order them, group
+    after group (all unpartitioned groups sorted in one call; a partitioned group by :func:`_local_rows`)."""
+    plain = [g for g in groups if not g.partitions]
+    sizes = np.fromiter((len(g.units) for g in plain), dtype=np.int64, count=len(plain))
+    ids = list(itertools.chain.from_iterable(g.units for g in plain))
+    units = np.array(ids, dtype=np.int64)
+    vals = np.array(operator.itemgetter(*ids)(scores) if len(ids) > 1 else [scores[u] for u in ids],
+                    dtype=np.float64)
+    group_of = np.repeat(np.arange(len(plain)), sizes)
+    order = np.lexsort((units, vals, group_of))
+    starts = np.cumsum(sizes) - sizes
+    drop = np.array([n - local_keep(n, ratio, cfg) for n in sizes.tolist()], dtype=np.int64)
+    taken = units[order].tolist()
+    chosen = iter([taken[a:a + d] for a, d in zip(starts.tolist(), drop.tolist(), strict=True)])
+    pruned: list[int] = []
+    for g in groups:
+        pruned += _local_rows(g, scores, ratio, cfg) if g.partitions else next(chosen)
     return pruned
 
 
@@ -328,21 +353,23 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
             f"structured: no prunable channel group among layers={list(cfg.layers)} minus "
             f"ignore={list(cfg.ignore or [classifier_name(model)])}; skipped: {dict(list(skipped.items())[:5])}"
         )
-    params_before = count_params(model)
+    shapes = _shapes(graph.modules_of(model).items())
+    params_before = sum(math.prod(s) for s in shapes.values())  # count_params: every parameter once
     macs_before = _graph_macs(graph, model, x, recorded=True)
     ratio = cfg.ratio
     if cfg.target != "channels" and cfg.ratio > 0:
         ratio = solve_ratio(model, x, graph, groups, scores, cfg, params_before, macs_before)
     return StructuredPlan(config=cfg, graph=graph, groups=groups, scores=scores, ratio=float(ratio),
                           units=select_units(groups, scores, ratio, cfg), skipped=skipped,
-                          params_before=params_before, macs_before=macs_before, shapes=_shapes(model))
+                          params_before=params_before, macs_before=macs_before, shapes=shapes)
 
 
 def _size(model: nn.Module, macs: int, params: int | None = None) -> ModelSize:
     """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward);
     ``params``: :func:`count_params` of the model when already counted."""
-    return ModelSize(params=count_params(model) if params is None else params, nonzeros=count_nonzeros(model),
-                     macs=int(macs), bytes=stored_bytes(model))
+    counted, nonzeros = count_params_nonzeros(model)
+    return ModelSize(params=counted if params is None else params, nonzeros=nonzeros, macs=int(macs),
+                     bytes=stored_bytes(model))
 
 
 def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPlan) -> StructuredReport:
@@ -353,7 +380,7 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
     forward fails (an op the graph did not foresee) the model is restored and
     UnsupportedModelError says which layers to ignore.
     """
-    shapes = _shapes(model)
+    shapes = _shapes(model.named_modules())
     if shapes != plan.shapes:
         changed = next((n for n in plan.shapes if shapes.get(n) != plan.shapes[n]), next(iter(shapes), "?"))
         raise ConfigError(f"apply_structured_: the model is not the one the plan was made for (parameter "
@@ -439,7 +466,7 @@ def _tensor_names(m: nn.Module) -> set[str]:
 def snapshot_modules(modules: Iterable[nn.Module]) -> list[ModuleState]:
     """The state :func:`restore_modules` puts back (references to the same parameter and buffer objects)."""
     return [ModuleState(m, {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS},
-                        {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))})
+                        {k: v for table in (m._parameters, m._buffers) for k, v in table.items() if v is not None})
             for m in modules]
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from slimkit.exceptions import UnsupportedModelError
 from slimkit.prune.graph import Axis, ChannelGraph
@@ -137,10 +138,8 @@ def _param(t: torch.Tensor, keep: torch.Tensor, dim: int) -> nn.Parameter:
 def _plain_registration() -> bool:
     """No global parameter/buffer registration hooks: assigning into ``_parameters``/``_buffers`` is what
     ``nn.Module.__setattr__`` would do for a name already registered (at a fraction of the cost)."""
-    from torch.nn.modules import module as _module
-
-    return not (getattr(_module, "_global_parameter_registration_hooks", None)
-                or getattr(_module, "_global_buffer_registration_hooks", None))
+    return not (getattr(_torch_module, "_global_parameter_registration_hooks", None)
+                or getattr(_torch_module, "_global_buffer_registration_hooks", None))
 
 
 def cut_tensor(module: nn.Module, name: str, keep: torch.Tensor, dim: int) -> None:
