@@ -157,7 +157,8 @@ def test_size_budget_search_meets_it_end_to_end(sequential_search):
     # the choice is the finalist with the best mean validation accuracy over its fine-tune seeds
     finals = chosen["finalists"]
     assert len(finals) >= 2 and all(len(f["val_accuracies"]) == 3 for f in finals)
-    assert {f["trial"] for f in finals} <= {t["id"] for t in saved["trials"] if t["measured"] <= saved["budget"]["value"]}
+    within = {t["id"] for t in saved["trials"] if t["measured"] <= saved["budget"]["value"]}
+    assert {f["trial"] for f in finals} <= within
     assert chosen["trial"] == max(finals, key=lambda f: f["val_accuracy"])["trial"]
     first = {t["id"]: t["val_accuracy"] for t in saved["trials"]}
     assert all(f["val_accuracies"][0] == first[f["trial"]] for f in finals)  # seed 0, same epochs: the trial itself
