@@ -379,3 +379,24 @@ def test_finalists_are_the_best_trials_within_the_target_and_the_best_uniform_on
     assert [t["id"] for t in pick_finalists(trials, 1.0, 5)] == ["e1", "e2", "g1", "u4", "u5"]
     assert [t["id"] for t in pick_finalists(trials, 0.6, 3)] == ["u5"]
     assert pick_finalists(trials, 0.1, 3) == []
+
+
+@pytest.mark.slow
+def test_cli_search_as_a_user_types_it(tmp_path, capsys):
+    from slimkit.cli import main
+
+    out = tmp_path / "s"
+    assert main(["search", "--model", "plaincnn-2", "--budget", "size_bytes=0.5x", "--techniques", "channels",
+                 "--epochs", "1", "--trial-epochs", "1", "--final-epochs", "1", "--population", "4",
+                 "--generations", "1", "--runner", "sequential", "--engine", "eager", "--finalists", "2",
+                 "--finalist-seeds", "2", "--out", str(out)]) == 0
+    saved = json.loads((out / "search.json").read_text())
+    assert saved["config"]["finalists"] == 2 and saved["config"]["finalist_seeds"] == 2
+    assert saved["chosen"]["meets_budget"] and saved["chosen"]["size_bytes"] <= saved["budget"]["value"]
+    finals = saved["chosen"]["finalists"]
+    assert len(finals) >= 2 and all(len(f["val_accuracies"]) == 2 for f in finals)
+    assert "meets it" in capsys.readouterr().out
+    assert main(["compress", "--recipe", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0  # the file the search wrote, fed back to slimkit
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["stages"][-1]
+    assert again["accuracy"] == pytest.approx(saved["chosen"]["accuracy"])

@@ -135,8 +135,7 @@ class _Proxy(fx.Proxy):
         tracer = next(iter(tracers))
         if is_tensor_method(orig_method):
             return tracer.create_proxy("call_method", orig_method.__name__, args, kwargs)
-        return tracer.create_proxy("call_function", orig_method, args, kwargs,
-                                   name=tracer.graph._target_to_str(orig_method.__name__))
+        return tracer.create_proxy("call_function", orig_method, args, kwargs, name=_node_name(orig_method.__name__))
 
 
 class _Tracer(fx.Tracer):

@@ -364,12 +364,10 @@ def plan_structured(model: nn.Module, example_inputs: Any, config: StructuredCon
                           params_before=params_before, macs_before=macs_before, shapes=shapes)
 
 
-def _size(model: nn.Module, macs: int, params: int | None = None) -> ModelSize:
-    """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward);
-    ``params``: :func:`count_params` of the model when already counted."""
-    counted, nonzeros = count_params_nonzeros(model)
-    return ModelSize(params=counted if params is None else params, nonzeros=nonzeros, macs=int(macs),
-                     bytes=stored_bytes(model))
+def _size(model: nn.Module, macs: int) -> ModelSize:
+    """``ModelSize.of(model, x)`` with the MACs already counted on the traced graph (no second forward)."""
+    params, nonzeros = count_params_nonzeros(model)
+    return ModelSize(params=params, nonzeros=nonzeros, macs=int(macs), bytes=stored_bytes(model))
 
 
 def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPlan) -> StructuredReport:
@@ -388,7 +386,7 @@ def apply_structured_(model: nn.Module, example_inputs: Any, plan: StructuredPla
                           "call plan_structured on this model")
     cfg, graph, unit_ids = plan.config, plan.graph, plan.units
     x = trace_input(model, example_inputs)
-    before = _size(model, plan.macs_before, plan.params_before)  # the shapes are the planned ones (checked above)
+    before = _size(model, plan.macs_before)
     modules = graph.modules_of(model)
     snapshot = snapshot_modules(modules[name] for name in dict.fromkeys(name for name, _ in graph.axes))
     try:
